@@ -147,7 +147,12 @@ def ensure_model(name: str, *, progress: bool = True, force: bool = False) -> Pa
         if target.exists():
             stale = work_dir / "stale"
             target.rename(stale)
-        out.rename(target)
+        try:
+            out.rename(target)
+        except OSError:
+            # Another process finished the same fetch first; keep its entry.
+            if _read_manifest(target) is None:
+                raise
     return target
 
 

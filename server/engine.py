@@ -1,0 +1,54 @@
+"""The generation-engine interface shared by the HTTP API and the websocket.
+
+An engine generates from the frozen base model with an adapter snapshot given
+per call (``None`` = base model). ``generate`` is synchronous and is run in a
+worker thread by the API layers; it yields chunks as tokens are produced and
+stops at once when ``cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Iterator, Protocol
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    prompt: str  # text before the cursor (or the whole prompt)
+    suffix: str | None = None  # text after the cursor: fill-in-the-middle when the model has FIM tokens
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # top-k logprobs per token, None = off
+
+
+@dataclasses.dataclass
+class GenerationChunk:
+    text: str  # new text since the previous chunk (stop sequences already cut)
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # logprob of each sampled token
+    finish_reason: str | None = None  # set on the last chunk: "stop" | "length" | "cancelled"
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+class Engine(Protocol):
+    model_name: str
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(
+        self, request: GenerationRequest, adapter=None, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationChunk]:
+        """Yield chunks; the last one carries finish_reason."""
+        ...
