@@ -24,6 +24,15 @@ class Settings:
     max_tokens_limit: int = 512
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    # -- sessions and adaptation (server/sessions.py, workers.py, jobs.py) --
+    adapter_lr: float = 1e-3
+    adaptation_workers: int = 1  # background training threads
+    train_threads: int = 1  # torch intra-op threads per training thread on CPU (serving keeps the rest)
+    persist_every: int = 4  # write a session's adapter every K published versions (and on shutdown/evict)
+    keep_versions: int = 3  # versions kept per adapter in the store
+    edit_quiet_s: float = 0.75  # an edit burst settles after this much quiet
+    max_ws_message_bytes: int = 1024 * 1024
+    repo_roots: tuple[str, ...] = ()  # fine-tune jobs may read repositories only under these (empty: any, if no API keys)
 
     @property
     def served_name(self) -> str:

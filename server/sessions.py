@@ -1,0 +1,430 @@
+"""Sessions: one live adapter per (API key, session id), its documents and its queue.
+
+A session's published snapshot is immutable and swapped by reference under
+``session.lock``; a completion reads the reference once when it starts, so it
+finishes on that version however many versions the worker publishes meanwhile.
+Only the adaptation worker touches ``session.adapter`` (under ``train_lock``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from server.store import AdapterStore, check_name, owner_hash, write_json_atomic
+
+log = logging.getLogger("dynarank.sessions")
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SESSION_PREFIX = "session-"
+
+
+class SessionError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass
+class Document:
+    text: str
+    version: int
+    language: str | None = None
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def snapshot_summary(snap) -> dict:
+    ranks = snap.ranks if snap is not None else {}
+    mean = sum(ranks.values()) / len(ranks) if ranks else 0.0
+    return {"version": snap.version if snap is not None else 0, "ranks": ranks, "mean_rank": round(mean, 3)}
+
+
+class Session:
+    def __init__(self, sid: str, owner: str | None, adapter, policy, snapshot, *, repository=None,
+                 token_hashes: list[str], max_queue: int, origin: str | None = None):
+        self.id = sid
+        self.owner = owner
+        self.adapter = adapter
+        self.policy = policy
+        self.snapshot = snapshot  # published, immutable; replaced by reference
+        self.repository = repository
+        self.origin = origin  # repository adapter this session started from
+        self.token_hashes = list(token_hashes)[-16:]  # one per tab that joined; any resumes
+        self.created = time.time()
+        self.last_used = time.time()
+        self.docs: dict[str, Document] = {}
+        self.coalescers: dict[str, object] = {}
+        self.pending_edits: list[tuple] = []  # settled (before, after, path, language), not yet examples
+        self.queue: collections.deque = collections.deque()
+        self.max_queue = max_queue
+        self.dropped = 0
+        self.steps = 0
+        self.last_loss: float | None = None
+        self.history: collections.deque = collections.deque(maxlen=400)
+        self.listeners: set = set()
+        self.connections = 0
+        self.persisted_version = snapshot.version
+        self.lock = threading.RLock()  # snapshot ref, docs, queue, listeners
+        self.train_lock = threading.Lock()  # the adapter and policy
+
+    @property
+    def adapter_name(self) -> str:
+        return SESSION_PREFIX + self.id
+
+    def current(self):
+        with self.lock:
+            return self.snapshot
+
+    def enqueue(self, examples) -> int:
+        """Queue training examples; the oldest go first when the queue is full."""
+        with self.lock:
+            for ex in examples:
+                if len(self.queue) >= self.max_queue:
+                    self.queue.popleft()
+                    self.dropped += 1
+                self.queue.append(ex)
+            return len(self.queue)
+
+    def notify(self, message: dict) -> None:
+        with self.lock:
+            listeners = list(self.listeners)
+        for fn in listeners:
+            try:
+                fn(message)
+            except Exception:  # a dead connection must not stop training
+                log.exception("session listener failed")
+
+    def status(self) -> dict:
+        with self.lock:
+            return {"type": "status", "queue_depth": len(self.queue), "dropped": self.dropped,
+                    "version": self.snapshot.version}
+
+    def describe(self) -> dict:
+        with self.lock:
+            snap = self.snapshot
+            return {
+                "id": self.id, "object": "session", "adapter": self.adapter_name,
+                "repository": self.repository, "origin": self.origin,
+                "created": self.created, "last_used": self.last_used,
+                "connections": self.connections, "documents": sorted(self.docs),
+                "queue_depth": len(self.queue), "dropped": self.dropped, "steps": self.steps,
+                "last_loss": self.last_loss, **snapshot_summary(snap),
+            }
+
+
+class SessionManager:
+    """Creates, resumes, evicts and persists sessions; resolves `model` names to snapshots."""
+
+    def __init__(self, settings, model, tokenizer, store: AdapterStore, metrics=None):
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.metrics = metrics
+        self.base_name = settings.served_name
+        self.meta_root = Path(settings.data_dir) / "sessions"
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._lock = threading.RLock()
+        self._repo_cache: dict[tuple, object] = {}  # (owner hash, name, version) -> snapshot
+        self._rr = 0
+        self.work_available = threading.Condition(threading.Lock())
+
+    # -- adapters ---------------------------------------------------------------
+
+    def _config(self, policy: str | None = None):
+        from adapter_core import AdapterConfig
+
+        return AdapterConfig(policy=policy or self.settings.rank_policy, lr=self.settings.adapter_lr)
+
+    def fresh_adapter(self, policy: str | None = None, task: str | None = None):
+        from adapter_core import new_adapter
+
+        return new_adapter(self.model, self._config(policy), task)
+
+    def adapter_from_snapshot(self, snap, policy_state=None):
+        """A trainable adapter resuming from ``snap`` with its policy rebuilt."""
+        from adapter_core import Adapter, inject_adapters, make_policy
+
+        config = self._config(snap.metadata.get("policy"))
+        try:
+            modules = inject_adapters(self.model, config.target_modules)
+            policy = make_policy(config.policy, modules, config.bounds, **config.policy_options)
+        except ValueError:
+            config = self._config()
+            modules = inject_adapters(self.model, config.target_modules)
+            policy = make_policy(config.policy, modules, config.bounds, **config.policy_options)
+        if policy_state:
+            try:
+                policy.load_state_dict(policy_state)
+            except Exception:  # a policy whose state format changed starts fresh
+                log.warning("could not restore policy state; starting it fresh")
+        adapter = Adapter.from_snapshot(snap, {n: modules[n] for n in snap.A if n in modules}, lr=config.lr)
+        return adapter, policy
+
+    @staticmethod
+    def publishable(adapter):
+        """The adapter's current factors as a snapshot at its current version (no bump)."""
+        from adapter_core import AdapterSnapshot
+
+        return AdapterSnapshot.from_tensors(adapter.version, adapter.A, adapter.B, adapter.scale,
+                                            {**adapter.metadata, "step": adapter.step})
+
+    # -- session lifecycle -------------------------------------------------------
+
+    def _meta_path(self, owner: str | None, sid: str) -> Path:
+        return self.meta_root / owner_hash(owner) / f"{sid}.json"
+
+    def _policy_path(self, owner: str | None, sid: str) -> Path:
+        return self.meta_root / owner_hash(owner) / f"{sid}.policy.pt"
+
+    def _find_by_token(self, owner: str | None, token: str) -> str | None:
+        th = _token_hash(token)
+        with self._lock:
+            for (oh, sid), s in self._sessions.items():
+                if oh == owner_hash(owner) and th in s.token_hashes:
+                    return sid
+        d = self.meta_root / owner_hash(owner)
+        if d.is_dir():
+            import json
+
+            for p in d.glob("*.json"):
+                try:
+                    if th in json.loads(p.read_text()).get("token_hashes", []):
+                        return p.stem
+                except (OSError, ValueError):
+                    continue
+        return None
+
+    def attach(self, owner: str | None, session_id: str | None = None, resume_token: str | None = None,
+               repository: dict | None = None) -> tuple[Session, str]:
+        """Join, resume or create a session. Returns (session, resume token for this connection)."""
+        if session_id is not None and not SESSION_ID_RE.match(session_id):
+            raise SessionError("invalid_session_id", "session_id must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+        if resume_token is not None:
+            found = self._find_by_token(owner, resume_token)
+            if found is None or (session_id is not None and found != session_id):
+                raise SessionError("invalid_resume_token", "resume_token does not name a session of this key")
+            session_id = found
+        with self._lock:
+            key = (owner_hash(owner), session_id) if session_id else None
+            session = self._sessions.get(key) if key else None
+            token = None
+            if session is None and session_id:
+                session = self._restore(owner, session_id)
+            if session is None:
+                session_id = session_id or secrets.token_hex(8)
+                token = secrets.token_urlsafe(24)
+                session = self._create(owner, session_id, token, repository)
+            session.connections += 1
+            session.last_used = time.time()
+            self._evict_over_limit(keep=session)
+        if token is None:
+            # Joined or resumed: this tab gets its own token; the others' stay valid.
+            token = resume_token or secrets.token_urlsafe(24)
+            with session.lock:
+                if _token_hash(token) not in session.token_hashes:
+                    session.token_hashes = (session.token_hashes + [_token_hash(token)])[-16:]
+            self._write_meta(session)
+        return session, token
+
+    def detach(self, session: Session) -> None:
+        with self._lock:
+            session.connections = max(0, session.connections - 1)
+            session.last_used = time.time()
+
+    def _create(self, owner, sid, token, repository) -> Session:
+        origin = self.store.find_for_repository(owner, repository)
+        adapter = policy = None
+        if origin is not None:
+            try:
+                snap = self.store.load(owner, origin)
+                adapter, policy = self.adapter_from_snapshot(snap)
+            except (KeyError, OSError, ValueError):
+                log.warning("repository adapter %s unreadable; starting fresh", origin)
+                origin = None
+        if adapter is None:
+            adapter, policy = self.fresh_adapter()
+        session = Session(sid, owner, adapter, policy, self.publishable(adapter), repository=repository,
+                          token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
+                          origin=origin)
+        self._sessions[(owner_hash(owner), sid)] = session
+        self._write_meta(session)
+        log.info("session %s created (origin=%s, version=%d)", sid, origin, session.snapshot.version)
+        return session
+
+    def _restore(self, owner, sid) -> Session | None:
+        import json
+
+        try:
+            meta = json.loads(self._meta_path(owner, sid).read_text())
+        except (OSError, ValueError):
+            meta = None
+        name = SESSION_PREFIX + sid
+        if meta is None and not self.store.exists(owner, name):
+            return None
+        policy_state = None
+        if self._policy_path(owner, sid).is_file():
+            try:
+                policy_state = torch.load(self._policy_path(owner, sid), weights_only=False)
+            except Exception:
+                policy_state = None
+        try:
+            snap = self.store.load(owner, name)
+            adapter, policy = self.adapter_from_snapshot(snap, policy_state)
+        except KeyError:
+            adapter, policy = self.fresh_adapter()
+            snap = self.publishable(adapter)
+        meta = meta or {}
+        session = Session(sid, owner, adapter, policy, snap, repository=meta.get("repository"),
+                          token_hashes=meta.get("token_hashes", []), max_queue=self.settings.max_queue_per_session,
+                          origin=meta.get("origin"))
+        session.created = meta.get("created", session.created)
+        session.steps = meta.get("steps", 0)
+        session.dropped = meta.get("dropped", 0)
+        session.last_loss = meta.get("last_loss")
+        session.history.extend(meta.get("history", []))
+        self._sessions[(owner_hash(owner), sid)] = session
+        log.info("session %s restored at version %d", sid, snap.version)
+        return session
+
+    def _write_meta(self, session: Session) -> None:
+        with session.lock:
+            data = {
+                "id": session.id, "token_hashes": session.token_hashes, "repository": session.repository,
+                "origin": session.origin, "created": session.created, "steps": session.steps,
+                "dropped": session.dropped, "last_loss": session.last_loss,
+                "version": session.snapshot.version, "history": list(session.history)[-100:],
+            }
+        write_json_atomic(self._meta_path(session.owner, session.id), data)
+
+    def persist(self, session: Session, *, force: bool = False) -> None:
+        """Write the session's published snapshot (if newer than the stored one) and its metadata."""
+        snap = session.current()
+        if force or snap.version != session.persisted_version or not self.store.exists(session.owner, session.adapter_name):
+            self.store.save(session.owner, session.adapter_name, snap,
+                            info={"kind": "session", "repository": session.repository, "session_id": session.id})
+            session.persisted_version = snap.version
+            try:
+                state = session.policy.state_dict() if session.policy is not None else {}
+                path = self._policy_path(session.owner, session.id)
+                tmp = path.with_name(f".{path.name}.tmp")
+                torch.save(state, tmp)
+                tmp.replace(path)
+            except Exception:
+                log.warning("could not persist policy state of session %s", session.id)
+        self._write_meta(session)
+
+    def persist_all(self) -> None:
+        for session in self.sessions():
+            with session.train_lock:
+                try:
+                    self.persist(session)
+                except Exception:
+                    log.exception("persisting session %s failed", session.id)
+
+    def _evict_over_limit(self, keep: Session) -> None:
+        idle = sorted((s for s in self._sessions.values() if s.connections == 0 and s is not keep),
+                      key=lambda s: s.last_used)
+        while len(self._sessions) > self.settings.max_sessions and idle:
+            victim = idle.pop(0)
+            with victim.train_lock:  # never evict mid-step
+                self.persist(victim)
+                self._sessions.pop((owner_hash(victim.owner), victim.id), None)
+            log.info("session %s evicted (persisted at version %d)", victim.id, victim.snapshot.version)
+
+    # -- lookups -----------------------------------------------------------------
+
+    def sessions(self, owner: str | None = ..., ) -> list[Session]:
+        with self._lock:
+            items = list(self._sessions.items())
+        if owner is ...:
+            return [s for _, s in items]
+        return [s for (oh, _), s in items if oh == owner_hash(owner)]
+
+    def get(self, owner: str | None, sid: str) -> Session | None:
+        with self._lock:
+            return self._sessions.get((owner_hash(owner), sid))
+
+    def describe_stored(self, owner: str | None, sid: str) -> dict | None:
+        import json
+
+        try:
+            meta = json.loads(self._meta_path(owner, sid).read_text())
+        except (OSError, ValueError):
+            return None
+        meta.pop("token_hashes", None)
+        return {"object": "session", "adapter": SESSION_PREFIX + sid, "connections": 0, "resident": False, **meta}
+
+    def delete_session(self, owner: str | None, sid: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop((owner_hash(owner), sid), None)
+        found = session is not None
+        for p in (self._meta_path(owner, sid), self._policy_path(owner, sid)):
+            if p.exists():
+                p.unlink()
+                found = True
+        return self.store.delete(owner, SESSION_PREFIX + sid) or found
+
+    # -- AdapterResolver ---------------------------------------------------------
+
+    def resolve(self, model_name: str, api_key: str | None):
+        if model_name == self.base_name:
+            return None, None
+        base, sep, name = model_name.partition(":")
+        if not sep or base != self.base_name or not name:
+            raise KeyError(model_name)
+        if name.startswith(SESSION_PREFIX):
+            session = self.get(api_key, name[len(SESSION_PREFIX):])
+            if session is not None:
+                return session.current(), name
+        try:
+            check_name(name)
+            versions = self.store.versions(api_key, name)
+        except ValueError:
+            raise KeyError(model_name) from None
+        if not versions:
+            raise KeyError(model_name)
+        key = (owner_hash(api_key), name, versions[-1])
+        snap = self._repo_cache.get(key)
+        if snap is None:
+            snap = self.store.load(api_key, name, versions[-1])
+            if len(self._repo_cache) > 32:
+                self._repo_cache.clear()
+            self._repo_cache[key] = snap
+        return snap, name
+
+    def list_for(self, api_key: str | None) -> list[dict]:
+        names = {row["name"] for row in self.store.list(api_key)}
+        names |= {s.adapter_name for s in self.sessions(api_key)}
+        return [{"id": f"{self.base_name}:{n}", "object": "model", "owned_by": "user", "parent": self.base_name}
+                for n in sorted(names)]
+
+    # -- work for the adaptation worker -----------------------------------------
+
+    def take(self):
+        """Round robin: the next (session, example) to train on, or None."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        if not sessions:
+            return None
+        n = len(sessions)
+        for i in range(n):
+            session = sessions[(self._rr + i) % n]
+            with session.lock:
+                if session.queue:
+                    self._rr = (self._rr + i + 1) % n
+                    return session, session.queue.popleft()
+        return None

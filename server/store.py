@@ -1,0 +1,177 @@
+"""Adapter store: versioned PEFT-format directories on disk, per owner.
+
+Layout under ``settings.data_dir``::
+
+    adapters/<owner-hash>/<adapter_name>/v<N>/   adapter_model.safetensors,
+                                                adapter_config.json, dynarank.json
+    adapters/<owner-hash>/<adapter_name>/info.json   (repository, kind, extras)
+
+Each version is written by ``adapter_core.save_peft`` into its own directory
+(built in a hidden temp dir and renamed), so a crash mid-write leaves the
+previous versions untouched; readers ignore hidden entries. Owners are API keys,
+stored only as a hash so the data dir never holds a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+class StoreError(ValueError):
+    """A bad adapter name or a missing adapter."""
+
+
+def owner_hash(api_key: str | None) -> str:
+    # Keys never touch the disk; a missing key (auth off) is the local owner.
+    return hashlib.sha256(("key:" + (api_key or "")).encode()).hexdigest()[:24]
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise StoreError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (max 80, no '..')")
+    return name
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON beside ``path`` and rename over it (readers see old or new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AdapterStore:
+    def __init__(self, data_dir: Path, base_model_name: str, keep_versions: int = 3):
+        self.root = Path(data_dir) / "adapters"
+        self.base_model_name = base_model_name
+        self.keep_versions = max(1, keep_versions)
+        self._lock = threading.Lock()  # serialises writes/retention per process
+
+    def _dir(self, owner: str | None, name: str) -> Path:
+        return self.root / owner_hash(owner) / check_name(name)
+
+    def versions(self, owner: str | None, name: str) -> list[int]:
+        d = self._dir(owner, name)
+        if not d.is_dir():
+            return []
+        found = []
+        for entry in d.iterdir():
+            m = _VERSION_DIR.match(entry.name)
+            if m and (entry / "adapter_config.json").is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def save(self, owner: str | None, name: str, snapshot, info: dict | None = None) -> Path:
+        """Write ``snapshot`` as version ``snapshot.version``; keep the last N versions."""
+        from adapter_core import save_peft
+
+        d = self._dir(owner, name)
+        target = d / f"v{snapshot.version}"
+        with self._lock:
+            if not (target / "adapter_config.json").is_file():
+                save_peft(snapshot, target, self.base_model_name)
+            if info is not None:
+                write_json_atomic(d / "info.json", {**info, "name": name, "updated": time.time()})
+            for old in self.versions(owner, name)[: -self.keep_versions]:
+                shutil.rmtree(d / f"v{old}", ignore_errors=True)
+        return target
+
+    def info(self, owner: str | None, name: str) -> dict:
+        try:
+            return json.loads((self._dir(owner, name) / "info.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def load(self, owner: str | None, name: str, version: int | None = None):
+        """The snapshot of ``version`` (default latest); KeyError if absent."""
+        from adapter_core import load_peft
+
+        versions = self.versions(owner, name)
+        if not versions or (version is not None and version not in versions):
+            raise KeyError(name)
+        v = versions[-1] if version is None else version
+        return load_peft(self._dir(owner, name) / f"v{v}")
+
+    def exists(self, owner: str | None, name: str) -> bool:
+        try:
+            return bool(self.versions(owner, name))
+        except StoreError:
+            return False
+
+    def list(self, owner: str | None) -> list[dict]:
+        d = self.root / owner_hash(owner)
+        if not d.is_dir():
+            return []
+        rows = []
+        for entry in sorted(d.iterdir()):
+            if entry.name.startswith(".") or not NAME_RE.match(entry.name):
+                continue
+            versions = self.versions(owner, entry.name)
+            if not versions:
+                continue
+            info = self.info(owner, entry.name)
+            rows.append({
+                "name": entry.name,
+                "kind": info.get("kind", "repository"),
+                "versions": versions,
+                "latest_version": versions[-1],
+                "repository": info.get("repository"),
+                "updated": info.get("updated"),
+            })
+        return rows
+
+    def find_for_repository(self, owner: str | None, repository: dict | None) -> str | None:
+        """Name of the owner's repository adapter trained for ``repository`` (by id, then root name)."""
+        if not repository:
+            return None
+        rows = [r for r in self.list(owner) if r["kind"] == "repository"]
+        for key in ("id", "root_name"):
+            want = repository.get(key)
+            if not want:
+                continue
+            for row in sorted(rows, key=lambda r: -(r["updated"] or 0)):
+                if (row.get("repository") or {}).get(key) == want:
+                    return row["name"]
+        return None
+
+    def delete(self, owner: str | None, name: str) -> bool:
+        d = self._dir(owner, name)
+        if not d.is_dir():
+            return False
+        with self._lock:
+            # Rename first so a concurrent reader never sees a half-deleted adapter.
+            trash = d.parent / f".deleted-{name}-{time.time_ns()}"
+            os.rename(d, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def export_tar(self, owner: str | None, name: str, version: int | None = None) -> bytes:
+        """A tar.gz of one version's PEFT directory (``<name>/`` inside)."""
+        versions = self.versions(owner, name)
+        if not versions or (version is not None and version not in versions):
+            raise KeyError(name)
+        v = versions[-1] if version is None else version
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            tar.add(self._dir(owner, name) / f"v{v}", arcname=name)
+        return buf.getvalue()
