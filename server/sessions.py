@@ -98,6 +98,44 @@ class Session:
                 self.queue.append(ex)
             return len(self.queue)
 
+    # -- document mirror (shared by every tab of the session) ------------------
+
+    def open_doc(self, path: str, text: str, version: int, language: str | None, quiet_s: float) -> None:
+        from code_signals import EditCoalescer
+
+        with self.lock:
+            self.docs[path] = Document(text, version, language)
+            c = EditCoalescer(quiet_s=quiet_s)
+            c.feed(text, time.monotonic())
+            self.coalescers[path] = c
+
+    def edit_doc(self, path: str, version: int, new_text: str) -> None:
+        """Replace the mirror's text (already validated); feed the burst coalescer."""
+        with self.lock:
+            doc = self.docs[path]
+            doc.text, doc.version = new_text, version
+            emitted = self.coalescers[path].feed(new_text, time.monotonic())
+            if emitted:
+                self.pending_edits.append((*emitted, path, doc.language))
+
+    def close_doc(self, path: str) -> None:
+        with self.lock:
+            doc = self.docs.pop(path)
+            c = self.coalescers.pop(path, None)
+            emitted = c.flush(force=True) if c is not None else None
+            if emitted:
+                self.pending_edits.append((*emitted, path, doc.language))
+
+    def settle(self, now: float) -> list[tuple]:
+        """Settled edits (before, after, path, language) since the last call."""
+        with self.lock:
+            for path, c in self.coalescers.items():
+                emitted = c.flush(now)
+                if emitted:
+                    self.pending_edits.append((*emitted, path, self.docs[path].language))
+            out, self.pending_edits = self.pending_edits, []
+            return out
+
     def notify(self, message: dict) -> None:
         with self.lock:
             listeners = list(self.listeners)

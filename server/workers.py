@@ -1,0 +1,187 @@
+"""Background adaptation: worker threads that train session adapters and jobs.
+
+Each loop turn settles coalesced edits into examples, takes the next piece of
+work round robin across sources (sessions, then fine-tuning jobs), waits for a
+quiet moment in serving (``ServingGate``), and runs one ``train_step`` on the
+shared frozen base model. A session step publishes a new snapshot by reference
+and tells the session's listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from server.scheduling import ServingGate
+from server.sessions import Session, SessionManager, snapshot_summary
+
+log = logging.getLogger("dynarank.workers")
+
+# A step waits at most this long for serving to go quiet, then runs anyway so a
+# stream of completions cannot starve adaptation for ever.
+MAX_YIELD_S = 3.0
+
+
+def example_batch(example) -> dict:
+    """One TrainingExample as a batch of one row (examples differ in length)."""
+    return {
+        "input_ids": torch.tensor([list(example.input_ids)], dtype=torch.long),
+        "loss_weights": torch.tensor([list(example.loss_weights)], dtype=torch.float32),
+        "token_classes": torch.tensor([[int(c) for c in example.token_classes]], dtype=torch.long),
+        "task": getattr(example, "edit_type", None),
+    }
+
+
+class AdaptationWorkers:
+    def __init__(self, settings, model, tokenizer, sessions: SessionManager, gate: ServingGate | None,
+                 metrics=None):
+        self.settings = settings
+        self.model = model
+        self.sessions = sessions
+        self.gate = gate or ServingGate()
+        self.metrics = metrics
+        self.sources = []  # extra callables returning a zero-arg step function or None (jobs)
+        self._builder = None
+        self._tokenizer = tokenizer
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._turn = 0
+        self._take_lock = threading.Lock()
+
+    @property
+    def builder(self):
+        if self._builder is None:
+            from code_signals import ExampleBuilder
+
+            self._builder = ExampleBuilder(self._tokenizer, max_tokens=256, max_examples=4)
+        return self._builder
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        for i in range(max(1, self.settings.adaptation_workers)):
+            t = threading.Thread(target=self._run, name=f"adapt-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking work; the step in progress finishes (threads are joined)."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    # -- loop --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.settings.train_threads and not torch.cuda.is_available():
+            # Per-thread on CPU: serving threads keep the process-wide count.
+            torch.set_num_threads(self.settings.train_threads)
+        while not self._stop.is_set():
+            try:
+                self.settle_edits()
+                work = self._take()
+                if work is None:
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                    continue
+                try:
+                    with self.gate.training_slice(timeout=MAX_YIELD_S):
+                        work()
+                except TimeoutError:
+                    work()
+            except Exception:
+                log.exception("adaptation step failed")
+                time.sleep(0.5)
+
+    def _take(self):
+        with self._take_lock:
+            takers = [self._take_session, *self.sources]
+            for i in range(len(takers)):
+                taker = takers[(self._turn + i) % len(takers)]
+                work = taker()
+                if work is not None:
+                    self._turn = (self._turn + i + 1) % len(takers)
+                    return work
+        return None
+
+    def _take_session(self):
+        item = self.sessions.take()
+        if item is None:
+            return None
+        session, example = item
+        return lambda: self.train_session(session, example)
+
+    def settle_edits(self, now: float | None = None) -> None:
+        """Turn settled edit bursts into examples on each session's queue."""
+        now = time.monotonic() if now is None else now
+        for session in self.sessions.sessions():
+            edits = session.settle(now)
+            for before, after, path, language in edits:
+                try:
+                    examples = self.builder.from_edit(before, after, path=path, language=language)
+                except Exception as exc:
+                    log.warning("no examples from edit of %s: %s", path, exc)
+                    continue
+                if examples:
+                    session.enqueue(examples)
+                    session.notify(session.status())
+                    self._metric_queue(session)
+
+    # -- one session step ---------------------------------------------------------
+
+    def train_session(self, session: Session, example) -> None:
+        from adapter_core import train_step
+
+        with session.train_lock:
+            if self.sessions.get(session.owner, session.id) is not session:
+                return  # evicted meanwhile
+            stats = train_step(self.model, session.adapter, example_batch(example), session.policy)
+            if stats.skipped:
+                return
+            snap = session.adapter.snapshot(loss=stats.loss)
+            with session.lock:
+                session.snapshot = snap  # the swap: completions starting now use it
+                session.steps += 1
+                session.last_loss = stats.loss
+                summary = snapshot_summary(snap)
+                session.history.append({"t": time.time(), "version": snap.version, "loss": stats.loss,
+                                        "ranks": list(summary["ranks"].values()), "mean_rank": summary["mean_rank"]})
+            if snap.version - session.persisted_version >= max(1, self.settings.persist_every):
+                try:
+                    self.sessions.persist(session)
+                except Exception:
+                    log.exception("persisting session %s failed", session.id)
+        self._metric_step(session, stats, snap)
+        session.notify({"type": "adapted", "version": snap.version, "loss": round(stats.loss, 6),
+                        "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]})
+        session.notify(session.status())
+
+    # -- metrics (owned by server/metrics.py; used only if present) ---------------
+
+    def _metric_queue(self, session: Session) -> None:
+        m = self.metrics
+        gauge = getattr(m, "session_queue_depth", None) if m is not None else None
+        if gauge is not None:
+            try:
+                gauge.labels(session=session.id).set(len(session.queue))
+            except Exception:
+                pass
+
+    def _metric_step(self, session: Session, stats, snap) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        hook = getattr(m, "record_adaptation", None)
+        try:
+            if hook is not None:
+                hook(session.id, loss=stats.loss, ranks=snap.ranks, version=snap.version)
+        except Exception:
+            log.debug("metrics hook failed", exc_info=True)
+        self._metric_queue(session)
