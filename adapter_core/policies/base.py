@@ -63,6 +63,10 @@ class StepObservation:
     hessian_trace: dict[str, float] | None = None
     hessian_trace_total: float | None = None
     task: str | None = None  # "new_code" | "modification" | "bug_fix"
+    # The two terms of token_importance (shape (batch, seq), each scaled to mean 1 over real
+    # tokens), for policies that weigh them themselves. Set with "token_importance".
+    attention_received: torch.Tensor | None = None
+    input_grad_norm: torch.Tensor | None = None
 
 
 class RankPolicy:
