@@ -166,22 +166,16 @@ class AdaptationWorkers:
     # -- metrics (owned by server/metrics.py; used only if present) ---------------
 
     def _metric_queue(self, session: Session) -> None:
-        m = self.metrics
-        gauge = getattr(m, "session_queue_depth", None) if m is not None else None
-        if gauge is not None:
-            try:
-                gauge.labels(session=session.id).set(len(session.queue))
-            except Exception:
-                pass
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(session=session.id).set(len(session.queue))
 
     def _metric_step(self, session: Session, stats, snap) -> None:
         m = self.metrics
         if m is None:
             return
-        hook = getattr(m, "record_adaptation", None)
-        try:
-            if hook is not None:
-                hook(session.id, loss=stats.loss, ranks=snap.ranks, version=snap.version)
-        except Exception:
-            log.debug("metrics hook failed", exc_info=True)
+        m.adaptation_steps.labels(session=session.id).inc()
+        m.last_loss.labels(session=session.id).set(stats.loss)
+        m.swaps.labels(session=session.id).inc()
+        for module, rank in snap.ranks.items():
+            m.rank.labels(session=session.id, module=module).set(rank)
         self._metric_queue(session)

@@ -1,0 +1,357 @@
+"""Repository fine-tuning jobs, shaped like OpenAI's ``/v1/fine_tuning/jobs``.
+
+A job walks a repository (a directory on the server, or files sent inline),
+builds whole-file examples with code_signals, and trains a fresh adapter one
+step at a time inside the adaptation worker pool (so completions keep priority).
+The result is a named repository adapter in the store: usable as the model
+``"<base>:<name>"`` and as the starting point of sessions for that repository.
+Records are JSON files written atomically; on restart, jobs that were still
+running are marked failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+
+from server.errors import APIError
+
+from server.store import check_name, owner_hash, write_json_atomic
+
+log = logging.getLogger("dynarank.jobs")
+
+ACTIVE = ("validating_files", "queued", "running")
+MAX_EVENTS = 2000
+MAX_INLINE_FILES = 2000
+MAX_STEPS = 100_000
+
+
+class JobError(ValueError):
+    pass
+
+
+class Job:
+    def __init__(self, record: dict, owner: str | None):
+        self.record = record
+        self.owner = owner
+        self.events: list[dict] = record.pop("_events", [])
+        self.examples: list = []
+        self.adapter = None
+        self.policy = None
+        self.busy = False
+        self.started_mono = None
+        self.lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    def public(self) -> dict:
+        return {k: v for k, v in self.record.items() if not k.startswith("_")}
+
+
+class JobManager:
+    def __init__(self, settings, model, tokenizer, store, sessions):
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.sessions = sessions
+        self.root = Path(settings.data_dir) / "jobs"
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self.on_work = lambda: None  # set to the workers' wake()
+        self._load()
+
+    # -- persistence -------------------------------------------------------------
+
+    def _load(self) -> None:
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.glob("ftjob-*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.warning("unreadable job record %s", path)
+                continue
+            job = Job(record, None)
+            if record.get("status") in ACTIVE:
+                record["status"] = "failed"
+                record["error"] = {"code": "interrupted", "message": "the server restarted before the job finished"}
+                record["finished_at"] = int(time.time())
+                self._save(job)
+            self.jobs[job.id] = job
+
+    def _save(self, job: Job) -> None:
+        write_json_atomic(self.root / f"{job.id}.json", {**job.record, "_events": job.events[-MAX_EVENTS:]})
+
+    # -- API ---------------------------------------------------------------------
+
+    def create(self, owner: str | None, body: dict) -> Job:
+        if not isinstance(body, dict):
+            raise JobError("the body must be a JSON object")
+        unknown = set(body) - {"repository", "files", "adapter_name", "hyperparameters", "model", "suffix"}
+        if unknown:
+            raise JobError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name = body.get("adapter_name") or body.get("suffix")
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        if name.startswith("session-"):
+            raise JobError("adapter names starting with 'session-' are reserved for sessions")
+        model = body.get("model")
+        if model not in (None, self.settings.served_name):
+            raise JobError(f"model must be the served base model {self.settings.served_name!r}")
+        hp = self._hyperparameters(body.get("hyperparameters") or {})
+        repo, files = body.get("repository"), body.get("files")
+        if (repo is None) == (files is None):
+            raise JobError("give exactly one of 'repository' ({path}) or 'files' ([{path, text}])")
+        repository = self._check_repository(repo) if repo is not None else self._check_files(files)
+        now = int(time.time())
+        record = {
+            "id": "ftjob-" + secrets.token_hex(10), "object": "fine_tuning.job", "model": self.settings.served_name,
+            "adapter_name": name, "fine_tuned_model": None, "status": "validating_files", "created_at": now,
+            "started_at": None, "finished_at": None, "hyperparameters": hp,
+            "repository": {k: v for k, v in repository.items() if k != "files"}, "trained_tokens": 0,
+            "step": 0, "total_steps": None, "error": None, "result": None, "_owner": owner_hash(owner),
+        }
+        job = Job(record, owner)
+        with self._lock:
+            self.jobs[job.id] = job
+        self._event(job, "info", "job created")
+        threading.Thread(target=self._prepare, args=(job, repository.get("files")), daemon=True,
+                         name=f"prep-{job.id}").start()
+        return job
+
+    def _hyperparameters(self, hp: dict) -> dict:
+        if not isinstance(hp, dict):
+            raise JobError("hyperparameters must be an object")
+        allowed = {"rank_policy": str, "steps": int, "epochs": int, "budget": int, "learning_rate": float}
+        for key, value in hp.items():
+            want = allowed.get(key)
+            if want is None:
+                raise JobError(f"unknown hyperparameter {key!r}")
+            ok = isinstance(value, (int, float)) if want is float else isinstance(value, want)
+            if value is not None and (not ok or isinstance(value, bool)):
+                raise JobError(f"hyperparameter {key!r} has the wrong type")
+        if "steps" in hp and "epochs" in hp:
+            raise JobError("give steps or epochs, not both")
+        for key in ("steps", "epochs", "budget"):
+            if hp.get(key) is not None and not 0 < hp[key] <= MAX_STEPS * (10**6 if key == "budget" else 1):
+                raise JobError(f"{key} out of range")
+        if hp.get("learning_rate") is not None and not 0 < hp["learning_rate"] < 1:
+            raise JobError("learning_rate must be in (0, 1)")
+        from adapter_core.policies import POLICIES, _load_builtin_policies
+
+        _load_builtin_policies()
+        policy = hp.get("rank_policy") or self.settings.rank_policy
+        if policy not in POLICIES:
+            raise JobError(f"unknown rank_policy {policy!r}; known: {', '.join(sorted(POLICIES))}")
+        return {"rank_policy": policy, "steps": hp.get("steps"), "epochs": hp.get("epochs"),
+                "budget": hp.get("budget"), "learning_rate": hp.get("learning_rate") or self.settings.adapter_lr}
+
+    def _check_repository(self, repo) -> dict:
+        if not isinstance(repo, dict) or not isinstance(repo.get("path"), str) or set(repo) - {"path", "id", "root_name"}:
+            raise JobError("repository must be {path, id?, root_name?}")
+        path = Path(repo["path"]).expanduser().resolve()
+        roots = [Path(r).expanduser().resolve() for r in self.settings.repo_roots]
+        if roots:
+            if not any(path == r or r in path.parents for r in roots):
+                raise JobError("repository path is outside the server's allowed repository roots")
+        elif self.settings.api_keys:
+            raise JobError("server-side repository paths are disabled on this server (no --repo-root); send files")
+        if not path.is_dir():
+            raise JobError(f"{repo['path']}: not a directory on the server")
+        return {"path": str(path), "id": repo.get("id") or path.name, "root_name": repo.get("root_name") or path.name}
+
+    def _check_files(self, files) -> dict:
+        if not isinstance(files, list) or not files or len(files) > MAX_INLINE_FILES:
+            raise JobError(f"files must be a list of 1..{MAX_INLINE_FILES} {{path, text}} objects")
+        for f in files:
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("text"), str):
+                raise JobError("each file needs string path and text")
+        return {"id": None, "root_name": None, "files": files}
+
+    def list(self, owner: str | None) -> list[Job]:
+        oh = owner_hash(owner)
+        return sorted((j for j in self.jobs.values() if j.record.get("_owner") == oh),
+                      key=lambda j: j.record["created_at"], reverse=True)
+
+    def get(self, owner: str | None, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or job.record.get("_owner") != owner_hash(owner):
+            raise KeyError(job_id)
+        return job
+
+    def cancel(self, owner: str | None, job_id: str) -> Job:
+        job = self.get(owner, job_id)
+        with job.lock:
+            if job.status in ACTIVE:
+                job.record["status"] = "cancelled"
+                job.record["finished_at"] = int(time.time())
+                job.examples, job.adapter = [], None
+        self._event(job, "info", "job cancelled")
+        return job
+
+    # -- running -----------------------------------------------------------------
+
+    def _event(self, job: Job, level: str, message: str, data: dict | None = None) -> None:
+        job.events.append({"object": "fine_tuning.job.event", "id": f"ftevent-{len(job.events)}",
+                           "created_at": int(time.time()), "level": level, "message": message,
+                           "data": data, "type": "metrics" if data else "message"})
+        if not data or job.record["step"] % 5 == 0 or job.status not in ACTIVE:
+            self._save(job)
+
+    def _fail(self, job: Job, message: str) -> None:
+        with job.lock:
+            job.record.update(status="failed", finished_at=int(time.time()),
+                              error={"code": "job_failed", "message": message})
+            job.adapter = None
+        self._event(job, "error", message)
+
+    def _prepare(self, job: Job, inline_files) -> None:
+        """Walk and tokenize (off the event loop), then queue the job for the workers."""
+        from adapter_core import AdapterConfig, RankBounds, new_adapter
+        from code_signals import ExampleBuilder, detect_language, walk_repository
+
+        try:
+            if inline_files is not None:
+                files = [(f["path"], detect_language(f["path"], f["text"]), f["text"]) for f in inline_files]
+            else:
+                scan = walk_repository(job.record["repository"]["path"])
+                files = [(f.path, f.language, f.text) for f in scan.files]
+            builder = ExampleBuilder(self.tokenizer, max_tokens=256, max_examples=4)
+            examples = []
+            for path, language, text in files:
+                if text.strip():
+                    examples += builder.from_file(text, path, language, max_examples=64)
+            if not examples:
+                raise JobError("no training examples: the repository has no source files we read")
+            hp = job.record["hyperparameters"]
+            total = hp["steps"] or (hp["epochs"] or 1) * len(examples)
+            config = AdapterConfig(policy=hp["rank_policy"], lr=hp["learning_rate"],
+                                   bounds=RankBounds(budget=hp["budget"]))
+            adapter, policy = new_adapter(self.model, config, task="new_code")
+        except Exception as exc:
+            log.warning("job %s failed while preparing: %s", job.id, exc)
+            self._fail(job, str(exc))
+            return
+        with job.lock:
+            if job.status != "validating_files":
+                return  # cancelled meanwhile
+            job.examples, job.adapter, job.policy = examples, adapter, policy
+            job.record.update(status="queued", total_steps=min(total, MAX_STEPS))
+            job.record["repository"]["files"] = len(files)
+        self._event(job, "info", f"{len(files)} files, {len(examples)} examples, {job.record['total_steps']} steps")
+        self.on_work()
+
+    def take(self):
+        """For the worker pool: one step of the oldest runnable job, or None."""
+        for job in sorted(self.jobs.values(), key=lambda j: j.record["created_at"]):
+            with job.lock:
+                if job.status in ("queued", "running") and job.adapter is not None and not job.busy:
+                    job.busy = True
+                    return lambda job=job: self._step(job)
+        return None
+
+    def _step(self, job: Job) -> None:
+        from adapter_core import train_step
+        from server.workers import example_batch
+
+        try:
+            with job.lock:
+                if job.status not in ("queued", "running") or job.adapter is None:
+                    return
+                if job.status == "queued":
+                    job.record.update(status="running", started_at=int(time.time()))
+                    job.started_mono = time.monotonic()
+                step = job.record["step"]
+                example = job.examples[step % len(job.examples)]
+                adapter, policy = job.adapter, job.policy
+            stats = train_step(self.model, adapter, example_batch(example), policy)
+            with job.lock:
+                if job.status != "running":
+                    return
+                job.record["step"] = step = step + 1
+                job.record["trained_tokens"] += stats.tokens
+                total = job.record["total_steps"]
+                eta = (time.monotonic() - job.started_mono) / step * (total - step)
+                ranks = adapter.ranks
+                data = {"step": step, "total_steps": total, "loss": stats.loss, "skipped": stats.skipped,
+                        "mean_rank": sum(ranks.values()) / len(ranks), "ranks": list(ranks.values()),
+                        "eta_s": round(eta, 2)}
+            self._event(job, "info", f"step {step}/{total}: loss {stats.loss:.4f}", data)
+            if step >= total:
+                self._finish(job)
+        except Exception as exc:
+            log.exception("job %s step failed", job.id)
+            self._fail(job, f"training failed: {exc}")
+        finally:
+            job.busy = False
+
+    def _finish(self, job: Job) -> None:
+        snap = job.adapter.snapshot(job=job.id)
+        repo = job.record["repository"]
+        self.store.save(job.owner, job.record["adapter_name"], snap,
+                        info={"kind": "repository", "job": job.id,
+                              "repository": {"id": repo.get("id"), "root_name": repo.get("root_name")}})
+        with job.lock:
+            job.record.update(status="succeeded", finished_at=int(time.time()),
+                              fine_tuned_model=f"{self.settings.served_name}:{job.record['adapter_name']}",
+                              result={"version": snap.version, "ranks": snap.ranks})
+            job.examples, job.adapter, job.policy = [], None, None
+        self._event(job, "info", f"saved adapter {job.record['adapter_name']} (version {snap.version})")
+
+
+def make_router(manager: JobManager, owner_dep) -> APIRouter:
+    router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
+
+    def _get(owner, job_id):
+        try:
+            return manager.get(owner, job_id)
+        except KeyError:
+            raise APIError(404, f"no fine-tuning job {job_id}", code="job_not_found", param="job_id") from None
+
+    @router.post("/jobs")
+    async def create_job(request: Request, owner=Depends(owner_dep)):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        try:
+            return manager.create(owner, body).public()
+        except JobError as exc:
+            raise APIError(400, str(exc), code="invalid_request") from None
+
+    @router.get("/jobs")
+    def list_jobs(owner=Depends(owner_dep)):
+        return {"object": "list", "data": [j.public() for j in manager.list(owner)], "has_more": False}
+
+    @router.get("/jobs/{job_id}")
+    def get_job(job_id: str, owner=Depends(owner_dep)):
+        return _get(owner, job_id).public()
+
+    @router.get("/jobs/{job_id}/events")
+    def job_events(job_id: str, after: int | None = None, limit: int = 100, owner=Depends(owner_dep)):
+        events = _get(owner, job_id).events
+        start = after + 1 if after is not None else max(0, len(events) - limit)
+        page = events[start:start + max(1, min(limit, 1000))]
+        return {"object": "list", "data": page, "has_more": start + len(page) < len(events)}
+
+    @router.post("/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str, owner=Depends(owner_dep)):
+        _get(owner, job_id)
+        return manager.cancel(owner, job_id).public()
+
+    return router

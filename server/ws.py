@@ -1,0 +1,404 @@
+"""The IDE websocket ``/v1/ws`` (protocol 1; see docs/protocol.md).
+
+One ``Connection`` per socket. Messages are checked against ``SCHEMA`` before
+anything happens, so a bad message gets an ``error`` reply and changes nothing.
+Generation runs in a thread (the engine is synchronous) so this loop keeps
+reading and a ``cancel`` reaches the engine's cancel event at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import uuid
+
+from fastapi import WebSocket, WebSocketDisconnect
+
+from server.engine import GenerationRequest
+from server.sessions import SESSION_PREFIX, SessionError, snapshot_summary
+
+log = logging.getLogger("dynarank.ws")
+
+PROTOCOL = 1
+CLOSE_UNAUTHORIZED = 4401
+MAX_PREFIX_CHARS = 8000
+MAX_SUFFIX_CHARS = 2000
+MAX_PATH_CHARS = 1024
+
+_STR, _INT, _NUM, _DICT, _LIST = (str,), (int,), (int, float), (dict,), (list,)
+_ID = (str, int)
+_OPT = False
+_REQ = True
+
+# type -> {field: (accepted types, required)}; "type" itself is implicit.
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "hello": {"api_key": (_STR, _OPT), "client": (_DICT, _OPT), "repository": (_DICT, _OPT),
+              "session_id": (_STR, _OPT), "resume_token": (_STR, _OPT), "protocol": (_INT, _OPT)},
+    "open": {"path": (_STR, _REQ), "language": (_STR, _OPT), "text": (_STR, _REQ), "version": (_INT, _REQ)},
+    "edit": {"path": (_STR, _REQ), "version": (_INT, _REQ), "text": (_STR, _OPT), "changes": (_LIST, _OPT)},
+    "close": {"path": (_STR, _REQ)},
+    "complete": {"id": (_ID, _REQ), "path": (_STR, _OPT), "prefix": (_STR, _OPT), "suffix": (_STR, _OPT),
+                 "cursor": (_DICT, _OPT), "max_tokens": (_INT, _OPT), "temperature": (_NUM, _OPT),
+                 "top_p": (_NUM, _OPT), "stop": ((str, list), _OPT), "seed": (_INT, _OPT)},
+    "cancel": {"id": (_ID, _REQ)},
+    "status": {},
+    "ping": {"id": (_ID, _OPT)},
+}
+_SUB_SCHEMA = {
+    "client": {"name": _STR, "version": _STR},
+    "repository": {"id": _STR, "root_name": _STR},
+    "cursor": {"line": _INT, "character": _INT},
+}
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _typed(value, types) -> bool:
+    if isinstance(value, bool):  # bool is an int in Python, never in this protocol
+        return bool in types
+    return isinstance(value, types)
+
+
+def validate(msg) -> dict:
+    """Check one decoded message against SCHEMA; raise ProtocolError on any mismatch."""
+    if not isinstance(msg, dict):
+        raise ProtocolError("invalid_message", "a message is a JSON object")
+    kind = msg.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", "missing string field 'type'")
+    spec = SCHEMA.get(kind)
+    if spec is None:
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+    extra = sorted(set(msg) - set(spec) - {"type"})
+    if extra:
+        raise ProtocolError("unknown_field", f"{kind}: unknown field(s) {', '.join(extra)}")
+    for field, (types, required) in spec.items():
+        if field not in msg or msg[field] is None:
+            if required:
+                raise ProtocolError("missing_field", f"{kind}: missing field {field!r}")
+            continue
+        if not _typed(msg[field], types):
+            raise ProtocolError("invalid_field", f"{kind}: field {field!r} has the wrong type")
+        sub = _SUB_SCHEMA.get(field)
+        if sub is not None:
+            extra = sorted(set(msg[field]) - set(sub))
+            if extra:
+                raise ProtocolError("unknown_field", f"{kind}.{field}: unknown field(s) {', '.join(extra)}")
+            for key, value in msg[field].items():
+                if value is not None and not _typed(value, sub[key]):
+                    raise ProtocolError("invalid_field", f"{kind}.{field}.{key} has the wrong type")
+    if "path" in msg and msg["path"] is not None and not (0 < len(msg["path"]) <= MAX_PATH_CHARS):
+        raise ProtocolError("invalid_field", f"{kind}: path must be 1..{MAX_PATH_CHARS} characters")
+    if kind == "edit" and (("text" in msg) == ("changes" in msg)):
+        raise ProtocolError("invalid_field", "edit: give exactly one of 'text' or 'changes'")
+    if kind == "complete" and "cursor" in msg and "path" not in msg:
+        raise ProtocolError("missing_field", "complete: 'cursor' needs 'path' of an open document")
+    if kind == "complete" and "cursor" in msg and set(msg["cursor"]) != {"line", "character"}:
+        raise ProtocolError("invalid_field", "complete: cursor needs line and character")
+    if kind == "complete" and isinstance(msg.get("stop"), list) and not all(isinstance(s, str) for s in msg["stop"]):
+        raise ProtocolError("invalid_field", "complete: stop must be a string or a list of strings")
+    return msg
+
+
+def authenticate(settings, key: str | None) -> tuple[bool, str | None]:
+    """(accepted, owner identity); the identity is what the HTTP API hands the resolver."""
+    from server.auth import AuthError, check_api_key
+
+    try:
+        return True, check_api_key(settings, key)
+    except AuthError:
+        return False, None
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, state, ctx):
+        self.ws = websocket
+        self.state = state
+        self.settings = state.settings
+        self.ctx = ctx  # server.routes_sessions.SessionContext
+        self.session = None
+        self.owner = None
+        self.inflight: dict = {}  # completion id -> cancel event
+        self.loop = None
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._listener = None
+
+    # -- sending -----------------------------------------------------------------
+
+    async def send(self, message: dict) -> None:
+        if self._closed:
+            return
+        async with self._send_lock:
+            try:
+                await self.ws.send_text(json.dumps(message))
+            except Exception:  # peer gone: the receive loop notices and cleans up
+                self._closed = True
+
+    async def error(self, code: str, message: str, ref=None) -> None:
+        body = {"type": "error", "code": code, "message": message}
+        if ref is not None:
+            body["ref"] = ref
+        await self.send(body)
+
+    def _push_threadsafe(self, message: dict) -> None:
+        # Called from worker threads: hop onto the loop.
+        if self._closed or self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.send(message)))
+        except RuntimeError:
+            pass  # loop closed
+
+    # -- main loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        self.loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frame = await self.ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                msg = None
+                try:
+                    msg = self._decode(frame)
+                    validate(msg)
+                    await self.dispatch(msg)
+                except ProtocolError as exc:
+                    ref = msg.get("id", msg.get("type")) if isinstance(msg, dict) else None
+                    await self.error(exc.code, exc.message, ref if isinstance(ref, (str, int)) else None)
+                    if exc.code == "unauthorized":
+                        await self.ws.close(code=CLOSE_UNAUTHORIZED)
+                        break
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self._cleanup()
+
+    def _decode(self, frame) -> dict:
+        limit = self.settings.max_ws_message_bytes
+        if frame.get("bytes") is not None:
+            data = frame["bytes"]
+            if len(data) > limit:
+                raise ProtocolError("message_too_large", f"messages are limited to {limit} bytes")
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("invalid_utf8", "messages must be UTF-8 text") from None
+            raise ProtocolError("binary_frame", "send messages as text frames, not binary")
+        text = frame.get("text")
+        if text is None:
+            raise ProtocolError("invalid_message", "empty frame")
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise ProtocolError("message_too_large", f"messages are limited to {limit} bytes")
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ProtocolError("invalid_json", "the message is not valid JSON") from None
+
+    async def dispatch(self, msg: dict) -> None:
+        kind = msg["type"]
+        if kind == "ping":
+            await self.send({"type": "pong", **({"id": msg["id"]} if "id" in msg else {})})
+            return
+        if kind == "hello":
+            await self.hello(msg)
+            return
+        if self.session is None:
+            raise ProtocolError("not_ready", "send hello first")
+        handler = getattr(self, f"on_{kind}")
+        await handler(msg)
+
+    def _cleanup(self) -> None:
+        self._closed = True
+        for event in self.inflight.values():
+            event.set()
+        if self.session is not None:
+            with self.session.lock:
+                self.session.listeners.discard(self._listener)
+            self.ctx.sessions.detach(self.session)
+
+    # -- handlers ----------------------------------------------------------------
+
+    async def hello(self, msg: dict) -> None:
+        if self.session is not None:
+            raise ProtocolError("already_ready", "hello was already accepted on this connection")
+        if msg.get("protocol", PROTOCOL) != PROTOCOL:
+            raise ProtocolError("unsupported_protocol", f"this server speaks protocol {PROTOCOL}")
+        ok, owner = authenticate(self.settings, msg.get("api_key"))
+        if not ok:
+            raise ProtocolError("unauthorized", "missing or invalid api_key")
+        self.owner = owner
+        try:
+            session, token = await asyncio.to_thread(
+                self.ctx.sessions.attach, self.owner, msg.get("session_id"), msg.get("resume_token"),
+                msg.get("repository"),
+            )
+        except SessionError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        self.session = session
+        self._listener = self._push_threadsafe
+        with session.lock:
+            session.listeners.add(self._listener)
+            snap = session.snapshot
+            docs = {p: d.version for p, d in session.docs.items()}
+        summary = snapshot_summary(snap)
+        await self.send({
+            "type": "ready", "protocol": PROTOCOL, "session_id": session.id, "resume_token": token,
+            "adapter_version": summary["version"], "ranks": summary["ranks"], "mean_rank": summary["mean_rank"],
+            "model": f"{self.settings.served_name}:{SESSION_PREFIX}{session.id}", "documents": docs,
+            "origin": session.origin,
+        })
+
+    async def on_open(self, msg: dict) -> None:
+        if len(msg["text"]) > self.settings.max_ws_message_bytes:
+            raise ProtocolError("message_too_large", "document too large")
+        language = msg.get("language")
+        if language is None:
+            from code_signals import detect_language
+
+            language = detect_language(msg["path"])
+        self.session.open_doc(msg["path"], msg["text"], msg["version"], language, self.settings.edit_quiet_s)
+
+    async def on_edit(self, msg: dict) -> None:
+        from code_signals import CodeSignalsError, apply_range_edits
+
+        session, path = self.session, msg["path"]
+        with session.lock:
+            doc = session.docs.get(path)
+            if doc is None:
+                raise ProtocolError("unknown_document", f"{path} is not open", )
+            if msg["version"] <= doc.version:
+                raise ProtocolError("stale_version", f"{path} is at version {doc.version}; edits need a higher one")
+            text = doc.text
+        if "text" in msg:
+            new_text = msg["text"]
+        else:
+            try:
+                new_text = apply_range_edits(text, msg["changes"])
+            except CodeSignalsError as exc:
+                raise ProtocolError("invalid_range", str(exc)) from None
+        with session.lock:
+            doc = session.docs.get(path)
+            if doc is None or doc.text is not text:  # another tab changed it meanwhile
+                raise ProtocolError("stale_version", f"{path} changed meanwhile; resend against the new version")
+            session.edit_doc(path, msg["version"], new_text)
+        self.ctx.workers.wake()
+
+    async def on_close(self, msg: dict) -> None:
+        with self.session.lock:
+            if msg["path"] not in self.session.docs:
+                raise ProtocolError("unknown_document", f"{msg['path']} is not open")
+            self.session.close_doc(msg["path"])
+        self.ctx.workers.wake()
+
+    async def on_status(self, msg: dict) -> None:
+        status = self.session.status()
+        with self.session.lock:
+            status["documents"] = {p: d.version for p, d in self.session.docs.items()}
+        await self.send(status)
+
+    async def on_cancel(self, msg: dict) -> None:
+        event = self.inflight.get(msg["id"])
+        if event is None:
+            raise ProtocolError("unknown_completion", f"no completion {msg['id']!r} in progress")
+        event.set()
+
+    async def on_complete(self, msg: dict) -> None:
+        from code_signals import CodeSignalsError, apply_range_edits
+
+        cid = msg["id"]
+        if cid in self.inflight:
+            raise ProtocolError("duplicate_id", f"completion {cid!r} is already in progress")
+        prefix, suffix = msg.get("prefix"), msg.get("suffix")
+        if "path" in msg and prefix is None:
+            with self.session.lock:
+                doc = self.session.docs.get(msg["path"])
+                text = doc.text if doc is not None else None
+            if text is None:
+                raise ProtocolError("unknown_document", f"{msg['path']} is not open")
+            if "cursor" in msg:
+                marker = f"\x00{uuid.uuid4().hex}\x00"
+                pos = {"line": msg["cursor"]["line"], "character": msg["cursor"]["character"]}
+                try:
+                    marked = apply_range_edits(text, [{"range": {"start": pos, "end": pos}, "text": marker}])
+                except CodeSignalsError as exc:
+                    raise ProtocolError("invalid_range", str(exc)) from None
+                i = marked.index(marker)
+                prefix, suffix = text[:i], text[i:]
+            else:
+                prefix, suffix = text, suffix
+        if not prefix:
+            raise ProtocolError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
+        max_tokens = msg.get("max_tokens", 32)
+        if not 1 <= max_tokens <= self.settings.max_tokens_limit:
+            raise ProtocolError("invalid_field", f"max_tokens must be 1..{self.settings.max_tokens_limit}")
+        temperature = float(msg.get("temperature", 0.0))
+        if not 0.0 <= temperature <= 2.0:
+            raise ProtocolError("invalid_field", "temperature must be in [0, 2]")
+        stop = msg.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        request = GenerationRequest(
+            prompt=prefix[-MAX_PREFIX_CHARS:], suffix=(suffix[:MAX_SUFFIX_CHARS] if suffix else None),
+            max_tokens=max_tokens, temperature=temperature, top_p=float(msg.get("top_p", 1.0)),
+            stop=stop, seed=msg.get("seed"),
+        )
+        snap = self.session.current()  # read once: this completion keeps its version
+        cancel = threading.Event()
+        self.inflight[cid] = cancel
+        asyncio.create_task(self._generate(cid, request, snap, cancel))
+
+    async def _generate(self, cid, request, snap, cancel) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = self.loop
+        done = object()
+
+        def produce():
+            try:
+                for chunk in self.state.engine.generate(request, snap, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except Exception as exc:  # reported to the client below
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        thread = threading.Thread(target=produce, name=f"complete-{cid}", daemon=True)
+        thread.start()
+        parts, finish = [], None
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, Exception):
+                    code = "context_length_exceeded" if type(item).__name__ == "ContextLengthError" else "generation_failed"
+                    await self.error(code, str(item), cid)
+                    return
+                if item.text:
+                    parts.append(item.text)
+                    if not cancel.is_set():
+                        await self.send({"type": "completion.delta", "id": cid, "text": item.text})
+                if item.finish_reason:
+                    finish = item.finish_reason
+            if cancel.is_set():
+                finish = "cancelled"
+            await self.send({
+                "type": "completion.done", "id": cid, "text": "".join(parts),
+                "adapter_version": snap.version if snap is not None else 0,
+                "finish_reason": finish or "stop", "completion_id": "cmpl-" + secrets.token_hex(12),
+            })
+        finally:
+            self.inflight.pop(cid, None)
+
+
+async def websocket_endpoint(websocket: WebSocket, state, ctx) -> None:
+    await Connection(websocket, state, ctx).run()
