@@ -33,8 +33,8 @@ def make_obs(step, ranks, *, seed=0, grad_scale=None, loss=1.0, modules=MODULES,
     A = {n: torch.randn(r, modules[n].in_features, generator=g) for n, r in ranks.items()}
     B = {n: torch.randn(modules[n].out_features, r, generator=g) for n, r in ranks.items()}
     scale = grad_scale or {}
-    gA = {n: torch.randn_like(a, ) * scale.get(n, 1.0) for n, a in A.items()}
-    gB = {n: torch.randn_like(b) * scale.get(n, 1.0) for n, b in B.items()}
+    gA = {n: torch.randn(a.shape, generator=g) * scale.get(n, 1.0) for n, a in A.items()}
+    gB = {n: torch.randn(b.shape, generator=g) * scale.get(n, 1.0) for n, b in B.items()}
     fields.setdefault("grad_A", gA)
     fields.setdefault("grad_B", gB)
     return StepObservation(step=step, loss=loss, ranks=dict(ranks), lora_A=A, lora_B=B, **fields)

@@ -20,6 +20,7 @@ input-gradient norm) is computed by the train step and arrives in
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -345,7 +346,8 @@ class DynamicRankPolicy(RankPolicy):
         }
         if self.controller is not None:
             state["controller"] = {k: v.clone() for k, v in self.controller.state_dict().items()}
-            state["controller_opt"] = self.controller_opt.state_dict()
+            # deepcopy: the optimizer's moments are updated in place by later steps
+            state["controller_opt"] = copy.deepcopy(self.controller_opt.state_dict())
             state["reward_baseline"] = self.reward_baseline
             state["pending"] = self.pending  # the sample still waiting for its reward
         return state
