@@ -1,0 +1,436 @@
+"""Sessions end to end: a real server on a real port with a tiny random model.
+
+The websocket client is the `websockets` library; adaptation runs for real
+(tiny model, so steps take milliseconds). Helpers here are reused by the auth,
+restart and real-model test files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from tests.conftest import build_tiny_model
+from tests.helpers import free_port, start_server, stop_server, wait_for_http
+
+FILE_V1 = "def area(width, height):\n    return width * height\n"
+FILE_V2 = (
+    "def area(width, height):\n    return width * height\n\n\n"
+    "def perimeter(width, height):\n    total = 2 * (width + height)\n    return total\n"
+)
+
+
+class Client:
+    """A small protocol-1 client over one websocket connection."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.backlog: list[dict] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> "Client":
+        return cls(await websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=None))
+
+    async def send(self, msg) -> None:
+        await self.ws.send(msg if isinstance(msg, (str, bytes)) else json.dumps(msg))
+
+    async def recv(self, timeout: float = 30.0) -> dict:
+        if self.backlog:
+            return self.backlog.pop(0)
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def wait_for(self, kind: str, timeout: float = 60.0, pred=lambda m: True) -> dict:
+        """The next message of `kind` (others are kept for later readers)."""
+        deadline = time.monotonic() + timeout
+        skipped = []
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {kind} message within {timeout}s; got {skipped[-5:]}")
+                msg = json.loads(await asyncio.wait_for(self.ws.recv(), left)) if not self.backlog else self.backlog.pop(0)
+                if msg["type"] == kind and pred(msg):
+                    return msg
+                skipped.append(msg)
+        finally:
+            self.backlog[:0] = [m for m in skipped if m["type"] != kind]
+
+    async def hello(self, **fields) -> dict:
+        await self.send({"type": "hello", "client": {"name": "pytest", "version": "1"}, **fields})
+        msg = await self.recv()
+        assert msg["type"] == "ready", msg
+        return msg
+
+    async def complete(self, cid, **fields) -> tuple[list[str], dict]:
+        await self.send({"type": "complete", "id": cid, **fields})
+        deltas = []
+        while True:
+            msg = await self.wait_for_any(("completion.delta", "completion.done", "error"), cid)
+            if msg["type"] == "completion.delta":
+                deltas.append(msg["text"])
+            else:
+                return deltas, msg
+
+    async def wait_for_any(self, kinds, cid, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        for i, m in enumerate(self.backlog):
+            if m["type"] in kinds and m.get("id", m.get("ref")) == cid:
+                return self.backlog.pop(i)
+        while True:
+            msg = json.loads(await asyncio.wait_for(self.ws.recv(), deadline - time.monotonic()))
+            if msg["type"] in kinds and msg.get("id", msg.get("ref")) == cid:
+                return msg
+            self.backlog.append(msg)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def save_tiny_model(directory: Path, tokenizer) -> Path:
+    model = build_tiny_model("llama", len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+class Server:
+    def __init__(self, model_dir: Path, data_dir: Path, extra: list[str] = ()):
+        self.port = free_port()
+        self.model_dir, self.data_dir, self.extra = model_dir, data_dir, list(extra)
+        self.proc = None
+        self.base = Path(model_dir).name
+
+    def start(self) -> "Server":
+        self.port = free_port()
+        self.proc = start_server(["--model", str(self.model_dir), "--port", str(self.port),
+                                  "--data-dir", str(self.data_dir), *self.extra])
+        wait_for_http(f"http://127.0.0.1:{self.port}/health", self.proc)
+        return self
+
+    def stop(self) -> str:
+        return stop_server(self.proc)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer):
+    d = Path(tempfile.mkdtemp(prefix="dynarank-tiny-")) / "tiny"
+    save_tiny_model(d, tokenizer)
+    yield d
+    shutil.rmtree(d.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    data = Path(tempfile.mkdtemp(prefix="dynarank-data-"))
+    srv = Server(tiny_dir, data).start()
+    yield srv
+    out = srv.stop()
+    shutil.rmtree(data, ignore_errors=True)
+    assert "Traceback" not in out, out[-3000:]
+
+
+async def adapt_once(client: Client, path: str = "geometry.py") -> dict:
+    """Open a file, edit it, close it (flushes the burst) and wait for `adapted`."""
+    await client.send({"type": "open", "path": path, "text": FILE_V1, "version": 1})
+    await client.send({"type": "edit", "path": path, "version": 2, "text": FILE_V2})
+    await client.send({"type": "close", "path": path})
+    return await client.wait_for("adapted", 60)
+
+
+# -- tests ---------------------------------------------------------------------
+
+
+def test_session_adapts_and_completion_reports_version(server):
+    async def go():
+        c = await Client.connect(server.port)
+        ready = await c.hello(repository={"id": "geo", "root_name": "geo"})
+        assert ready["protocol"] == 1 and ready["adapter_version"] == 0 and ready["ranks"]
+        assert ready["model"] == f"{server.base}:session-{ready['session_id']}"
+        await c.send({"type": "open", "path": "geometry.py", "text": FILE_V1, "version": 1})
+        # LSP range edit: append the new function at the end of the document.
+        await c.send({"type": "edit", "path": "geometry.py", "version": 2, "changes": [
+            {"range": {"start": {"line": 2, "character": 0}, "end": {"line": 2, "character": 0}},
+             "text": FILE_V2[len(FILE_V1):]}]})
+        adapted = await c.wait_for("adapted", 60)
+        assert adapted["version"] >= 1 and adapted["loss"] > 0 and adapted["ranks"] and adapted["mean_rank"] > 0
+        status = await c.wait_for("status", 30, lambda m: m["version"] >= adapted["version"])
+        assert status["dropped"] == 0
+        deltas, done = await c.complete("c1", path="geometry.py", cursor={"line": 5, "character": 4}, max_tokens=6)
+        assert done["type"] == "completion.done", done
+        assert done["adapter_version"] >= adapted["version"]
+        assert done["text"] == "".join(deltas) and done["finish_reason"] in ("stop", "length")
+        assert done["completion_id"].startswith("cmpl-")
+        # The session shows up over HTTP and its adapter serves /v1/completions.
+        sid = ready["session_id"]
+        info = httpx.get(server.url(f"/v1/sessions/{sid}")).json()
+        assert info["version"] >= adapted["version"] and info["documents"] == ["geometry.py"]
+        r = httpx.post(server.url("/v1/completions"), json={"model": ready["model"], "prompt": "def f(", "max_tokens": 3},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        await c.close()
+
+    run(go())
+
+
+def test_bad_messages_get_errors_and_change_nothing(server):
+    async def go():
+        c = await Client.connect(server.port)
+        await c.send({"type": "open", "path": "x.py", "text": "x", "version": 1})
+        assert (await c.recv())["code"] == "not_ready"
+        await c.hello()
+        await c.send({"type": "open", "path": "m.py", "text": "a = 1\n", "version": 3})
+        await c.send({"type": "status"})
+        before = await c.wait_for("status")
+        bad = [
+            ("{not json", "invalid_json"),
+            ("[1, 2]", "invalid_message"),
+            (json.dumps({"type": "teleport"}), "unknown_type"),
+            (json.dumps({"type": "open", "path": "m.py", "text": "b", "version": 4, "colour": 1}), "unknown_field"),
+            (json.dumps({"type": "open", "path": "m.py", "text": 5, "version": 4}), "invalid_field"),
+            (json.dumps({"type": "open", "path": "m.py", "text": "b", "version": True}), "invalid_field"),
+            (json.dumps({"type": "edit", "path": "nope.py", "version": 9, "text": "x"}), "unknown_document"),
+            (json.dumps({"type": "edit", "path": "m.py", "version": 2, "text": "old"}), "stale_version"),
+            (json.dumps({"type": "edit", "path": "m.py", "version": 4, "text": "a", "changes": []}), "invalid_field"),
+            (json.dumps({"type": "edit", "path": "m.py", "version": 4, "changes": [
+                {"range": {"start": {"line": 7, "character": 0}, "end": {"line": 7, "character": 1}}, "text": "z"}]}),
+             "invalid_range"),
+            (json.dumps({"type": "complete", "id": "k", "path": "m.py", "cursor": {"line": 40, "character": 0}}),
+             "invalid_range"),
+            (json.dumps({"type": "complete", "id": "k", "prefix": "x", "max_tokens": 10**6}), "invalid_field"),
+            (json.dumps({"type": "close", "path": "ghost.py"}), "unknown_document"),
+            (json.dumps({"type": "cancel", "id": "never"}), "unknown_completion"),
+            (json.dumps({"type": "hello"}), "already_ready"),
+            (json.dumps({"type": "open", "path": "big.py", "text": "x" * (1024 * 1024 + 10), "version": 1}),
+             "message_too_large"),
+            (b"\xff\xfe\xfd", "invalid_utf8"),
+            (b'{"type": "ping"}', "binary_frame"),
+        ]
+        for raw, code in bad:
+            await c.send(raw)
+            msg = await c.wait_for("error", 10)
+            assert msg["code"] == code, (raw[:80], msg)
+            assert msg["message"]
+        await c.send({"type": "status"})
+        after = await c.wait_for("status")
+        assert after["documents"] == before["documents"] == {"m.py": 3}
+        assert after["version"] == before["version"] and after["queue_depth"] == before["queue_depth"]
+        await c.send({"type": "ping", "id": 7})
+        assert await c.wait_for("pong") == {"type": "pong", "id": 7}
+        await c.close()
+
+    run(go())
+
+
+def test_cancel_stops_generation(server):
+    async def go():
+        c = await Client.connect(server.port)
+        await c.hello()
+        await c.send({"type": "complete", "id": "long", "prefix": "def main():\n", "max_tokens": 400,
+                      "temperature": 1.0, "seed": 1})
+        first = await c.wait_for_any(("completion.delta", "completion.done"), "long")
+        assert first["type"] == "completion.delta"
+        t0 = time.monotonic()
+        await c.send({"type": "cancel", "id": "long"})
+        done = await c.wait_for("completion.done", 30, lambda m: m["id"] == "long")
+        assert done["finish_reason"] == "cancelled"
+        assert time.monotonic() - t0 < 2.0
+        assert len(done["text"]) < 400 * 8
+        await c.close()
+
+    run(go())
+
+
+def test_resume_and_two_tabs_share_a_session(server):
+    async def go():
+        tab1 = await Client.connect(server.port)
+        ready1 = await tab1.hello()
+        tab2 = await Client.connect(server.port)
+        ready2 = await tab2.hello(session_id=ready1["session_id"])
+        assert ready2["session_id"] == ready1["session_id"]
+        await tab1.send({"type": "open", "path": "shared.py", "text": FILE_V1, "version": 1})
+        await tab1.send({"type": "status"})
+        await tab1.wait_for("status")
+        # Tab 2 edits the document tab 1 opened: one mirror per session.
+        await tab2.send({"type": "edit", "path": "shared.py", "version": 2, "text": FILE_V2})
+        await tab2.send({"type": "close", "path": "shared.py"})
+        a1 = await tab1.wait_for("adapted", 60)
+        a2 = await tab2.wait_for("adapted", 60, lambda m: m["version"] == a1["version"])
+        assert a1["version"] == a2["version"]
+        await tab1.close()
+        # Reconnect with the resume token: same session, same adapter version.
+        await asyncio.sleep(0.5)
+        tab1b = await Client.connect(server.port)
+        resumed = await tab1b.hello(resume_token=ready1["resume_token"])
+        assert resumed["session_id"] == ready1["session_id"]
+        assert resumed["adapter_version"] >= a1["version"]
+        bad = await Client.connect(server.port)
+        await bad.send({"type": "hello", "resume_token": "not-a-token"})
+        assert (await bad.recv())["code"] == "invalid_resume_token"
+        for c in (tab1b, tab2, bad):
+            await c.close()
+
+    run(go())
+
+
+def test_hot_swap_under_concurrent_completions(server):
+    """Completions keep flowing while versions are published; each reports the one it used."""
+
+    async def go():
+        trainer = await Client.connect(server.port)
+        ready = await trainer.hello()
+        reader = await Client.connect(server.port)
+        await reader.hello(session_id=ready["session_id"])
+        seen: list[int] = []
+        http_seen: list[int] = []
+        stop = asyncio.Event()
+
+        async def complete_loop():
+            i = 0
+            while not stop.is_set():
+                i += 1
+                _, done = await reader.complete(f"h{i}", prefix="def total(values):\n    ", max_tokens=4)
+                assert done["type"] == "completion.done", done
+                seen.append(done["adapter_version"])
+
+        def http_loop():
+            with httpx.Client(timeout=60) as http:
+                while not stop.is_set():
+                    r = http.post(server.url("/v1/completions"), json={
+                        "model": ready["model"], "prompt": "x = ", "max_tokens": 3})
+                    assert r.status_code == 200, r.text
+                    http_seen.append(r.json().get("adapter_version", -1))
+
+        http_thread = threading.Thread(target=http_loop)
+        http_thread.start()
+        task = asyncio.create_task(complete_loop())
+        versions = []
+        for k in range(3):
+            path = f"burst{k}.py"
+            versions.append((await adapt_once(trainer, path))["version"])
+        await asyncio.sleep(0.3)
+        stop.set()
+        await task
+        await asyncio.to_thread(http_thread.join)
+        assert versions == sorted(versions) and versions[-1] > versions[0]
+        assert len(seen) >= 3 and seen == sorted(seen), seen
+        assert len(set(seen)) >= 2, seen
+        assert http_seen, "no HTTP completion finished"
+        await trainer.close()
+        await reader.close()
+
+    run(go())
+
+
+def test_fine_tuning_job_then_adapter_as_model(server, tmp_path):
+    repo = tmp_path / "shapes"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "circle.py").write_text("import math\n\n\ndef circle_area(r):\n    return math.pi * r * r\n")
+    (repo / "pkg" / "square.py").write_text("def square_area(side):\n    return side * side\n" * 3)
+    (repo / "README.md").write_text("# shapes\n")
+    body = {"repository": {"path": str(repo)}, "adapter_name": "shapes-v1",
+            "hyperparameters": {"rank_policy": "fixed", "steps": 4, "learning_rate": 0.002}}
+    r = httpx.post(server.url("/v1/fine_tuning/jobs"), json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["object"] == "fine_tuning.job" and job["status"] in ("validating_files", "queued", "running")
+    deadline = time.monotonic() + 90
+    while job["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        job = httpx.get(server.url(f"/v1/fine_tuning/jobs/{job['id']}")).json()
+    assert job["status"] == "succeeded", job
+    assert job["fine_tuned_model"] == f"{server.base}:shapes-v1" and job["step"] == 4
+    events = httpx.get(server.url(f"/v1/fine_tuning/jobs/{job['id']}/events")).json()["data"]
+    metrics = [e["data"] for e in events if e["data"]]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all("loss" in m and "eta_s" in m and m["ranks"] for m in metrics)
+    assert any(j["id"] == job["id"] for j in httpx.get(server.url("/v1/fine_tuning/jobs")).json()["data"])
+    # The adapter is a model...
+    r = httpx.post(server.url("/v1/completions"), json={"model": job["fine_tuned_model"], "prompt": "def ", "max_tokens": 3},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert any(m["id"] == job["fine_tuned_model"] for m in httpx.get(server.url("/v1/models")).json()["data"])
+    # ...and the starting point of sessions on that repository.
+    async def go():
+        c = await Client.connect(server.port)
+        ready = await c.hello(repository={"id": "shapes", "root_name": "shapes"})
+        assert ready["origin"] == "shapes-v1" and ready["adapter_version"] == job["result"]["version"]
+        await c.close()
+
+    run(go())
+    # Download as tar.gz: a PEFT directory.
+    r = httpx.get(server.url("/v1/adapters/shapes-v1/download"))
+    assert r.status_code == 200
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(r.content)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "shapes-v1/adapter_config.json" in names and "shapes-v1/adapter_model.safetensors" in names
+    # Bad requests are rejected; cancel of a finished job is a no-op.
+    assert httpx.post(server.url("/v1/fine_tuning/jobs"), json={**body, "adapter_name": "../evil"}).status_code == 400
+    assert httpx.post(server.url("/v1/fine_tuning/jobs"), json={**body, "hyperparameters": {"steps": "x"}}).status_code == 400
+    assert httpx.get(server.url("/v1/adapters/..%2Fetc/download")).status_code in (400, 404)
+    assert httpx.post(server.url(f"/v1/fine_tuning/jobs/{job['id']}/cancel")).json()["status"] == "succeeded"
+    # Delete removes the adapter and its model name.
+    assert httpx.delete(server.url("/v1/adapters/shapes-v1")).status_code == 200
+    assert httpx.post(server.url("/v1/completions"), json={"model": job["fine_tuned_model"], "prompt": "x"}).status_code == 404
+
+
+def test_job_cancel(server):
+    files = [{"path": f"m{i}.py", "text": f"def f{i}(x):\n    return x + {i}\n" * 20} for i in range(4)]
+    r = httpx.post(server.url("/v1/fine_tuning/jobs"), json={
+        "files": files, "adapter_name": "long-job", "hyperparameters": {"steps": 5000}})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["id"]
+    time.sleep(1.0)
+    cancelled = httpx.post(server.url(f"/v1/fine_tuning/jobs/{job_id}/cancel")).json()
+    assert cancelled["status"] == "cancelled"
+    step = httpx.get(server.url(f"/v1/fine_tuning/jobs/{job_id}")).json()["step"]
+    time.sleep(0.5)
+    assert httpx.get(server.url(f"/v1/fine_tuning/jobs/{job_id}")).json()["step"] == step
+    assert all(a["name"] != "long-job" for a in httpx.get(server.url("/v1/adapters")).json()["data"])
+
+
+def test_dashboard_renders_in_headless_chromium(server, tmp_path):
+    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    data = httpx.get(server.url("/v1/dashboard/data")).json()
+    assert {"sessions", "jobs"} <= set(data)
+    page = httpx.get(server.url("/dashboard")).text
+    assert "<svg" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # no external assets
+    if chromium is None:
+        pytest.skip("chromium is not installed")
+
+    async def make_history():
+        c = await Client.connect(server.port)
+        await c.hello()
+        await adapt_once(c, "dash.py")
+        await c.close()
+
+    run(make_history())
+    out = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=8000", "--dump-dom", server.url("/dashboard")],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert 'data-loaded="1"' in out, out[-2000:]
+    assert "<polyline" in out  # loss plot
+    assert out.count('class="cell"') >= 7  # rank heatmap: one cell per module and step
+    assert '<div id="err"></div>' in out  # no load error shown
