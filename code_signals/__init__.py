@@ -19,15 +19,45 @@ from .errors import CodeSignalsError
 from .examples import FIM_TOKENS, ExampleBuilder, TrainingExample
 from .languages import LANGUAGES, detect_language, has_grammar
 from .lexical import classify_lexical
-from .walker import RepoFile, RepoScan, chunk_ranges, chunk_source, read_text_file, walk_repository
+from .walker import (
+    RepoFile,
+    RepoScan,
+    chunk_ranges,
+    chunk_source,
+    read_text_file,
+    walk_repository,
+)
 from .weights import DEFAULT_WEIGHTS, token_weights
 
 __all__ = [
-    "ALIGN_PRIORITY", "DEFAULT_WEIGHTS", "EDIT_TYPES", "FIM_TOKENS", "LANGUAGES",
-    "Change", "CodeSignalsError", "EditCoalescer", "ExampleBuilder", "RepoFile", "RepoScan", "Span",
-    "TokenClass", "TrainingExample",
-    "align_to_tokens", "align_with_errors", "apply_range_edits", "changed_regions", "chunk_ranges",
-    "chunk_source", "classify", "classify_edit_type", "classify_lexical", "detect_language",
-    "has_grammar", "is_keyword_or_identifier", "is_whitespace_only", "read_text_file",
-    "token_weights", "walk_repository",
+    "ALIGN_PRIORITY",
+    "DEFAULT_WEIGHTS",
+    "EDIT_TYPES",
+    "FIM_TOKENS",
+    "LANGUAGES",
+    "Change",
+    "CodeSignalsError",
+    "EditCoalescer",
+    "ExampleBuilder",
+    "RepoFile",
+    "RepoScan",
+    "Span",
+    "TokenClass",
+    "TrainingExample",
+    "align_to_tokens",
+    "align_with_errors",
+    "apply_range_edits",
+    "changed_regions",
+    "chunk_ranges",
+    "chunk_source",
+    "classify",
+    "classify_edit_type",
+    "classify_lexical",
+    "detect_language",
+    "has_grammar",
+    "is_keyword_or_identifier",
+    "is_whitespace_only",
+    "read_text_file",
+    "token_weights",
+    "walk_repository",
 ]

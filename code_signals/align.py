@@ -11,25 +11,38 @@ OTHER. A token is flagged in error when any of its characters is.
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 from .classes import Span, TokenClass
 
 ALIGN_PRIORITY = (
-    TokenClass.IDENTIFIER_DEF, TokenClass.KEYWORD, TokenClass.IDENTIFIER_USE, TokenClass.NUMBER,
-    TokenClass.STRING, TokenClass.DOCSTRING, TokenClass.OPERATOR, TokenClass.COMMENT,
-    TokenClass.PUNCTUATION, TokenClass.ERROR, TokenClass.OTHER, TokenClass.WHITESPACE,
+    TokenClass.IDENTIFIER_DEF,
+    TokenClass.KEYWORD,
+    TokenClass.IDENTIFIER_USE,
+    TokenClass.NUMBER,
+    TokenClass.STRING,
+    TokenClass.DOCSTRING,
+    TokenClass.OPERATOR,
+    TokenClass.COMMENT,
+    TokenClass.PUNCTUATION,
+    TokenClass.ERROR,
+    TokenClass.OTHER,
+    TokenClass.WHITESPACE,
 )
 _RANK = {cls: i for i, cls in enumerate(ALIGN_PRIORITY)}
 
 
-def align_to_tokens(spans: Sequence[Span], offsets: Sequence[tuple[int, int]]) -> list[TokenClass]:
+def align_to_tokens(
+    spans: Sequence[Span], offsets: Sequence[tuple[int, int]]
+) -> list[TokenClass]:
     """One TokenClass per (start, end) character offset pair, as a HF fast
     tokenizer returns with `return_offsets_mapping=True` for the same text."""
     return [cls for cls, _ in align_with_errors(spans, offsets)]
 
 
-def align_with_errors(spans: Sequence[Span], offsets: Sequence[tuple[int, int]]) -> list[tuple[TokenClass, bool]]:
+def align_with_errors(
+    spans: Sequence[Span], offsets: Sequence[tuple[int, int]]
+) -> list[tuple[TokenClass, bool]]:
     """Like align_to_tokens, also saying whether each token touches an ERROR region."""
     starts = [s.start for s in spans]
     out: list[tuple[TokenClass, bool]] = []

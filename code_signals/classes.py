@@ -22,14 +22,20 @@ class TokenClass(enum.IntEnum):
     STRING = 6  # string and character literals, quotes included
     NUMBER = 7  # numeric literals
     COMMENT = 8  # comments
-    DOCSTRING = 9  # documentation strings and doc comments (/** */, ///, Python docstrings)
+    DOCSTRING = (
+        9  # documentation strings and doc comments (/** */, ///, Python docstrings)
+    )
     OTHER = 10  # anything else (decorator @, special tokens, unknown)
     ERROR = 11  # characters the parser could not place at all
 
 
 def is_keyword_or_identifier(cls: int) -> bool:
     """True for the classes that get the highest importance (keywords and names)."""
-    return cls in (TokenClass.KEYWORD, TokenClass.IDENTIFIER_DEF, TokenClass.IDENTIFIER_USE)
+    return cls in (
+        TokenClass.KEYWORD,
+        TokenClass.IDENTIFIER_DEF,
+        TokenClass.IDENTIFIER_USE,
+    )
 
 
 class Span(NamedTuple):

@@ -22,16 +22,26 @@ _SPACE = re.compile(r"\s+")
 
 # ---------------------------------------------------------------- LSP edits
 
+
 def _line_starts(text: str) -> list[int]:
     return [0] + [m.end() for m in _EOL.finditer(text)]
 
 
 def _offset(text: str, starts: list[int], line, character) -> int:
     """Character index of an LSP position; `character` counts UTF-16 code units."""
-    if not isinstance(line, int) or not isinstance(character, int) or line < 0 or character < 0:
-        raise CodeSignalsError(f"bad LSP position line={line!r} character={character!r}")
+    if (
+        not isinstance(line, int)
+        or not isinstance(character, int)
+        or line < 0
+        or character < 0
+    ):
+        raise CodeSignalsError(
+            f"bad LSP position line={line!r} character={character!r}"
+        )
     if line >= len(starts):
-        raise CodeSignalsError(f"LSP position line {line} is past the document's {len(starts)} lines")
+        raise CodeSignalsError(
+            f"LSP position line {line} is past the document's {len(starts)} lines"
+        )
     begin = starts[line]
     end = starts[line + 1] if line + 1 < len(starts) else len(text)
     content = _EOL.sub("", text[begin:end])  # the line without its line break
@@ -41,7 +51,9 @@ def _offset(text: str, starts: list[int], line, character) -> int:
             return begin + i
         units += 2 if ord(ch) > 0xFFFF else 1
         if units > character:
-            raise CodeSignalsError(f"LSP position {line}:{character} splits a surrogate pair")
+            raise CodeSignalsError(
+                f"LSP position {line}:{character} splits a surrogate pair"
+            )
     if units == character:
         return begin + len(content)
     raise CodeSignalsError(
@@ -69,7 +81,9 @@ def apply_range_edits(text: str, changes: list[dict]) -> str:
             a = _offset(text, starts, start["line"], start["character"])
             b = _offset(text, starts, end["line"], end["character"])
         except (KeyError, TypeError) as exc:
-            raise CodeSignalsError(f"change {i} has a malformed range: {rng!r}") from exc
+            raise CodeSignalsError(
+                f"change {i} has a malformed range: {rng!r}"
+            ) from exc
         if b < a:
             raise CodeSignalsError(f"change {i}: range end comes before its start")
         text = text[:a] + change["text"] + text[b:]
@@ -77,6 +91,7 @@ def apply_range_edits(text: str, changes: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- diffs
+
 
 @dataclass(frozen=True)
 class Change:
@@ -118,18 +133,25 @@ def common_suffix_len(a: str, b: str, limit: int) -> int:
 
 def _trim(before: str, after: str, b0: int, b1: int, a0: int, a1: int) -> Change:
     p = common_prefix_len(before[b0:b1], after[a0:a1])
-    s = common_suffix_len(before[b0 + p : b1], after[a0 + p : a1], limit=min(b1 - b0, a1 - a0) - p)
+    s = common_suffix_len(
+        before[b0 + p : b1], after[a0 + p : a1], limit=min(b1 - b0, a1 - a0) - p
+    )
     return Change(b0 + p, b1 - s, a0 + p, a1 - s)
 
 
-def changed_regions(before: str, after: str, merge_gap: int = 80, small: int = 4000) -> list[Change]:
+def changed_regions(
+    before: str, after: str, merge_gap: int = 80, small: int = 4000
+) -> list[Change]:
     """The regions that differ, in document order. Common prefix and suffix are
     cut first; a middle part larger than `small` characters is diffed line by
     line. Regions closer than `merge_gap` characters (in `after`) are merged."""
     if before == after:
         return []
     whole = _trim(before, after, 0, len(before), 0, len(after))
-    if max(whole.before_end - whole.before_start, whole.after_end - whole.after_start) <= small:
+    if (
+        max(whole.before_end - whole.before_start, whole.after_end - whole.after_start)
+        <= small
+    ):
         return [whole]
     # Line diff of the middle part only.
     old_mid = before[whole.before_start : whole.before_end]
@@ -144,13 +166,18 @@ def changed_regions(before: str, after: str, merge_gap: int = 80, small: int = 4
         if tag == "equal":
             continue
         change = _trim(
-            before, after,
-            whole.before_start + old_pos[i1], whole.before_start + old_pos[i2],
-            whole.after_start + new_pos[j1], whole.after_start + new_pos[j2],
+            before,
+            after,
+            whole.before_start + old_pos[i1],
+            whole.before_start + old_pos[i2],
+            whole.after_start + new_pos[j1],
+            whole.after_start + new_pos[j2],
         )
         if regions and change.after_start - regions[-1].after_end <= merge_gap:
             last = regions.pop()
-            change = Change(last.before_start, change.before_end, last.after_start, change.after_end)
+            change = Change(
+                last.before_start, change.before_end, last.after_start, change.after_end
+            )
         regions.append(change)
     return regions or [whole]
 
@@ -173,7 +200,13 @@ NEW_CODE, MODIFICATION, BUG_FIX = "new_code", "modification", "bug_fix"
 EDIT_TYPES = (NEW_CODE, MODIFICATION, BUG_FIX)
 
 _CODE_CLASSES = frozenset(
-    {TokenClass.KEYWORD, TokenClass.IDENTIFIER_USE, TokenClass.IDENTIFIER_DEF, TokenClass.OPERATOR, TokenClass.NUMBER}
+    {
+        TokenClass.KEYWORD,
+        TokenClass.IDENTIFIER_USE,
+        TokenClass.IDENTIFIER_DEF,
+        TokenClass.OPERATOR,
+        TokenClass.NUMBER,
+    }
 )
 
 
@@ -197,7 +230,11 @@ def classify_edit_type(old: str, new: str) -> str:
     new_lines = new_s.count("\n") + 1
     if new_lines >= 3 and len(new_s) >= 4 * len(old_s):
         return NEW_CODE
-    small = old_s.count("\n") < 2 and new_s.count("\n") < 2 and max(len(old_s), len(new_s)) <= 120
+    small = (
+        old_s.count("\n") < 2
+        and new_s.count("\n") < 2
+        and max(len(old_s), len(new_s)) <= 120
+    )
     if small and new_s:
         changed = {s.cls for text in (old_s, new_s) for s in classify_lexical(text)}
         if changed & _CODE_CLASSES:
@@ -206,6 +243,7 @@ def classify_edit_type(old: str, new: str) -> str:
 
 
 # ---------------------------------------------------------------- bursts
+
 
 class EditCoalescer:
     """Coalesces one document's keystroke snapshots into settled edits.
@@ -223,10 +261,18 @@ class EditCoalescer:
     dropped.
     """
 
-    def __init__(self, quiet_s: float = 1.5, region_gap: int = 200, max_burst_s: float = 30.0):
+    def __init__(
+        self, quiet_s: float = 1.5, region_gap: int = 200, max_burst_s: float = 30.0
+    ):
         if quiet_s < 0 or region_gap < 0 or max_burst_s <= 0:
-            raise CodeSignalsError("EditCoalescer needs quiet_s >= 0, region_gap >= 0, max_burst_s > 0")
-        self.quiet_s, self.region_gap, self.max_burst_s = quiet_s, region_gap, max_burst_s
+            raise CodeSignalsError(
+                "EditCoalescer needs quiet_s >= 0, region_gap >= 0, max_burst_s > 0"
+            )
+        self.quiet_s, self.region_gap, self.max_burst_s = (
+            quiet_s,
+            region_gap,
+            max_burst_s,
+        )
         self._base: str | None = None  # text when the burst began
         self._last: str | None = None  # latest text
         self._last_time = 0.0
@@ -257,8 +303,12 @@ class EditCoalescer:
         self._last_time = timestamp
         return emitted
 
-    def flush(self, now: float | None = None, force: bool = False) -> tuple[str, str] | None:
-        if not self.pending or not (force or (now is not None and now - self._last_time >= self.quiet_s)):
+    def flush(
+        self, now: float | None = None, force: bool = False
+    ) -> tuple[str, str] | None:
+        if not self.pending or not (
+            force or (now is not None and now - self._last_time >= self.quiet_s)
+        ):
             return None
         emitted = (self._base, self._last)
         self._base = self._last

@@ -10,8 +10,8 @@ causal model cannot use it for the targets).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .align import align_with_errors
 from .classes import Span, TokenClass
@@ -42,7 +42,9 @@ class TrainingExample:
     target_start: int = 0  # character range of the targets in the document
     target_end: int = 0
     fim: bool = False
-    in_error: list[bool] = field(default_factory=list)  # token lies in a parse-error region
+    in_error: list[bool] = field(
+        default_factory=list
+    )  # token lies in a parse-error region
 
     @property
     def num_targets(self) -> int:
@@ -60,14 +62,24 @@ class ExampleBuilder:
     weights: overrides for DEFAULT_WEIGHTS.
     """
 
-    def __init__(self, tokenizer, max_tokens: int = 256, max_examples: int = 4,
-                 context_after: bool = False, weights: Mapping | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        max_tokens: int = 256,
+        max_examples: int = 4,
+        context_after: bool = False,
+        weights: Mapping | None = None,
+    ):
         if max_tokens < 16:
             raise CodeSignalsError(f"max_tokens must be at least 16, got {max_tokens}")
         if max_examples < 1:
-            raise CodeSignalsError(f"max_examples must be at least 1, got {max_examples}")
+            raise CodeSignalsError(
+                f"max_examples must be at least 1, got {max_examples}"
+            )
         if not getattr(tokenizer, "is_fast", False):
-            raise CodeSignalsError("ExampleBuilder needs a Hugging Face *fast* tokenizer (character offsets)")
+            raise CodeSignalsError(
+                "ExampleBuilder needs a Hugging Face *fast* tokenizer (character offsets)"
+            )
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.max_examples = max_examples
@@ -75,7 +87,9 @@ class ExampleBuilder:
         self.weights = resolve_table(weights)
         vocab = tokenizer.get_vocab()
         ids = [vocab.get(t) for t in FIM_TOKENS]
-        self.fim_ids: tuple[int, int, int] | None = tuple(ids) if None not in ids else None
+        self.fim_ids: tuple[int, int, int] | None = (
+            tuple(ids) if None not in ids else None
+        )
 
     @property
     def uses_fim(self) -> bool:
@@ -83,8 +97,13 @@ class ExampleBuilder:
 
     # ------------------------------------------------------------ edits
 
-    def from_edit(self, before: str, after: str, path: str | None = None,
-                  language: str | None = None) -> list[TrainingExample]:
+    def from_edit(
+        self,
+        before: str,
+        after: str,
+        path: str | None = None,
+        language: str | None = None,
+    ) -> list[TrainingExample]:
         """Examples for the regions that changed from `before` to `after`.
         Whitespace-only changes and pure deletions give no example."""
         if not isinstance(before, str) or not isinstance(after, str):
@@ -104,7 +123,9 @@ class ExampleBuilder:
         whole = classify(after, lang) if len(after) <= CLASSIFY_WHOLE_CHARS else None
         examples = []
         for change, edit_type in regions:
-            example = self._edit_example(after, change.after_start, change.after_end, whole, lang)
+            example = self._edit_example(
+                after, change.after_start, change.after_end, whole, lang
+            )
             if example is not None:
                 example.edit_type, example.path = edit_type, path
                 examples.append(example)
@@ -116,30 +137,48 @@ class ExampleBuilder:
         if end - start > self.max_tokens * _CHARS_PER_TOKEN:
             end = start + self.max_tokens * _CHARS_PER_TOKEN
         lo = max(0, start - self.max_tokens * _CHARS_PER_TOKEN)
-        hi = min(len(text), end + self.max_tokens * _CHARS_PER_TOKEN) if self.uses_fim else end
+        hi = (
+            min(len(text), end + self.max_tokens * _CHARS_PER_TOKEN)
+            if self.uses_fim
+            else end
+        )
         spans = whole if whole is not None else _shift(classify(text[lo:hi], lang), lo)
         if self.uses_fim:
             return self._fim_example(text, lo, start, end, hi, spans, lang)
         return self._causal_example(text, lo, start, end, spans, lang)
 
-    def _causal_example(self, text, lo, start, end, spans, lang) -> TrainingExample | None:
+    def _causal_example(
+        self, text, lo, start, end, spans, lang
+    ) -> TrainingExample | None:
         ids, classes, errors, offsets = self._encode(text, lo, end, spans)
-        first_target = next((i for i, (_, e) in enumerate(offsets) if e > start), len(ids))
+        first_target = next(
+            (i for i, (_, e) in enumerate(offsets) if e > start), len(ids)
+        )
         n_targets = min(len(ids) - first_target, self.max_tokens * 3 // 4)
         if n_targets <= 0:
             return None
         n_context = min(first_target, self.max_tokens - n_targets)
         keep = slice(first_target - n_context, first_target + n_targets)
-        weights = [0.0] * n_context + [self.weights[c] for c in classes[first_target : first_target + n_targets]]
+        weights = [0.0] * n_context + [
+            self.weights[c] for c in classes[first_target : first_target + n_targets]
+        ]
         target_end = offsets[first_target + n_targets - 1][1]
         return TrainingExample(
-            input_ids=ids[keep], loss_weights=weights, token_classes=[int(c) for c in classes[keep]],
-            edit_type=NEW_CODE, path=None, language=lang,
+            input_ids=ids[keep],
+            loss_weights=weights,
+            token_classes=[int(c) for c in classes[keep]],
+            edit_type=NEW_CODE,
+            path=None,
+            language=lang,
             target_text=text[offsets[first_target][0] : target_end],
-            target_start=offsets[first_target][0], target_end=target_end, in_error=errors[keep],
+            target_start=offsets[first_target][0],
+            target_end=target_end,
+            in_error=errors[keep],
         )
 
-    def _fim_example(self, text, lo, start, end, hi, spans, lang) -> TrainingExample | None:
+    def _fim_example(
+        self, text, lo, start, end, hi, spans, lang
+    ) -> TrainingExample | None:
         mid_ids, mid_cls, mid_err, mid_offsets = self._encode(text, start, end, spans)
         budget = self.max_tokens - 3
         n_mid = min(len(mid_ids), budget * 3 // 4)
@@ -152,22 +191,56 @@ class ExampleBuilder:
         n_pre = min(len(pre_ids), room - n_suf)
         p, s, m = self.fim_ids
         other = TokenClass.OTHER
-        ids = [p, *pre_ids[len(pre_ids) - n_pre :], s, *suf_ids[:n_suf], m, *mid_ids[:n_mid]]
-        classes = [other, *pre_cls[len(pre_cls) - n_pre :], other, *suf_cls[:n_suf], other, *mid_cls[:n_mid]]
-        errors = [False, *pre_err[len(pre_err) - n_pre :], False, *suf_err[:n_suf], False, *mid_err[:n_mid]]
+        ids = [
+            p,
+            *pre_ids[len(pre_ids) - n_pre :],
+            s,
+            *suf_ids[:n_suf],
+            m,
+            *mid_ids[:n_mid],
+        ]
+        classes = [
+            other,
+            *pre_cls[len(pre_cls) - n_pre :],
+            other,
+            *suf_cls[:n_suf],
+            other,
+            *mid_cls[:n_mid],
+        ]
+        errors = [
+            False,
+            *pre_err[len(pre_err) - n_pre :],
+            False,
+            *suf_err[:n_suf],
+            False,
+            *mid_err[:n_mid],
+        ]
         n_context = len(ids) - n_mid
         weights = [0.0] * n_context + [self.weights[c] for c in mid_cls[:n_mid]]
         target_end = mid_offsets[n_mid - 1][1]
         return TrainingExample(
-            input_ids=ids, loss_weights=weights, token_classes=[int(c) for c in classes],
-            edit_type=NEW_CODE, path=None, language=lang, target_text=text[start:target_end],
-            target_start=start, target_end=target_end, fim=True, in_error=errors,
+            input_ids=ids,
+            loss_weights=weights,
+            token_classes=[int(c) for c in classes],
+            edit_type=NEW_CODE,
+            path=None,
+            language=lang,
+            target_text=text[start:target_end],
+            target_start=start,
+            target_end=target_end,
+            fim=True,
+            in_error=errors,
         )
 
     # ------------------------------------------------------------ files
 
-    def from_file(self, text: str, path: str | None = None, language: str | None = None,
-                  max_examples: int | None = None) -> list[TrainingExample]:
+    def from_file(
+        self,
+        text: str,
+        path: str | None = None,
+        language: str | None = None,
+        max_examples: int | None = None,
+    ) -> list[TrainingExample]:
         """Examples covering a whole file (repository fine-tuning): the file is cut
         at syntax boundaries into chunks of about max_tokens tokens; every token
         is a target. `max_examples` (default: no cap) bounds the count."""
@@ -178,13 +251,24 @@ class ExampleBuilder:
             return []
         spans = classify(text, lang)
         examples: list[TrainingExample] = []
-        for ids, classes, errors, offsets in self._file_pieces(text, 0, len(text), lang, spans, self.max_tokens * 4, 2):
+        for ids, classes, errors, offsets in self._file_pieces(
+            text, 0, len(text), lang, spans, self.max_tokens * 4, 2
+        ):
             start, end = offsets[0][0], offsets[-1][1]
-            examples.append(TrainingExample(
-                input_ids=ids, loss_weights=[self.weights[c] for c in classes],
-                token_classes=[int(c) for c in classes], edit_type=NEW_CODE, path=path, language=lang,
-                target_text=text[start:end], target_start=start, target_end=end, in_error=errors,
-            ))
+            examples.append(
+                TrainingExample(
+                    input_ids=ids,
+                    loss_weights=[self.weights[c] for c in classes],
+                    token_classes=[int(c) for c in classes],
+                    edit_type=NEW_CODE,
+                    path=path,
+                    language=lang,
+                    target_text=text[start:end],
+                    target_start=start,
+                    target_end=end,
+                    in_error=errors,
+                )
+            )
             if max_examples is not None and len(examples) >= max_examples:
                 break
         return examples
@@ -202,7 +286,9 @@ class ExampleBuilder:
                 yield ids, classes, errors, offsets
             elif retries > 0:
                 smaller = max(16, int((b - a) * self.max_tokens / len(ids) * 0.9))
-                yield from self._file_pieces(text, a, b, lang, spans, smaller, retries - 1)
+                yield from self._file_pieces(
+                    text, a, b, lang, spans, smaller, retries - 1
+                )
             else:
                 for i in range(0, len(ids), self.max_tokens):
                     piece = slice(i, i + self.max_tokens)
@@ -214,10 +300,17 @@ class ExampleBuilder:
         """Token ids, classes, error flags and offsets (document characters) of text[lo:hi]."""
         if hi <= lo:
             return [], [], [], []
-        enc = self.tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(
+            text[lo:hi], add_special_tokens=False, return_offsets_mapping=True
+        )
         offsets = [(a + lo, b + lo) for a, b in enc["offset_mapping"]]
         aligned = align_with_errors(spans, offsets)
-        return list(enc["input_ids"]), [c for c, _ in aligned], [e for _, e in aligned], offsets
+        return (
+            list(enc["input_ids"]),
+            [c for c, _ in aligned],
+            [e for _, e in aligned],
+            offsets,
+        )
 
 
 def _shift(spans: list[Span], by: int) -> list[Span]:

@@ -12,35 +12,76 @@ import importlib
 import os
 import re
 
-LANGUAGES = ("python", "javascript", "typescript", "tsx", "java", "go", "rust", "c", "cpp")
+LANGUAGES = (
+    "python",
+    "javascript",
+    "typescript",
+    "tsx",
+    "java",
+    "go",
+    "rust",
+    "c",
+    "cpp",
+)
 TEXT = "text"
 
 _EXTENSIONS = {
-    ".py": "python", ".pyi": "python", ".pyw": "python",
-    ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript", ".jsx": "javascript",
-    ".ts": "typescript", ".mts": "typescript", ".cts": "typescript",
+    ".py": "python",
+    ".pyi": "python",
+    ".pyw": "python",
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".cjs": "javascript",
+    ".jsx": "javascript",
+    ".ts": "typescript",
+    ".mts": "typescript",
+    ".cts": "typescript",
     ".tsx": "tsx",
     ".java": "java",
     ".go": "go",
     ".rs": "rust",
-    ".c": "c", ".h": "c",
-    ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".c++": "cpp",
-    ".hh": "cpp", ".hpp": "cpp", ".hxx": "cpp", ".h++": "cpp", ".ipp": "cpp",
+    ".c": "c",
+    ".h": "c",
+    ".cc": "cpp",
+    ".cpp": "cpp",
+    ".cxx": "cpp",
+    ".c++": "cpp",
+    ".hh": "cpp",
+    ".hpp": "cpp",
+    ".hxx": "cpp",
+    ".h++": "cpp",
+    ".ipp": "cpp",
 }
 
 # Names an explicit field may use (VS Code language ids included).
 _ALIASES = {
-    "py": "python", "python3": "python",
-    "js": "javascript", "javascriptreact": "javascript", "jsx": "javascript", "node": "javascript",
-    "ts": "typescript", "typescriptreact": "tsx",
-    "golang": "go", "rs": "rust",
-    "c++": "cpp", "cxx": "cpp", "cc": "cpp", "objective-cpp": "cpp",
+    "py": "python",
+    "python3": "python",
+    "js": "javascript",
+    "javascriptreact": "javascript",
+    "jsx": "javascript",
+    "node": "javascript",
+    "ts": "typescript",
+    "typescriptreact": "tsx",
+    "golang": "go",
+    "rs": "rust",
+    "c++": "cpp",
+    "cxx": "cpp",
+    "cc": "cpp",
+    "objective-cpp": "cpp",
 }
 
-_SHEBANGS = {"python": "python", "node": "javascript", "deno": "typescript", "ts-node": "typescript"}
+_SHEBANGS = {
+    "python": "python",
+    "node": "javascript",
+    "deno": "typescript",
+    "ts-node": "typescript",
+}
 
 # A .h file is C unless it shows C++-only syntax.
-_CPP_HINT = re.compile(r"^\s*(class|namespace|template\s*<|public:|private:)|::|\bstd::", re.M)
+_CPP_HINT = re.compile(
+    r"^\s*(class|namespace|template\s*<|public:|private:)|::|\bstd::", re.MULTILINE
+)
 
 
 def normalize_language(name: str | None) -> str | None:
@@ -64,7 +105,9 @@ def _from_shebang(text: str) -> str | None:
     return None
 
 
-def detect_language(path: str | None = None, text: str | None = None, explicit: str | None = None) -> str:
+def detect_language(
+    path: str | None = None, text: str | None = None, explicit: str | None = None
+) -> str:
     """The document's language: explicit field first, then file extension, then
     shebang line; "text" when none of them names a language we know."""
     lang = normalize_language(explicit)
@@ -98,7 +141,7 @@ _WHEELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_language(name: str):
     """The tree_sitter.Language for `name`, or None if no grammar is available."""
     import tree_sitter
@@ -109,13 +152,13 @@ def get_language(name: str):
     try:
         module = importlib.import_module(module_name)
         return tree_sitter.Language(getattr(module, func)())
-    except Exception:  # wheel missing or built for another ABI: try the pack
-        pass
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass  # wheel missing or built for another ABI: try the pack
     try:
         from tree_sitter_language_pack import get_language as pack_language
 
         return pack_language(name)
-    except Exception:  # no network to fill the pack's cache, unknown name, ...
+    except Exception:  # noqa: BLE001 -- the pack's own errors (no network for its cache, unknown name)
         return None
 
 

@@ -16,21 +16,136 @@ import re
 from .classes import Span, TokenClass
 
 KEYWORDS = frozenset(
-    """
-    abstract and as assert async await auto break case catch char class const continue
-    def default defer del delete do double elif else enum except export extends extern
-    false final finally float fn for from func function global go goto if impl implements
-    import in inline int interface is lambda let long loop match mod module mut namespace
-    new nil none None nonlocal not null or package pass private protected pub public raise
-    return self short signed sizeof static struct super switch template this throw throws
-    trait true True False try type typedef typeof union unsafe unsigned use var void
-    volatile where while with yield
-    """.split()
+    [
+        "abstract",
+        "and",
+        "as",
+        "assert",
+        "async",
+        "await",
+        "auto",
+        "break",
+        "case",
+        "catch",
+        "char",
+        "class",
+        "const",
+        "continue",
+        "def",
+        "default",
+        "defer",
+        "del",
+        "delete",
+        "do",
+        "double",
+        "elif",
+        "else",
+        "enum",
+        "except",
+        "export",
+        "extends",
+        "extern",
+        "false",
+        "final",
+        "finally",
+        "float",
+        "fn",
+        "for",
+        "from",
+        "func",
+        "function",
+        "global",
+        "go",
+        "goto",
+        "if",
+        "impl",
+        "implements",
+        "import",
+        "in",
+        "inline",
+        "int",
+        "interface",
+        "is",
+        "lambda",
+        "let",
+        "long",
+        "loop",
+        "match",
+        "mod",
+        "module",
+        "mut",
+        "namespace",
+        "new",
+        "nil",
+        "none",
+        "None",
+        "nonlocal",
+        "not",
+        "null",
+        "or",
+        "package",
+        "pass",
+        "private",
+        "protected",
+        "pub",
+        "public",
+        "raise",
+        "return",
+        "self",
+        "short",
+        "signed",
+        "sizeof",
+        "static",
+        "struct",
+        "super",
+        "switch",
+        "template",
+        "this",
+        "throw",
+        "throws",
+        "trait",
+        "true",
+        "True",
+        "False",
+        "try",
+        "type",
+        "typedef",
+        "typeof",
+        "union",
+        "unsafe",
+        "unsigned",
+        "use",
+        "var",
+        "void",
+        "volatile",
+        "where",
+        "while",
+        "with",
+        "yield",
+    ]
 )
 
 # A name after one of these is being defined.
 DEFINING_KEYWORDS = frozenset(
-    "def class function fn func struct enum interface trait type let const var mod module namespace union".split()
+    [
+        "def",
+        "class",
+        "function",
+        "fn",
+        "func",
+        "struct",
+        "enum",
+        "interface",
+        "trait",
+        "type",
+        "let",
+        "const",
+        "var",
+        "mod",
+        "module",
+        "namespace",
+        "union",
+    ]
 )
 
 _PATTERN = re.compile(
@@ -59,7 +174,9 @@ _SIMPLE = {
 }
 
 
-def classify_lexical(text: str, offset: int = 0, start: int = 0, end: int | None = None) -> list[Span]:
+def classify_lexical(
+    text: str, offset: int = 0, start: int = 0, end: int | None = None
+) -> list[Span]:
     """Spans for text[start:end], shifted by `offset`, covering it exactly once."""
     end = len(text) if end is None else end
     spans: list[Span] = []
@@ -79,7 +196,11 @@ def classify_lexical(text: str, offset: int = 0, start: int = 0, end: int | None
             cls = _SIMPLE[kind]
             if kind != "ws":
                 after_defining = False
-        if kind == "comment" and match.group().startswith(("/**", "///", "//!")) and match.group() != "/**/":
+        if (
+            kind == "comment"
+            and match.group().startswith(("/**", "///", "//!"))
+            and match.group() != "/**/"
+        ):
             cls = TokenClass.DOCSTRING
         spans.append(Span(match.start() + offset, match.end() + offset, cls))
     return spans

@@ -8,7 +8,7 @@ vocabulary; whitespace and punctuation are near-free for a code model.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from .classes import TokenClass
 from .errors import CodeSignalsError
@@ -37,9 +37,13 @@ def resolve_table(table: Mapping | None = None) -> dict[TokenClass, float]:
             cls = TokenClass[key.upper()] if isinstance(key, str) else TokenClass(key)
             weight = float(value)
         except (KeyError, ValueError, TypeError) as exc:
-            raise CodeSignalsError(f"bad weight table entry {key!r}: {value!r}") from exc
+            raise CodeSignalsError(
+                f"bad weight table entry {key!r}: {value!r}"
+            ) from exc
         if not weight >= 0.0 or weight == float("inf"):
-            raise CodeSignalsError(f"weight for {cls.name} must be finite and >= 0, got {value!r}")
+            raise CodeSignalsError(
+                f"weight for {cls.name} must be finite and >= 0, got {value!r}"
+            )
         resolved[cls] = weight
     return resolved
 

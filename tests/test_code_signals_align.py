@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from code_signals import (
-    DEFAULT_WEIGHTS, CodeSignalsError, Span, TokenClass, align_to_tokens, classify, token_weights,
+    DEFAULT_WEIGHTS,
+    CodeSignalsError,
+    Span,
+    TokenClass,
+    align_to_tokens,
+    classify,
+    token_weights,
 )
 
 T = TokenClass
@@ -13,7 +19,12 @@ T = TokenClass
 
 def test_alignment_rule_on_synthetic_spans():
     # "  def" : whitespace then keyword, "x+" : identifier and operator tie.
-    spans = [Span(0, 2, T.WHITESPACE), Span(2, 5, T.KEYWORD), Span(5, 6, T.IDENTIFIER_USE), Span(6, 7, T.OPERATOR)]
+    spans = [
+        Span(0, 2, T.WHITESPACE),
+        Span(2, 5, T.KEYWORD),
+        Span(5, 6, T.IDENTIFIER_USE),
+        Span(6, 7, T.OPERATOR),
+    ]
     assert align_to_tokens(spans, [(0, 5), (5, 7), (0, 2), (3, 3), (7, 9)]) == [
         T.KEYWORD,  # whitespace does not decide when other characters are there
         T.IDENTIFIER_USE,  # 1 vs 1: priority puts names before operators
@@ -41,7 +52,9 @@ def test_alignment_with_real_tokenizer(tokenizer):
 
 def test_alignment_with_special_tokens(tokenizer):
     text = "x = 1\n"
-    enc = tokenizer(text, return_offsets_mapping=True)  # may add BOS/EOS with (0, 0) offsets
+    enc = tokenizer(
+        text, return_offsets_mapping=True
+    )  # may add BOS/EOS with (0, 0) offsets
     classes = align_to_tokens(classify(text, "python"), enc["offset_mapping"])
     assert len(classes) == len(enc["input_ids"])
     assert T.IDENTIFIER_DEF in classes and T.NUMBER in classes
@@ -58,8 +71,14 @@ def test_weights_default_order():
 
 def test_token_weights_and_overrides():
     classes = [T.KEYWORD, T.WHITESPACE, int(T.STRING)]
-    assert token_weights(classes) == [DEFAULT_WEIGHTS[T.KEYWORD], DEFAULT_WEIGHTS[T.WHITESPACE], DEFAULT_WEIGHTS[T.STRING]]
-    assert token_weights(classes, {"keyword": 3.0, T.WHITESPACE: 0, int(T.STRING): 0.5}) == [3.0, 0.0, 0.5]
+    assert token_weights(classes) == [
+        DEFAULT_WEIGHTS[T.KEYWORD],
+        DEFAULT_WEIGHTS[T.WHITESPACE],
+        DEFAULT_WEIGHTS[T.STRING],
+    ]
+    assert token_weights(
+        classes, {"keyword": 3.0, T.WHITESPACE: 0, int(T.STRING): 0.5}
+    ) == [3.0, 0.0, 0.5]
     with pytest.raises(CodeSignalsError):
         token_weights(classes, {"not_a_class": 1.0})
     with pytest.raises(CodeSignalsError):

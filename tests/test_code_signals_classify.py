@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from code_signals import LANGUAGES, Span, TokenClass, classify, detect_language, has_grammar, is_keyword_or_identifier
+from code_signals import (
+    LANGUAGES,
+    Span,
+    TokenClass,
+    classify,
+    detect_language,
+    has_grammar,
+    is_keyword_or_identifier,
+)
 
 T = TokenClass
 
@@ -19,28 +27,28 @@ class Point(Base):
         total = self.x ** 2  # square
         return f"n={total}" if scale else None
 ''',
-    "javascript": '''/** Adds. */
+    "javascript": """/** Adds. */
 function add(x, y = 2) {
   const s = `sum ${x + y}`;
   return x !== null ? s : 0x1f; // done
 }
-''',
-    "typescript": '''interface Shape { area(): number }
+""",
+    "typescript": """interface Shape { area(): number }
 export function scale<T extends Shape>(s: T, k: number = 1): number {
   return s.area() * k;
 }
-''',
-    "tsx": '''export const Hello = ({ name }: { name: string }) => <div className="x">Hi {name}</div>;
-''',
-    "java": '''public class Greeter {
+""",
+    "tsx": """export const Hello = ({ name }: { name: string }) => <div className="x">Hi {name}</div>;
+""",
+    "java": """public class Greeter {
     /** Says hi. */
     public String greet(String name, int times) {
         for (int i = 0; i < times; i++) { name += "!"; }
         return name; // result
     }
 }
-''',
-    "go": '''package main
+""",
+    "go": """package main
 
 // Point is a point.
 type Point struct{ X int }
@@ -49,23 +57,23 @@ func (p *Point) Add(q Point) int {
 	sum := p.X + q.X
 	return sum * 3
 }
-''',
-    "rust": '''/// A point.
+""",
+    "rust": """/// A point.
 pub struct Point { x: i32 }
 fn main() {
     let (a, b) = (1u8, 2.5);
     if a > 0 { println!("{}", a); } // print
 }
-''',
-    "c": '''#include <stdio.h>
+""",
+    "c": """#include <stdio.h>
 /* adds */
 static int add(int a, const char *name) {
     int total = a + 10;
     printf("%s\\n", name);
     return total;
 }
-''',
-    "cpp": '''namespace geo {
+""",
+    "cpp": """namespace geo {
 template <typename T>
 class Box {
 public:
@@ -74,7 +82,7 @@ private:
     T value_;
 };
 }
-''',
+""",
 }
 
 
@@ -105,53 +113,136 @@ def test_grammar_available_and_cover(language):
 
 EXPECTED = {
     "python": {
-        "#!/usr/bin/env python3": T.COMMENT, "Module doc.": T.DOCSTRING, "A point.": T.DOCSTRING,
-        "import": T.KEYWORD, "class": T.KEYWORD, "def": T.KEYWORD, "return": T.KEYWORD, "None": T.KEYWORD,
-        "Point": T.IDENTIFIER_DEF, "norm": T.IDENTIFIER_DEF, "scale": None, "total": None,
-        "Base": T.IDENTIFIER_USE, "os": T.IDENTIFIER_USE, "**": T.OPERATOR, "=": T.OPERATOR,
-        "2.5": T.NUMBER, "2": T.NUMBER, "# square": T.COMMENT, "n=": T.STRING, "(": T.PUNCTUATION,
+        "#!/usr/bin/env python3": T.COMMENT,
+        "Module doc.": T.DOCSTRING,
+        "A point.": T.DOCSTRING,
+        "import": T.KEYWORD,
+        "class": T.KEYWORD,
+        "def": T.KEYWORD,
+        "return": T.KEYWORD,
+        "None": T.KEYWORD,
+        "Point": T.IDENTIFIER_DEF,
+        "norm": T.IDENTIFIER_DEF,
+        "scale": None,
+        "total": None,
+        "Base": T.IDENTIFIER_USE,
+        "os": T.IDENTIFIER_USE,
+        "**": T.OPERATOR,
+        "=": T.OPERATOR,
+        "2.5": T.NUMBER,
+        "2": T.NUMBER,
+        "# square": T.COMMENT,
+        "n=": T.STRING,
+        "(": T.PUNCTUATION,
     },
     "javascript": {
-        "/** Adds. */": T.DOCSTRING, "function": T.KEYWORD, "const": T.KEYWORD, "null": T.KEYWORD,
-        "add": T.IDENTIFIER_DEF, "s": None, "x": None, "sum ": T.STRING, "0x1f": T.NUMBER,
-        "!==": T.OPERATOR, "// done": T.COMMENT, ";": T.PUNCTUATION,
+        "/** Adds. */": T.DOCSTRING,
+        "function": T.KEYWORD,
+        "const": T.KEYWORD,
+        "null": T.KEYWORD,
+        "add": T.IDENTIFIER_DEF,
+        "s": None,
+        "x": None,
+        "sum ": T.STRING,
+        "0x1f": T.NUMBER,
+        "!==": T.OPERATOR,
+        "// done": T.COMMENT,
+        ";": T.PUNCTUATION,
     },
     "typescript": {
-        "interface": T.KEYWORD, "number": T.KEYWORD, "extends": T.KEYWORD, "Shape": None,
-        "scale": T.IDENTIFIER_DEF, "k": None, "*": T.OPERATOR, "1": T.NUMBER, "area": None,
+        "interface": T.KEYWORD,
+        "number": T.KEYWORD,
+        "extends": T.KEYWORD,
+        "Shape": None,
+        "scale": T.IDENTIFIER_DEF,
+        "k": None,
+        "*": T.OPERATOR,
+        "1": T.NUMBER,
+        "area": None,
     },
-    "tsx": {"const": T.KEYWORD, "Hello": T.IDENTIFIER_DEF, "x": T.STRING, "string": T.KEYWORD, "=>": T.OPERATOR},
+    "tsx": {
+        "const": T.KEYWORD,
+        "Hello": T.IDENTIFIER_DEF,
+        "x": T.STRING,
+        "string": T.KEYWORD,
+        "=>": T.OPERATOR,
+    },
     "java": {
-        "public": T.KEYWORD, "class": T.KEYWORD, "int": T.KEYWORD, "Greeter": T.IDENTIFIER_DEF,
-        "greet": T.IDENTIFIER_DEF, "String": T.IDENTIFIER_USE, "/** Says hi. */": T.DOCSTRING,
-        "// result": T.COMMENT, "!": T.STRING, "0": T.NUMBER, "++": T.OPERATOR, "+=": T.OPERATOR,
+        "public": T.KEYWORD,
+        "class": T.KEYWORD,
+        "int": T.KEYWORD,
+        "Greeter": T.IDENTIFIER_DEF,
+        "greet": T.IDENTIFIER_DEF,
+        "String": T.IDENTIFIER_USE,
+        "/** Says hi. */": T.DOCSTRING,
+        "// result": T.COMMENT,
+        "!": T.STRING,
+        "0": T.NUMBER,
+        "++": T.OPERATOR,
+        "+=": T.OPERATOR,
     },
     "go": {
-        "package": T.KEYWORD, "func": T.KEYWORD, "type": T.KEYWORD, "struct": T.KEYWORD,
-        "Add": T.IDENTIFIER_DEF, "// Point is a point.": T.COMMENT, ":=": T.OPERATOR, "3": T.NUMBER,
+        "package": T.KEYWORD,
+        "func": T.KEYWORD,
+        "type": T.KEYWORD,
+        "struct": T.KEYWORD,
+        "Add": T.IDENTIFIER_DEF,
+        "// Point is a point.": T.COMMENT,
+        ":=": T.OPERATOR,
+        "3": T.NUMBER,
         "sum": None,
     },
     "rust": {
-        "/// A point.\n": T.DOCSTRING, "pub": T.KEYWORD, "struct": T.KEYWORD, "fn": T.KEYWORD,
-        "let": T.KEYWORD, "i32": T.KEYWORD, "main": T.IDENTIFIER_DEF, "Point": T.IDENTIFIER_DEF,
-        "1u8": T.NUMBER, "2.5": T.NUMBER, "{}": T.STRING, "// print": T.COMMENT, ">": T.OPERATOR,
+        "/// A point.\n": T.DOCSTRING,
+        "pub": T.KEYWORD,
+        "struct": T.KEYWORD,
+        "fn": T.KEYWORD,
+        "let": T.KEYWORD,
+        "i32": T.KEYWORD,
+        "main": T.IDENTIFIER_DEF,
+        "Point": T.IDENTIFIER_DEF,
+        "1u8": T.NUMBER,
+        "2.5": T.NUMBER,
+        "{}": T.STRING,
+        "// print": T.COMMENT,
+        ">": T.OPERATOR,
     },
     "c": {
-        "#include": T.KEYWORD, "<stdio.h>": T.STRING, "/* adds */": T.COMMENT, "static": T.KEYWORD,
-        "int": T.KEYWORD, "char": T.KEYWORD, "add": T.IDENTIFIER_DEF, "name": None,
-        "printf": T.IDENTIFIER_USE, "10": T.NUMBER, "\\n": T.STRING, "+": T.OPERATOR,
+        "#include": T.KEYWORD,
+        "<stdio.h>": T.STRING,
+        "/* adds */": T.COMMENT,
+        "static": T.KEYWORD,
+        "int": T.KEYWORD,
+        "char": T.KEYWORD,
+        "add": T.IDENTIFIER_DEF,
+        "name": None,
+        "printf": T.IDENTIFIER_USE,
+        "10": T.NUMBER,
+        "\\n": T.STRING,
+        "+": T.OPERATOR,
     },
     "cpp": {
-        "namespace": T.KEYWORD, "template": T.KEYWORD, "typename": T.KEYWORD, "class": T.KEYWORD,
-        "public": T.KEYWORD, "const": T.KEYWORD, "Box": T.IDENTIFIER_DEF, "get": T.IDENTIFIER_DEF,
-        "value_": None, "// getter": T.COMMENT,
+        "namespace": T.KEYWORD,
+        "template": T.KEYWORD,
+        "typename": T.KEYWORD,
+        "class": T.KEYWORD,
+        "public": T.KEYWORD,
+        "const": T.KEYWORD,
+        "Box": T.IDENTIFIER_DEF,
+        "get": T.IDENTIFIER_DEF,
+        "value_": None,
+        "// getter": T.COMMENT,
     },
 }
 
 # Names that are defined in the snippet and used later: both classes must show up.
 DEF_AND_USE = {
-    "python": ["scale", "total"], "javascript": ["s", "x"], "typescript": ["k"], "go": ["sum"],
-    "c": ["name"], "cpp": ["value_"],
+    "python": ["scale", "total"],
+    "javascript": ["s", "x"],
+    "typescript": ["k"],
+    "go": ["sum"],
+    "c": ["name"],
+    "cpp": ["value_"],
 }
 
 
@@ -159,17 +250,28 @@ DEF_AND_USE = {
 def test_concrete_classes(language):
     got = classes_of(SNIPPETS[language], language)
     for token, cls in EXPECTED[language].items():
-        assert token in got, f"{token!r} not a span of its own in {language}: {sorted(got)}"
+        assert token in got, (
+            f"{token!r} not a span of its own in {language}: {sorted(got)}"
+        )
         if cls is not None:
-            assert got[token] == {cls}, f"{language}: {token!r} got {got[token]}, wanted {cls}"
+            assert got[token] == {cls}, (
+                f"{language}: {token!r} got {got[token]}, wanted {cls}"
+            )
     for name in DEF_AND_USE.get(language, []):
-        assert got[name] == {T.IDENTIFIER_DEF, T.IDENTIFIER_USE}, (language, name, got[name])
+        assert got[name] == {T.IDENTIFIER_DEF, T.IDENTIFIER_USE}, (
+            language,
+            name,
+            got[name],
+        )
 
 
 def test_typescript_interface_and_use():
     got = classes_of(SNIPPETS["typescript"], "typescript")
     assert got["Shape"] == {T.IDENTIFIER_DEF, T.IDENTIFIER_USE}
-    assert got["area"] == {T.IDENTIFIER_DEF, T.IDENTIFIER_USE}  # declared in interface, called below
+    assert got["area"] == {
+        T.IDENTIFIER_DEF,
+        T.IDENTIFIER_USE,
+    }  # declared in interface, called below
 
 
 def test_broken_code_still_classifies_with_error_flag():
@@ -177,8 +279,14 @@ def test_broken_code_still_classifies_with_error_flag():
     spans = classify(text, "python")
     check_cover(text, spans)
     got = classes_of(text, "python")
-    assert got["class"] == {T.KEYWORD} and got["def"] == {T.KEYWORD} and got["return"] == {T.KEYWORD}
-    assert T.IDENTIFIER_DEF in got["m"]  # a name after `def` is a definition even inside ERROR
+    assert (
+        got["class"] == {T.KEYWORD}
+        and got["def"] == {T.KEYWORD}
+        and got["return"] == {T.KEYWORD}
+    )
+    assert (
+        T.IDENTIFIER_DEF in got["m"]
+    )  # a name after `def` is a definition even inside ERROR
     assert any(s.in_error for s in spans)
 
 
@@ -224,21 +332,34 @@ def test_bad_text_type():
 
 def test_keyword_or_identifier_helper():
     assert is_keyword_or_identifier(T.KEYWORD)
-    assert is_keyword_or_identifier(T.IDENTIFIER_DEF) and is_keyword_or_identifier(T.IDENTIFIER_USE)
-    assert not is_keyword_or_identifier(T.STRING) and not is_keyword_or_identifier(T.WHITESPACE)
+    assert is_keyword_or_identifier(T.IDENTIFIER_DEF) and is_keyword_or_identifier(
+        T.IDENTIFIER_USE
+    )
+    assert not is_keyword_or_identifier(T.STRING) and not is_keyword_or_identifier(
+        T.WHITESPACE
+    )
 
 
 @pytest.mark.parametrize(
     "path, text, explicit, expected",
     [
-        ("a/b.py", None, None, "python"), ("x.tsx", None, None, "tsx"), ("x.ts", None, None, "typescript"),
-        ("x.jsx", None, None, "javascript"), ("M.java", None, None, "java"), ("m.go", None, None, "go"),
-        ("lib.rs", None, None, "rust"), ("a.c", None, None, "c"), ("a.cc", None, None, "cpp"),
-        ("a.h", "int f(void);", None, "c"), ("a.h", "namespace x { class A; }", None, "cpp"),
+        ("a/b.py", None, None, "python"),
+        ("x.tsx", None, None, "tsx"),
+        ("x.ts", None, None, "typescript"),
+        ("x.jsx", None, None, "javascript"),
+        ("M.java", None, None, "java"),
+        ("m.go", None, None, "go"),
+        ("lib.rs", None, None, "rust"),
+        ("a.c", None, None, "c"),
+        ("a.cc", None, None, "cpp"),
+        ("a.h", "int f(void);", None, "c"),
+        ("a.h", "namespace x { class A; }", None, "cpp"),
         ("script", "#!/usr/bin/env python3\nprint(1)\n", None, "python"),
         ("run", "#!/usr/bin/node\n", None, "javascript"),
-        ("x.py", None, "typescriptreact", "tsx"), ("README.md", None, "markdown", "text"),
-        (None, None, None, "text"), ("Makefile", "all:\n", None, "text"),
+        ("x.py", None, "typescriptreact", "tsx"),
+        ("README.md", None, "markdown", "text"),
+        (None, None, None, "text"),
+        ("Makefile", "all:\n", None, "text"),
     ],
 )
 def test_detect_language(path, text, explicit, expected):

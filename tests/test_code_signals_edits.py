@@ -5,21 +5,32 @@ from __future__ import annotations
 import pytest
 
 from code_signals import (
-    CodeSignalsError, EditCoalescer, apply_range_edits, changed_regions, classify_edit_type, is_whitespace_only,
+    CodeSignalsError,
+    EditCoalescer,
+    apply_range_edits,
+    changed_regions,
+    classify_edit_type,
+    is_whitespace_only,
 )
 
 
 def rng(l1, c1, l2, c2):
-    return {"start": {"line": l1, "character": c1}, "end": {"line": l2, "character": c2}}
+    return {
+        "start": {"line": l1, "character": c1},
+        "end": {"line": l2, "character": c2},
+    }
 
 
 def test_apply_range_edits_basic_and_sequential():
     text = "def f():\n    return 1\n"
-    out = apply_range_edits(text, [
-        {"range": rng(1, 11, 1, 12), "text": "2"},
-        {"range": rng(0, 4, 0, 5), "text": "g"},
-        {"range": rng(2, 0, 2, 0), "text": "x = g()\n"},
-    ])
+    out = apply_range_edits(
+        text,
+        [
+            {"range": rng(1, 11, 1, 12), "text": "2"},
+            {"range": rng(0, 4, 0, 5), "text": "g"},
+            {"range": rng(2, 0, 2, 0), "text": "x = g()\n"},
+        ],
+    )
     assert out == "def g():\n    return 2\nx = g()\n"
     assert apply_range_edits(text, [{"text": "new"}]) == "new"
 
@@ -27,20 +38,29 @@ def test_apply_range_edits_basic_and_sequential():
 def test_apply_range_edits_utf16_and_crlf():
     text = "s = '🎉a'\r\nb = 1\r\n"
     # 🎉 is two UTF-16 units: 'a' sits at character 7, not 6.
-    assert apply_range_edits(text, [{"range": rng(0, 7, 0, 8), "text": "Z"}]) == "s = '🎉Z'\r\nb = 1\r\n"
-    assert apply_range_edits(text, [{"range": rng(1, 4, 1, 5), "text": "2"}]) == "s = '🎉a'\r\nb = 2\r\n"
+    assert (
+        apply_range_edits(text, [{"range": rng(0, 7, 0, 8), "text": "Z"}])
+        == "s = '🎉Z'\r\nb = 1\r\n"
+    )
+    assert (
+        apply_range_edits(text, [{"range": rng(1, 4, 1, 5), "text": "2"}])
+        == "s = '🎉a'\r\nb = 2\r\n"
+    )
     with pytest.raises(CodeSignalsError, match="surrogate"):
         apply_range_edits(text, [{"range": rng(0, 6, 0, 6), "text": "x"}])
 
 
-@pytest.mark.parametrize("change", [
-    {"range": rng(5, 0, 5, 0), "text": "x"},  # line past the end
-    {"range": rng(0, 40, 0, 41), "text": "x"},  # character past the line
-    {"range": rng(0, 3, 0, 1), "text": "x"},  # end before start
-    {"range": {"start": {"line": 0}}, "text": "x"},  # malformed
-    {"range": rng(0, 0, 0, 0)},  # no text
-    {"range": rng(-1, 0, 0, 0), "text": "x"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"range": rng(5, 0, 5, 0), "text": "x"},  # line past the end
+        {"range": rng(0, 40, 0, 41), "text": "x"},  # character past the line
+        {"range": rng(0, 3, 0, 1), "text": "x"},  # end before start
+        {"range": {"start": {"line": 0}}, "text": "x"},  # malformed
+        {"range": rng(0, 0, 0, 0)},  # no text
+        {"range": rng(-1, 0, 0, 0), "text": "x"},
+    ],
+)
 def test_apply_range_edits_rejects_ranges_that_do_not_fit(change):
     with pytest.raises(CodeSignalsError):
         apply_range_edits("abc\ndef\n", [change])
@@ -67,17 +87,28 @@ def test_whitespace_only():
     assert not is_whitespace_only("x = 1", "x = 2")
 
 
-@pytest.mark.parametrize("old, new, kind", [
-    ("", "def helper(x):\n    return x * 2\n", "new_code"),
-    ("   ", "print(1)\n", "new_code"),
-    ("", " + 1", "bug_fix"),
-    ("", "  # note", "modification"),
-    ("pass", "total = 0\nfor x in items:\n    total += x\nreturn total", "new_code"),
-    ("i < n", "i <= n", "bug_fix"),
-    ("return x", "return x + 1", "bug_fix"),
-    ("# old comment", "# new comment", "modification"),
-    ("def f(a, b):\n    x = a\n    y = b\n    return x + y", "def f(a, b):\n    return a + b", "modification"),
-])
+@pytest.mark.parametrize(
+    "old, new, kind",
+    [
+        ("", "def helper(x):\n    return x * 2\n", "new_code"),
+        ("   ", "print(1)\n", "new_code"),
+        ("", " + 1", "bug_fix"),
+        ("", "  # note", "modification"),
+        (
+            "pass",
+            "total = 0\nfor x in items:\n    total += x\nreturn total",
+            "new_code",
+        ),
+        ("i < n", "i <= n", "bug_fix"),
+        ("return x", "return x + 1", "bug_fix"),
+        ("# old comment", "# new comment", "modification"),
+        (
+            "def f(a, b):\n    x = a\n    y = b\n    return x + y",
+            "def f(a, b):\n    return a + b",
+            "modification",
+        ),
+    ],
+)
 def test_classify_edit_type(old, new, kind):
     assert classify_edit_type(old, new) == kind
 

@@ -56,13 +56,17 @@ def test_examples_from_real_click_edits(tokenizer, click_edits):
 def test_targets_are_the_changed_tokens(tokenizer):
     before = "def area(w, h):\n    return w * h\n"
     after = "def area(w, h):\n    return w * h / 2\n"
-    (ex,) = ExampleBuilder(tokenizer, max_tokens=64).from_edit(before, after, path="geo.py")
+    (ex,) = ExampleBuilder(tokenizer, max_tokens=64).from_edit(
+        before, after, path="geo.py"
+    )
     targets = [i for i, w in zip(ex.input_ids, ex.loss_weights) if w > 0]
     assert tokenizer.decode(targets).strip() == "/ 2"
     assert tokenizer.decode(ex.input_ids).startswith("def area")
     assert ex.edit_type == "bug_fix"
     assert not ex.fim  # SmolLM2 has no FIM tokens, so no FIM even when asked
-    (ex2,) = ExampleBuilder(tokenizer, max_tokens=64, context_after=True).from_edit(before, after, path="geo.py")
+    (ex2,) = ExampleBuilder(tokenizer, max_tokens=64, context_after=True).from_edit(
+        before, after, path="geo.py"
+    )
     assert not ex2.fim and ex2.input_ids == ex.input_ids
 
 
@@ -75,8 +79,13 @@ def test_whitespace_only_and_deletions_give_nothing(tokenizer):
 
 def test_sizes_are_bounded(tokenizer):
     before = "".join(f"value_{i} = {i}\n" for i in range(400))
-    after = "".join(f"value_{i} = {i * 7} + offset\n" if i % 40 == 0 else f"value_{i} = {i}\n" for i in range(400))
-    after += "def big():\n" + "".join(f"    total_{i} = compute({i})\n" for i in range(300))
+    after = "".join(
+        f"value_{i} = {i * 7} + offset\n" if i % 40 == 0 else f"value_{i} = {i}\n"
+        for i in range(400)
+    )
+    after += "def big():\n" + "".join(
+        f"    total_{i} = compute({i})\n" for i in range(300)
+    )
     builder = ExampleBuilder(tokenizer, max_tokens=48, max_examples=2)
     examples = builder.from_edit(before, after, path="m.py")
     assert len(examples) == 2
@@ -89,11 +98,15 @@ def test_sizes_are_bounded(tokenizer):
 
 def test_from_file_chunks_cover_whole_file(tokenizer):
     source = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(40))
-    examples = ExampleBuilder(tokenizer, max_tokens=64).from_file(source, path="many.py")
+    examples = ExampleBuilder(tokenizer, max_tokens=64).from_file(
+        source, path="many.py"
+    )
     assert len(examples) > 3
     for ex in examples:
         check_example(ex, 64)
-        assert all(w > 0 for w in ex.loss_weights)  # every token of a file chunk is a target
+        assert all(
+            w > 0 for w in ex.loss_weights
+        )  # every token of a file chunk is a target
     assert "".join(tokenizer.decode(ex.input_ids) for ex in examples) == source
     assert examples[1].target_text.startswith("def f")  # cut between functions
 
@@ -113,31 +126,48 @@ def test_fim_examples_use_qwen_fim_tokens():
 
     from server.models import ensure_model
 
-    qwen = AutoTokenizer.from_pretrained(ensure_model("qwen2.5-coder-0.5b", progress=False))
+    qwen = AutoTokenizer.from_pretrained(
+        ensure_model("qwen2.5-coder-0.5b", progress=False)
+    )
     before = "def area(w, h):\n    return 0\n\nprint(area(2, 3))\n"
     after = "def area(w, h):\n    return w * h\n\nprint(area(2, 3))\n"
     builder = ExampleBuilder(qwen, max_tokens=64, context_after=True)
     (ex,) = builder.from_edit(before, after, path="geo.py")
     assert ex.fim
-    ids = qwen.convert_tokens_to_ids(["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"])
-    assert ex.input_ids[0] == ids[0] and ids[1] in ex.input_ids and ids[2] in ex.input_ids
+    ids = qwen.convert_tokens_to_ids(
+        ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    )
+    assert (
+        ex.input_ids[0] == ids[0] and ids[1] in ex.input_ids and ids[2] in ex.input_ids
+    )
     middle = ex.input_ids.index(ids[2])
     assert all(w == 0 for w in ex.loss_weights[: middle + 1])
     assert qwen.decode(ex.input_ids[middle + 1 :]) == "w * h"
-    assert "print(area" in qwen.decode(ex.input_ids[: middle])  # the text after the edit is there
+    assert "print(area" in qwen.decode(
+        ex.input_ids[:middle]
+    )  # the text after the edit is there
     check_example(ex, 64)
 
 
 def test_bad_and_extreme_input_never_crashes(tokenizer):
     builder = ExampleBuilder(tokenizer, max_tokens=32)
-    long_line = "x = [" + ", ".join(str(i) for i in range(20000)) + "]\n"  # ~120k chars on one line
-    examples = builder.from_edit(long_line, long_line.replace("19999]", "19999, 7]"), path="data.py")
+    long_line = (
+        "x = [" + ", ".join(str(i) for i in range(20000)) + "]\n"
+    )  # ~120k chars on one line
+    examples = builder.from_edit(
+        long_line, long_line.replace("19999]", "19999, 7]"), path="data.py"
+    )
     assert len(examples) == 1 and len(examples[0].input_ids) <= 32
     nul = builder.from_edit("a = 1\n", "a = 1\x00\nb = 2\n", path="x.c")
     assert all(len(ex.input_ids) <= 32 for ex in nul)
-    assert builder.from_edit("", "fn main() {}\n", language="rust")[0].edit_type == "new_code"
+    assert (
+        builder.from_edit("", "fn main() {}\n", language="rust")[0].edit_type
+        == "new_code"
+    )
     assert builder.from_file("", path="empty.py") == []
-    huge = "def f():\n    return 1\n" * 20000  # ~440 KB: classified only around the edit
+    huge = (
+        "def f():\n    return 1\n" * 20000
+    )  # ~440 KB: classified only around the edit
     edited = huge + "def g():\n    return 2\n"
     (ex,) = builder.from_edit(huge, edited, path="huge.py")
     assert "def g" in ex.target_text

@@ -44,13 +44,25 @@ def repo(tmp_path):
 
 def test_walk_repository(repo):
     calls = []
-    scan = walk_repository(repo, max_file_bytes=5000, progress=lambda done, total, rel: calls.append((done, total, rel)))
+    scan = walk_repository(
+        repo,
+        max_file_bytes=5000,
+        progress=lambda done, total, rel: calls.append((done, total, rel)),
+    )
     paths = [f.path for f in scan.files]
-    assert paths == ["bin/tool", "src/app.py", "src/util.go", "src/web/index.ts"]  # sorted, depth first
+    assert paths == [
+        "bin/tool",
+        "src/app.py",
+        "src/util.go",
+        "src/web/index.ts",
+    ]  # sorted, depth first
     assert {f.path: f.language for f in scan.files} == {
-        "bin/tool": "python", "src/app.py": "python", "src/util.go": "go", "src/web/index.ts": "typescript",
+        "bin/tool": "python",
+        "src/app.py": "python",
+        "src/util.go": "go",
+        "src/web/index.ts": "typescript",
     }
-    path, language, text = scan.files[1]  # unpacks as a triple
+    _path, _language, text = scan.files[1]  # unpacks as a triple
     assert text.startswith("def main")
     skipped = dict(scan.skipped)
     assert skipped["big.py"].startswith("too large")
@@ -62,8 +74,14 @@ def test_walk_repository(repo):
     assert skipped["static/app.min.js"] == "generated"
     assert skipped["min.js"] == "minified"
     assert skipped["README.md"] == "unknown language"
-    for ignored in ("debug.log", "src/secret.py", "build_out/gen.py", "src/web/local.ts",
-                    "node_modules/lib/index.js", ".hidden/tool.py"):
+    for ignored in (
+        "debug.log",
+        "src/secret.py",
+        "build_out/gen.py",
+        "src/web/local.ts",
+        "node_modules/lib/index.js",
+        ".hidden/tool.py",
+    ):
         assert ignored not in paths and ignored not in skipped
     assert calls[-1][0] == calls[-1][1] == len(calls)
     summary = scan.summary
@@ -78,14 +96,17 @@ def test_walk_repository(repo):
 def test_walk_repository_language_filter_and_tokenizer(repo, tokenizer):
     scan = walk_repository(repo, languages={"go"}, tokenizer=tokenizer)
     assert [f.path for f in scan.files] == ["src/util.go"]
-    assert scan.summary["tokens"] == len(tokenizer(scan.files[0].text, add_special_tokens=False)["input_ids"])
+    assert scan.summary["tokens"] == len(
+        tokenizer(scan.files[0].text, add_special_tokens=False)["input_ids"]
+    )
     with pytest.raises(CodeSignalsError):
         walk_repository(repo / "nope")
 
 
 def test_chunk_source_at_syntax_boundaries():
     source = "import os\n\n" + "".join(
-        f"# helper {i}\ndef f{i}(x):\n    y = x + {i}\n    return y\n\n" for i in range(10)
+        f"# helper {i}\ndef f{i}(x):\n    y = x + {i}\n    return y\n\n"
+        for i in range(10)
     )
     chunks = chunk_source(source, "python", 120)
     assert "".join(chunks) == source
