@@ -2,29 +2,59 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.responses import Response
 
+from server.auth import install_guards, require_api_key
+from server.errors import install_error_handlers
+from server.metrics import Metrics, RequestMetrics
 from server.settings import Settings
+from server.state import ServerState
+
+log = logging.getLogger("dynarank")
 
 
-def create_app(settings: Settings, model=None, tokenizer=None) -> FastAPI:
+def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> FastAPI:
     app = FastAPI(title="dynarank", version="0.1.0")
+    if engine is None and model is not None:
+        from server.engine_hf import HFEngine
+
+        engine = HFEngine(model, tokenizer, settings.served_name)
+    metrics = Metrics()
+    state = ServerState(settings=settings, engine=engine, tokenizer=tokenizer, model=model, metrics=metrics)
+    state.extras["started"] = time.time()
+    if engine is not None and hasattr(engine, "gate"):
+        state.extras["serving_gate"] = engine.gate
     app.state.settings = settings
     app.state.model = model
     app.state.tokenizer = tokenizer
-    started = time.time()
+    app.state.dynarank = state
+
+    install_error_handlers(app)
+    install_guards(app, settings)
+    # Outermost, so rejected (413) requests are timed and logged too.
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": settings.served_name, "uptime_s": round(time.time() - started, 3)}
+        return {"status": "ok", "model": settings.served_name,
+                "uptime_s": round(time.time() - state.extras["started"], 3)}
 
-    @app.get("/v1/models")
-    def list_models():
-        return {
-            "object": "list",
-            "data": [{"id": settings.served_name, "object": "model", "created": int(started), "owned_by": "dynarank"}],
-        }
+    @app.get("/metrics", dependencies=[Depends(require_api_key)])
+    def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
+    from server.openai_api import router
+
+    app.include_router(router)
+    try:
+        from server.routes_sessions import register_session_routes
+
+        register_session_routes(app, state)
+    except ImportError as exc:  # the session layer has not (fully) landed yet
+        log.warning("session routes not available: %s", exc)
     return app

@@ -59,6 +59,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("DYNARANK_PORT", d.port)))
     p.add_argument("--data-dir", type=Path, default=None, help="sessions, adapters and jobs (default $DYNARANK_HOME/data)")
     p.add_argument("--api-key-file", type=Path, default=None, help="file with one API key per line")
+    p.add_argument("--api-key", action="append", default=[], help="an API key (repeatable; also $DYNARANK_API_KEYS)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="413 above this body size")
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     p.add_argument("--rank-policy", default=d.rank_policy, help="rank policy for session adapters")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions)
     p.add_argument("--log-level", default=d.log_level)
@@ -66,6 +70,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> Settings:
     keys = [k for k in os.environ.get("DYNARANK_API_KEYS", "").split(",") if k.strip()]
+    keys += list(getattr(args, "api_key", None) or [])
     if args.api_key_file:
         try:
             keys += [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
@@ -75,6 +80,8 @@ def settings_from_args(args) -> Settings:
         model=args.model, engine=args.engine, host=args.host, port=args.port,
         api_keys=tuple(k.strip() for k in keys), rank_policy=args.rank_policy,
         max_sessions=args.max_sessions, log_level=args.log_level,
+        max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
+        cors_origins=tuple(args.cors_origin),
     )
     if args.data_dir:
         settings.data_dir = args.data_dir

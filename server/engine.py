@@ -23,6 +23,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # top-k logprobs per token, None = off
+    add_special_tokens: bool = True  # False when the prompt is already fully formatted (chat template)
 
 
 @dataclasses.dataclass
@@ -31,6 +32,8 @@ class GenerationChunk:
     token_ids: list[int]
     logprobs: list[float] | None = None  # logprob of each sampled token
     finish_reason: str | None = None  # set on the last chunk: "stop" | "length" | "cancelled"
+    top_logprobs: list[dict[str, float]] | None = None  # per token, when request.logprobs > 0
+    prompt_tokens: int | None = None  # set on the last chunk
 
 
 @dataclasses.dataclass

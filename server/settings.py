@@ -23,6 +23,7 @@ class Settings:
     max_request_bytes: int = 4 * 1024 * 1024
     max_tokens_limit: int = 512
     cors_origins: tuple[str, ...] = ()
+    max_inflight_requests: int = 32  # completion requests in flight before 429
     log_level: str = "info"
     # -- sessions and adaptation (server/sessions.py, workers.py, jobs.py) --
     adapter_lr: float = 1e-3

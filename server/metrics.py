@@ -1,0 +1,113 @@
+"""Prometheus metrics (one ``CollectorRegistry`` per app) and request logs.
+
+``Metrics`` attributes, all prefixed ``dynarank_`` in the exposition:
+
+Serving (updated by the HTTP layer):
+  request_latency      Histogram  request_duration_seconds{endpoint,method,status}
+  ttft                 Histogram  time_to_first_token_seconds{endpoint}
+  completion_latency   Histogram  completion_duration_seconds{endpoint}
+  generated_tokens     Counter    generated_tokens_total
+  prompt_tokens        Counter    prompt_tokens_total
+  tokens_per_second    Gauge      tokens_per_second (of the last finished completion)
+  inflight             Gauge      inflight_completions
+
+Adaptation (updated by the session layer; ``session`` = session id):
+  queue_depth          Gauge      session_queue_depth{session}
+  adaptation_steps     Counter    adaptation_steps_total{session}
+  last_loss            Gauge      adaptation_last_loss{session}
+  rank                 Gauge      adapter_rank{session,module}
+  swaps                Counter    adapter_swaps_total{session}  (new snapshot published to serving)
+
+Call ``forget_session(session_id)`` when a session ends so its label sets go.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+access_log = logging.getLogger("dynarank.access")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SESSION_METRICS = ("queue_depth", "adaptation_steps", "last_loss", "swaps")
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        p = "dynarank_"
+        self.request_latency = Histogram(p + "request_duration_seconds", "HTTP request latency",
+                                         ["endpoint", "method", "status"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to the first generated token",
+                              ["endpoint"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.completion_latency = Histogram(p + "completion_duration_seconds", "Whole completion latency",
+                                            ["endpoint"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.generated_tokens = Counter(p + "generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed", registry=r)
+        self.tokens_per_second = Gauge(p + "tokens_per_second", "Decode speed of the last completion", registry=r)
+        self.inflight = Gauge(p + "inflight_completions", "Completions being generated", registry=r)
+        self.queue_depth = Gauge(p + "session_queue_depth", "Training examples waiting per session",
+                                 ["session"], registry=r)
+        self.adaptation_steps = Counter(p + "adaptation_steps", "Adaptation steps run", ["session"], registry=r)
+        self.last_loss = Gauge(p + "adaptation_last_loss", "Loss of the last adaptation step", ["session"],
+                               registry=r)
+        self.rank = Gauge(p + "adapter_rank", "Current LoRA rank per module", ["session", "module"], registry=r)
+        self.swaps = Counter(p + "adapter_swaps", "Adapter snapshots published to serving", ["session"],
+                             registry=r)
+
+    def forget_session(self, session_id: str) -> None:
+        for name in _SESSION_METRICS:
+            try:
+                getattr(self, name).remove(session_id)
+            except KeyError:
+                pass
+        # rank has a second label: drop every module of the session.
+        for labels in [k for k in self.rank._metrics if k[0] == session_id]:
+            self.rank.remove(*labels)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def log_event(event: str, **fields) -> None:
+    """One structured log line: ``event=NAME k=v ...`` (values with spaces are quoted)."""
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        text = "null" if value is None else str(value)
+        if not text or any(c in text for c in ' "='):
+            text = '"' + text.replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    access_log.info(" ".join(parts))
+
+
+class RequestMetrics:
+    """ASGI middleware: latency histogram per route template, and one access log line per request."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def tracking_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            # Route templates keep the label set bounded; unmatched paths share one label.
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_latency.labels(endpoint, scope["method"], str(status)).observe(elapsed)
+            log_event("request", method=scope["method"], path=scope["path"], status=status,
+                      duration_ms=round(elapsed * 1000, 1))
