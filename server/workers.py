@@ -25,6 +25,17 @@ log = logging.getLogger("dynarank.workers")
 MAX_YIELD_S = 3.0
 
 
+# How an edit becomes training examples; the benchmark replays edits with the same builder.
+EDIT_MAX_TOKENS = 256
+EDIT_MAX_EXAMPLES = 4
+
+
+def edit_example_builder(tokenizer, max_tokens: int = EDIT_MAX_TOKENS, max_examples: int = EDIT_MAX_EXAMPLES):
+    from code_signals import ExampleBuilder
+
+    return ExampleBuilder(tokenizer, max_tokens=max_tokens, max_examples=max_examples)
+
+
 def example_batch(example) -> dict:
     """One TrainingExample as a batch of one row (examples differ in length)."""
     return {
@@ -55,9 +66,7 @@ class AdaptationWorkers:
     @property
     def builder(self):
         if self._builder is None:
-            from code_signals import ExampleBuilder
-
-            self._builder = ExampleBuilder(self._tokenizer, max_tokens=256, max_examples=4)
+            self._builder = edit_example_builder(self._tokenizer)
         return self._builder
 
     def wake(self) -> None:
