@@ -1,0 +1,5 @@
+import sys
+
+from ide_client.cli import main
+
+sys.exit(main())

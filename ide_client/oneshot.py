@@ -1,0 +1,89 @@
+"""The one-shot commands: ``complete FILE:LINE:COL`` and ``status``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from ide_client.context import Context
+from ide_client.display import format_ranks
+from ide_client.http_api import APIError
+from ide_client.repo import repository_info
+
+
+def parse_location(spec: str) -> tuple[Path, int, int]:
+    """FILE:LINE:COL (1-based, like compiler messages) -> (path, line, column) 0-based."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"expected FILE:LINE:COL, got {spec!r}")
+    line, col = int(parts[1]), int(parts[2])
+    if line < 1 or col < 1:
+        raise ValueError("LINE and COL start at 1")
+    return Path(parts[0]), line - 1, col - 1
+
+
+def split_at(text: str, line: int, col: int) -> tuple[str, str]:
+    lines = text.splitlines(keepends=True) or [""]
+    if line > len(lines) or (line == len(lines) and col > 0):
+        raise ValueError(f"line {line + 1} is past the end of the file ({len(lines)} lines)")
+    offset = sum(len(x) for x in lines[:line])
+    current = lines[line] if line < len(lines) else ""
+    offset += min(col, len(current.rstrip("\r\n")))
+    return text[:offset], text[offset:]
+
+
+async def _complete(ctx: Context, spec: str, max_tokens: int, out, err) -> int:
+    path, line, col = parse_location(spec)
+    prefix, suffix = split_at(path.read_text(), line, col)
+    # prefix/suffix rather than open+cursor: the document mirror belongs to editors (watch, VS Code)
+    # sharing this session, and a one-shot open/close would disturb their versions.
+    session = ctx.session(repository_info(ctx.repo_root) if ctx.repo_root else None, reconnect=False)
+    ready = await ctx.connect(session)
+    try:
+        completion = await session.complete(prefix=prefix, suffix=suffix or None, max_tokens=max_tokens)
+        async for piece in completion:
+            out.write(piece)
+            out.flush()
+        done = await completion.result()
+        out.write("\n")
+        print(f"[session {ready.session_id}, adapter v{done.adapter_version}, {done.finish_reason}]", file=err)
+    finally:
+        await session.close()
+    return 0
+
+
+def run_complete(ctx: Context, spec: str, max_tokens: int, out=sys.stdout, err=sys.stderr) -> int:
+    return asyncio.run(_complete(ctx, spec, max_tokens, out, err))
+
+
+async def _status(ctx: Context, out) -> int:
+    sid, token = ctx.credentials()
+    with ctx.api() as api:
+        models = [row["id"] for row in api.models()]
+        print(f"server   {ctx.server}  models: {', '.join(models)}", file=out)
+        if not (sid or token):
+            print("session  none saved (watch or complete starts one)", file=out)
+            return 0
+        session = ctx.session(reconnect=False)
+        ready = await ctx.connect(session)
+        try:
+            status = await session.status()
+        finally:
+            await session.close()
+        try:
+            info = api.session(ready.session_id)
+        except APIError:
+            info = {}
+    print(f"session  {ready.session_id}  adapter v{status.version}  mean rank {info.get('mean_rank', ready.mean_rank):.2f}"
+          f"  model {ready.model}", file=out)
+    print(f"training steps {info.get('steps', '?')}  last loss {info.get('last_loss')}  "
+          f"queue {status.queue_depth}  dropped {status.dropped}", file=out)
+    print(f"ranks    [{format_ranks(info.get('ranks') or ready.ranks)}]", file=out)
+    docs = status.documents or {}
+    print(f"open     {len(docs)} document(s)" + "".join(f"\n  {p} v{v}" for p, v in sorted(docs.items())), file=out)
+    return 0
+
+
+def run_status(ctx: Context, out=sys.stdout) -> int:
+    return asyncio.run(_status(ctx, out))
