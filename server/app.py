@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from fastapi import Depends, FastAPI
@@ -13,8 +12,6 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics, RequestMetrics
 from server.settings import Settings
 from server.state import ServerState
-
-log = logging.getLogger("dynarank")
 
 
 def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> FastAPI:
@@ -51,10 +48,7 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> F
     from server.openai_api import router
 
     app.include_router(router)
-    try:
-        from server.routes_sessions import register_session_routes
+    from server.routes_sessions import register_session_routes
 
-        register_session_routes(app, state)
-    except ImportError as exc:  # the session layer has not (fully) landed yet
-        log.warning("session routes not available: %s", exc)
+    register_session_routes(app, state)
     return app

@@ -1,0 +1,142 @@
+"""Edge cases of the API in process (TestClient) with a fake engine and a fake adapter resolver."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.auth import AuthError, check_api_key
+from server.engine import GenerationChunk
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+@dataclasses.dataclass
+class Snapshot:
+    version: int
+
+
+class FakeEngine:
+    model_name = "base"
+
+    def __init__(self):
+        self.adapters = []
+        self.tokenizer = None
+        self.release = threading.Event()
+        self.release.set()
+
+    def count_tokens(self, text):
+        return len(text)
+
+    def token_text(self, token_id):
+        return f"<{token_id}>"
+
+    def generate(self, request, adapter=None, cancel=None):
+        self.adapters.append(adapter)
+        self.release.wait(5)
+        yield GenerationChunk(text="ok", token_ids=[1], logprobs=None)
+        yield GenerationChunk(text="", token_ids=[], finish_reason="stop", prompt_tokens=3)
+
+
+class Resolver:
+    def resolve(self, model_name, api_key):
+        if model_name == "base":
+            return None, None
+        if model_name == "base:session-1" and api_key is not None:
+            return Snapshot(7), "session-1"
+        raise KeyError(model_name)
+
+    def list_for(self, api_key):
+        return [{"id": "base:session-1", "object": "model", "owned_by": api_key, "parent": "base"}]
+
+
+def make_client(settings=None, engine=None, resolver=None, register=True):
+    settings = settings or Settings(model="base", api_keys=("k",), data_dir="/nonexistent")
+    app = create_app(settings, engine=engine or FakeEngine())
+    app.state.dynarank.adapters = resolver
+    return TestClient(app, headers={"Authorization": "Bearer k"}), app
+
+
+@pytest.fixture(autouse=True)
+def no_session_layer(monkeypatch):
+    # These tests exercise the API alone: keep the session layer from mounting.
+    import server.routes_sessions
+
+    monkeypatch.setattr(server.routes_sessions, "register_session_routes", lambda app, state: None)
+
+
+def test_adapter_is_resolved_and_reported():
+    engine = FakeEngine()
+    client, _ = make_client(engine=engine, resolver=Resolver())
+    out = client.post("/v1/completions", json={"model": "base:session-1", "prompt": "x"}).json()
+    assert out["adapter"] == "session-1" and out["adapter_version"] == 7
+    assert engine.adapters == [Snapshot(7)]
+    out = client.post("/v1/completions", json={"model": "base", "prompt": "x"}).json()
+    assert out["adapter"] is None and out["adapter_version"] is None
+    assert client.post("/v1/completions", json={"model": "base:other", "prompt": "x"}).status_code == 404
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["base", "base:session-1"]
+
+
+def test_without_resolver_only_base_model():
+    client, _ = make_client()
+    assert client.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 200
+    assert client.post("/v1/completions", json={"model": "base:session-1", "prompt": "x"}).status_code == 404
+
+
+def test_no_model_loaded_is_503():
+    settings = Settings(model="base", data_dir="/nonexistent")
+    app = create_app(settings)
+    r = TestClient(app).post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
+
+
+def test_overload_is_429():
+    engine = FakeEngine()
+    engine.release.clear()
+    client, app = make_client(Settings(model="base", max_inflight_requests=1, data_dir="/nonexistent"), engine)
+    done = []
+    t = threading.Thread(target=lambda: done.append(client.post("/v1/completions", json={"prompt": "x"})))
+    t.start()
+    for _ in range(200):
+        if app.state.dynarank.extras.get("inflight"):
+            break
+        threading.Event().wait(0.01)
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    engine.release.set()
+    t.join(5)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert done[0].status_code == 200
+
+
+def test_cors_only_when_configured():
+    client, _ = make_client()
+    r = client.options("/v1/completions", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    client, _ = make_client(Settings(model="base", cors_origins=("http://x",), data_dir="/nonexistent"))
+    r = client.options("/v1/completions", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
+    assert r.headers["access-control-allow-origin"] == "http://x"
+
+
+def test_check_api_key():
+    assert check_api_key(Settings(), None) is None  # no keys: auth off
+    s = Settings(api_keys=("a", "b"))
+    ident = check_api_key(s, "b")
+    assert ident.startswith("key-") and "b" != ident and ident == check_api_key(s, "b")
+    for bad in (None, "", "c"):
+        with pytest.raises(AuthError):
+            check_api_key(s, bad)
+
+
+def test_metrics_registries_are_per_app_and_sessions_can_be_forgotten():
+    a, b = Metrics(), Metrics()
+    a.rank.labels("s1", "q_proj").set(8)
+    a.last_loss.labels("s1").set(1.5)
+    a.adaptation_steps.labels("s1").inc()
+    assert b"s1" not in b.render()[0]
+    a.forget_session("s1")
+    assert b"s1" not in a.render()[0]
