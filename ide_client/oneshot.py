@@ -36,6 +36,8 @@ def split_at(text: str, line: int, col: int) -> tuple[str, str]:
 async def _complete(ctx: Context, spec: str, max_tokens: int, out, err) -> int:
     path, line, col = parse_location(spec)
     prefix, suffix = split_at(path.read_text(), line, col)
+    if not prefix:
+        raise ValueError("nothing before the cursor to complete from (the server needs a prefix)")
     # prefix/suffix rather than open+cursor: the document mirror belongs to editors (watch, VS Code)
     # sharing this session, and a one-shot open/close would disturb their versions.
     session = ctx.session(repository_info(ctx.repo_root) if ctx.repo_root else None, reconnect=False)

@@ -1,0 +1,260 @@
+"""ide_client against a live server (tiny random model, real port, real adaptation)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ide_client import API, Adapted, AsyncSession, Backoff, Reconnected, Session
+from ide_client.session import ConnectionLost
+from tests.conftest import build_tiny_model
+from tests.helpers import free_port, start_server, stop_server, wait_for_http
+
+ROOT = Path(__file__).resolve().parents[1]
+V1 = "def area(width, height):\n    return width * height\n"
+V2 = V1 + "\n\ndef perimeter(width, height):\n    total = 2 * (width + height)\n    return total\n"
+
+
+class LiveServer:
+    """`dynarank serve` on a fixed port, so it can be restarted where clients expect it."""
+
+    def __init__(self, model_dir: Path, data_dir: Path):
+        self.model_dir, self.data_dir, self.port = model_dir, data_dir, free_port()
+        self.proc = None
+        self.logs: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LiveServer":
+        self.proc = start_server(["--model", str(self.model_dir), "--port", str(self.port),
+                                  "--data-dir", str(self.data_dir)])
+        wait_for_http(self.url + "/health", self.proc)
+        return self
+
+    def stop(self) -> None:
+        self.logs.append(stop_server(self.proc))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer):
+    d = Path(tempfile.mkdtemp(prefix="ide-client-tiny-"))
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    data = Path(tempfile.mkdtemp(prefix="ide-client-data-"))
+    srv = LiveServer(tiny_dir, data).start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(data, ignore_errors=True)
+    assert "Traceback" not in srv.logs[-1], srv.logs[-1][-3000:]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def adapted_after(session: AsyncSession, version: int, timeout: float = 60) -> Adapted:
+    while True:
+        ev = await session.next_event(("adapted",), timeout)
+        if ev.version > version:
+            return ev
+
+
+def test_full_session_flow(server):
+    async def go():
+        async with AsyncSession(server.url, repository={"id": "geo", "root_name": "geo"}) as s:
+            assert s.ready.adapter_version == 0 and s.ready.ranks and s.ready.model.endswith(s.session_id)
+            await s.open("geometry.py", V1)
+            # LSP-style range change: append the new function after the last line.
+            end = {"line": 2, "character": 0}
+            version = await s.edit("geometry.py", changes=[{"range": {"start": end, "end": end},
+                                                           "text": V2[len(V1):]}])
+            assert version == 2 and s.documents["geometry.py"].text is None
+            adapted = await adapted_after(s, 0)
+            assert adapted.loss > 0 and adapted.mean_rank > 0 and adapted.ranks
+            status = await s.status()
+            assert status.documents == {"geometry.py": 2} and status.version >= adapted.version
+            completion = await s.complete(path="geometry.py", cursor=(5, 4), max_tokens=6)
+            deltas = [piece async for piece in completion]
+            done = await completion.result()
+            assert done.text == "".join(deltas) and done.finish_reason in ("stop", "length")
+            assert done.adapter_version >= adapted.version
+            assert await s.ping() < 5
+            await s.close_document("geometry.py")
+            assert (await s.status()).documents == {}
+            model, sid = s.ready.model, s.session_id
+        # The HTTP side sees the session and serves its adapter as a model.
+        with API(server.url) as api:
+            assert model in [row["id"] for row in api.models()]
+            assert api.session(sid)["version"] >= adapted.version
+            body = api.completion(model, "def f(", max_tokens=3)
+            assert body["choices"][0]["text"] is not None
+            assert "".join(api.stream_completion(model, "x = ", max_tokens=3)) is not None
+
+    run(go())
+
+
+def test_blocking_session_joins_the_same_session(server):
+    with Session(server.url) as first:
+        with Session(server.url, resume_token=first.resume_token) as again:
+            assert again.session_id == first.session_id
+            again.open("a.py", "x = 1\n")
+            assert first.status().documents == {"a.py": 1}
+            completion = again.complete(prefix="def f(", max_tokens=4)
+            text = "".join(completion)
+            assert completion.result().text == text
+
+
+def test_cancel_stops_generation(server):
+    async def go():
+        async with AsyncSession(server.url) as s:
+            completion = await s.complete(prefix="def main():\n", max_tokens=400, temperature=1.0, seed=1)
+            first = await completion.__aiter__().__anext__()
+            assert first is not None
+            t0 = time.monotonic()
+            await completion.cancel()
+            done = await completion.result(timeout=30)
+            assert done.finish_reason == "cancelled"
+            assert time.monotonic() - t0 < 2.0
+            await completion.cancel()  # after the end: a no-op, not an error
+            assert await s.ping() < 5  # the connection is still healthy
+
+    run(go())
+
+
+def test_reconnect_and_resume_after_server_restart(tiny_dir, tmp_path):
+    srv = LiveServer(tiny_dir, tmp_path / "data").start()
+    events: list = []
+
+    async def go():
+        s = AsyncSession(srv.url, backoff=Backoff(initial=0.2, maximum=1.0, max_attempts=200), on_event=events.append)
+        ready = await s.connect()
+        await s.open("shapes.py", V1)
+        await s.edit("shapes.py", text=V2)
+        before = await adapted_after(s, 0)
+        # A completion in flight when the server goes away fails with ConnectionLost.
+        pending = await s.complete(prefix="def main():\n", max_tokens=400, temperature=1.0, seed=2)
+        await asyncio.to_thread(srv.stop)  # graceful: the server persists the session's adapter
+        with pytest.raises(ConnectionLost):
+            await pending.result(timeout=30)
+        await asyncio.to_thread(srv.start)  # same port, same --data-dir
+        resumed = await s.next_event(("reconnected",), timeout=120)
+        assert isinstance(resumed, Reconnected)
+        assert resumed.ready.session_id == ready.session_id
+        assert resumed.ready.adapter_version >= before.version
+        # The client re-opened its document on the fresh server, so edits go on working.
+        status = await s.status()
+        assert status.documents == {"shapes.py": 2}
+        await s.edit("shapes.py", text=V2 + "\n\ndef volume(a, b, c):\n    return a * b * c\n")
+        after = await adapted_after(s, resumed.ready.adapter_version)
+        assert after.version > before.version
+        await s.close()
+
+    try:
+        run(go())
+    finally:
+        srv.stop()
+    assert not [e for e in events if e.type == "error"], events
+
+
+class LineReader:
+    """Lines of a child's stdout, readable with a timeout."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, needle: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"no line with {needle!r} within {timeout}s; got:\n" + "\n".join(self.seen))
+
+
+def client_cli(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ide_client", *args], cwd=kwargs.get("cwd", ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_watch_picks_up_a_saved_change_and_the_server_adapts(server, tmp_path):
+    repo = tmp_path / "repo"  # no .git: the directory itself is the repository
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "geometry.py").write_text(V1)
+    (repo / "notes.bin").write_bytes(b"\x00\x01")
+    proc = client_cli("watch", str(repo), "--server", server.url)
+    out = LineReader(proc)
+    try:
+        out.wait_for("watching", 60)
+        out.wait_for("session", 10)
+        time.sleep(0.5)  # let the watcher arm before the save
+        (repo / "pkg" / "geometry.py").write_text(V2)
+        assert "pkg/geometry.py v2" in out.wait_for("edit", 30)
+        line = out.wait_for("adapted", 60)
+        assert "loss" in line and "mean rank" in line and "ranks [" in line
+        (repo / "pkg" / "fresh.py").write_text("def twice(x):\n    return 2 * x\n")
+        assert "pkg/fresh.py v2" in out.wait_for("edit", 30)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    assert "stopped; session saved" in rest and "Traceback" not in rest, rest
+    state = (repo / ".dynarank" / "client.json").read_text()
+    assert server.url in state and "resume_token" in state
+    # The next command resumes the same session from the saved state.
+    status = client_cli("status", str(repo), "--server", server.url)
+    text, _ = status.communicate(timeout=60)
+    assert status.returncode == 0, text
+    assert "pkg/geometry.py v2" in text and "adapter v" in text
+
+
+def test_complete_and_finetune_commands(server, tmp_path):
+    repo = tmp_path / "shapes"
+    repo.mkdir()
+    (repo / ".git").mkdir()  # a repository root marker; the walker skips its contents
+    (repo / "circle.py").write_text("import math\n\n\ndef circle_area(r):\n    return math.pi * r * r\n")
+    proc = client_cli("complete", "circle.py:5:12", "--server", server.url, "--max-tokens", "4", cwd=repo)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, text
+    assert "adapter v0" in text and (repo / ".dynarank" / "client.json").exists()
+    proc = client_cli("finetune", str(repo), "--server", server.url, "--steps", "3", "--rank-policy", "fixed")
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text
+    assert "3/3" in text and "succeeded: model" in text and ":shapes" in text
+    with API(server.url) as api:
+        job = api.jobs()[0]
+        assert job["status"] == "succeeded" and job["repository"]["root_name"] == "shapes"
+    # A new session on that repository starts from the fine-tuned adapter.
+    proc = client_cli("complete", str(repo / "circle.py") + ":2:1", "--server", server.url, "--new-session",
+                      "--max-tokens", "2")
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, text
+    assert "adapter v1" in text, text
