@@ -1,0 +1,143 @@
+// Extension entry: one session per window, shared by the inline provider, the
+// document tracker and the status bar. Session credentials live in
+// workspaceState (per server URL); the API key in context.secrets.
+
+import * as vscode from "vscode";
+import { DynarankClient } from "./client";
+import { Http, TERMINAL } from "./http";
+import { InlineProvider } from "./inline";
+import type { Adapted, Ready, Status } from "./protocol";
+import { adapterName, repositoryInfo } from "./repository";
+import { StatusView } from "./statusbar";
+import { DocumentTracker } from "./tracker";
+
+const SECRET_KEY = "dynarank.apiKey";
+
+export type ClientFactory = (options: ConstructorParameters<typeof DynarankClient>[0]) => DynarankClient;
+
+interface Saved { sessionId?: string; resumeToken?: string }
+
+export class Extension implements vscode.Disposable {
+  client?: DynarankClient;
+  readonly status = new StatusView();
+  readonly tracker = new DocumentTracker(() => this.client);
+  private disposables: vscode.Disposable[] = [];
+
+  constructor(private context: vscode.ExtensionContext, private makeClient: ClientFactory) {}
+
+  get serverUrl(): string {
+    return vscode.workspace.getConfiguration("dynarank").get<string>("serverUrl") ?? "http://127.0.0.1:8000";
+  }
+
+  private stateKey(): string {
+    return `dynarank.session:${this.serverUrl}`;
+  }
+
+  private root(): string | undefined {
+    return vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
+  }
+
+  async start(fresh = false): Promise<void> {
+    this.client?.close();
+    this.status.update({ state: "connecting", version: undefined, meanRank: undefined, loss: undefined });
+    const saved: Saved = fresh ? {} : this.context.workspaceState.get<Saved>(this.stateKey()) ?? {};
+    const root = this.root();
+    const client = this.makeClient({
+      server: this.serverUrl, apiKey: await this.context.secrets.get(SECRET_KEY),
+      sessionId: saved.sessionId, resumeToken: saved.resumeToken,
+      repository: root ? repositoryInfo(root) : undefined,
+    });
+    this.client = client;
+    const onReady = (ready: Ready) => {
+      void this.context.workspaceState.update(this.stateKey(), { sessionId: ready.session_id, resumeToken: ready.resume_token });
+      this.status.update({ state: "ready", sessionId: ready.session_id, version: ready.adapter_version, meanRank: ready.mean_rank });
+    };
+    client.on("reconnected", onReady);
+    client.on("adapted", (a: Adapted) => this.status.update({ version: a.version, meanRank: a.mean_rank, loss: a.loss }));
+    client.on("status", (s: Status) => this.status.update({ version: s.version, queue: s.queue_depth }));
+    client.on("disconnected", () => this.status.update({ state: "offline" }));
+    client.on("fatal", (err: Error) => {
+      this.status.update({ state: "offline" });
+      void vscode.window.showErrorMessage(`dynarank: ${err.message}`);
+    });
+    try {
+      onReady(await client.connect());
+      this.tracker.openAll();
+    } catch (err) {
+      this.status.update({ state: "offline" });
+      void vscode.window.showWarningMessage(`dynarank: cannot reach ${this.serverUrl}: ${(err as Error).message}`);
+    }
+  }
+
+  register(): void {
+    const maxTokens = () => vscode.workspace.getConfiguration("dynarank").get<number>("maxTokens") ?? 48;
+    this.disposables.push(
+      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, new InlineProvider(() => this.client, maxTokens)),
+      vscode.commands.registerCommand("dynarank.resetSession", () => this.start(true)),
+      vscode.commands.registerCommand("dynarank.fineTuneRepository", () => this.fineTune()),
+      vscode.commands.registerCommand("dynarank.setApiKey", () => this.setApiKey()),
+      vscode.workspace.onDidChangeConfiguration((e) => {
+        if (e.affectsConfiguration("dynarank.serverUrl")) void this.start();
+      }),
+    );
+  }
+
+  async setApiKey(): Promise<void> {
+    const key = await vscode.window.showInputBox({ prompt: "dynarank API key", password: true, ignoreFocusOut: true });
+    if (key === undefined) return;
+    await this.context.secrets.store(SECRET_KEY, key);
+    await this.start();
+  }
+
+  async fineTune(): Promise<string | undefined> {
+    const root = this.root();
+    if (!root) {
+      void vscode.window.showErrorMessage("dynarank: open a folder to fine-tune on it");
+      return undefined;
+    }
+    const http = new Http(this.serverUrl, await this.context.secrets.get(SECRET_KEY));
+    return vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: "dynarank fine-tuning", cancellable: true },
+      async (progress, token) => {
+        let job = await http.createJob(adapterName(root), { path: root, ...repositoryInfo(root) });
+        token.onCancellationRequested(() => void http.cancelJob(job.id));
+        let reported = 0;
+        while (!TERMINAL.has(job.status)) {
+          await new Promise((r) => setTimeout(r, 500));
+          job = await http.job(job.id);
+          const pct = job.total_steps ? (100 * job.step) / job.total_steps : 0;
+          progress.report({ message: `${job.status} ${job.step}/${job.total_steps ?? "?"}`, increment: pct - reported });
+          reported = pct;
+        }
+        if (job.status === "succeeded") {
+          void vscode.window.showInformationMessage(`dynarank: ${job.fine_tuned_model} is ready; new sessions here start from it`);
+        } else {
+          void vscode.window.showErrorMessage(`dynarank: fine-tuning ${job.status}: ${job.error?.message ?? ""}`);
+        }
+        return job.status;
+      },
+    );
+  }
+
+  dispose(): void {
+    this.client?.close();
+    this.tracker.dispose();
+    this.status.dispose();
+    for (const d of this.disposables) d.dispose();
+  }
+}
+
+let active: Extension | undefined;
+
+export async function activate(context: vscode.ExtensionContext, makeClient: ClientFactory = (o) => new DynarankClient(o)) {
+  active = new Extension(context, makeClient);
+  context.subscriptions.push(active);
+  active.register();
+  await active.start();
+  return active;
+}
+
+export function deactivate(): void {
+  active?.dispose();
+  active = undefined;
+}

@@ -1,0 +1,126 @@
+// A small stand-in for the `vscode` module: only the surface the extension touches.
+// Importing this file installs it, so later `require("vscode")` calls get the fake.
+
+import Module from "module";
+
+type Listener<T> = (e: T) => void;
+
+export class Emitter<T> {
+  listeners: Listener<T>[] = [];
+  event = (fn: Listener<T>) => {
+    this.listeners.push(fn);
+    return { dispose: () => { this.listeners = this.listeners.filter((l) => l !== fn); } };
+  };
+  fire(e: T) {
+    for (const l of [...this.listeners]) l(e);
+  }
+}
+
+export class Position {
+  constructor(public line: number, public character: number) {}
+}
+
+export class Range {
+  constructor(public start: Position, public end: Position) {}
+}
+
+export class InlineCompletionItem {
+  constructor(public insertText: string, public range?: Range) {}
+}
+
+export class CancellationTokenSource {
+  private emitter = new Emitter<void>();
+  token = { isCancellationRequested: false, onCancellationRequested: this.emitter.event };
+  cancel() {
+    this.token.isCancellationRequested = true;
+    this.emitter.fire();
+  }
+}
+
+export class FakeDocument {
+  version = 1;
+  constructor(public uri: { scheme: string; fsPath: string; path: string }, public text: string, public languageId = "python") {}
+  getText(range?: Range): string {
+    if (!range) return this.text;
+    const lines = this.text.split("\n");
+    const offset = (p: Position) => lines.slice(0, p.line).reduce((n, l) => n + l.length + 1, 0) + p.character;
+    return this.text.slice(offset(range.start), offset(range.end));
+  }
+}
+
+export const workspaceRoot = "/work/fake-repo";
+export const fileUri = (rel: string, scheme = "file") =>
+  ({ scheme, fsPath: `${workspaceRoot}/${rel}`, path: `${workspaceRoot}/${rel}` });
+
+export const events = {
+  open: new Emitter<FakeDocument>(),
+  change: new Emitter<{ document: FakeDocument; contentChanges: unknown[] }>(),
+  close: new Emitter<FakeDocument>(),
+  config: new Emitter<{ affectsConfiguration(s: string): boolean }>(),
+};
+
+export const registered = { commands: new Map<string, (...a: unknown[]) => unknown>(), providers: [] as unknown[] };
+export const messages: string[] = [];
+export const settings: Record<string, unknown> = { serverUrl: "http://127.0.0.1:1", maxTokens: 8 };
+export const statusItems: Array<{ text: string; tooltip: string; shown: boolean; disposed: boolean }> = [];
+
+export const vscode = {
+  Position, Range, InlineCompletionItem, CancellationTokenSource,
+  StatusBarAlignment: { Left: 1, Right: 2 },
+  ProgressLocation: { Notification: 15 },
+  window: {
+    createStatusBarItem: () => {
+      const item = { text: "", tooltip: "", shown: false, disposed: false,
+        show() { item.shown = true; }, dispose() { item.disposed = true; } };
+      statusItems.push(item);
+      return item;
+    },
+    showErrorMessage: async (m: string) => { messages.push(`error: ${m}`); },
+    showWarningMessage: async (m: string) => { messages.push(`warning: ${m}`); },
+    showInformationMessage: async (m: string) => { messages.push(`info: ${m}`); },
+    showInputBox: async () => undefined,
+    withProgress: async (_o: unknown, task: (p: unknown, t: unknown) => Promise<unknown>) =>
+      task({ report: () => undefined }, new CancellationTokenSource().token),
+  },
+  workspace: {
+    workspaceFolders: [{ uri: { fsPath: workspaceRoot } }],
+    textDocuments: [] as FakeDocument[],
+    getWorkspaceFolder: (uri: { fsPath: string }) =>
+      uri.fsPath.startsWith(workspaceRoot + "/") ? { uri: { fsPath: workspaceRoot } } : undefined,
+    asRelativePath: (uri: { fsPath: string }) => uri.fsPath.slice(workspaceRoot.length + 1),
+    getConfiguration: () => ({ get: (k: string) => settings[k] }),
+    onDidOpenTextDocument: events.open.event,
+    onDidChangeTextDocument: events.change.event,
+    onDidCloseTextDocument: events.close.event,
+    onDidChangeConfiguration: events.config.event,
+  },
+  languages: {
+    registerInlineCompletionItemProvider: (_s: unknown, p: unknown) => {
+      registered.providers.push(p);
+      return { dispose: () => undefined };
+    },
+  },
+  commands: {
+    registerCommand: (name: string, fn: (...a: unknown[]) => unknown) => {
+      registered.commands.set(name, fn);
+      return { dispose: () => registered.commands.delete(name) };
+    },
+  },
+};
+
+export function fakeContext() {
+  const state = new Map<string, unknown>();
+  const secrets = new Map<string, string>();
+  return {
+    subscriptions: [] as { dispose(): void }[],
+    workspaceState: { get: (k: string) => state.get(k), update: async (k: string, v: unknown) => { state.set(k, v); } },
+    secrets: { get: async (k: string) => secrets.get(k), store: async (k: string, v: string) => { secrets.set(k, v); } },
+    state, secretStore: secrets,
+  };
+}
+
+const mod = Module as unknown as { _load: (request: string, ...rest: unknown[]) => unknown };
+const original = mod._load;
+mod._load = function (request: string, ...rest: unknown[]) {
+  return request === "vscode" ? vscode : original.call(this, request, ...rest);
+};

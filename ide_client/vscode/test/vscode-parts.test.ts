@@ -1,0 +1,155 @@
+// The VS Code-facing parts against the fake `vscode` module (no server).
+
+import "./fake-vscode";
+import assert from "node:assert/strict";
+import { EventEmitter } from "node:events";
+import { beforeEach, test } from "node:test";
+import {
+  CancellationTokenSource, FakeDocument, Position, events, fakeContext, fileUri, messages, registered, settings, statusItems, vscode,
+} from "./fake-vscode";
+import { activate, deactivate } from "../src/extension";
+import { InlineProvider } from "../src/inline";
+import { statusText } from "../src/statusbar";
+import { DocumentTracker, toRangeChanges } from "../src/tracker";
+import { repositoryInfo } from "../src/repository";
+
+class FakeClient extends EventEmitter {
+  connected = true;
+  documents = new Map<string, unknown>();
+  calls: unknown[][] = [];
+  cancelled: string[] = [];
+  reply: { text: string; finish_reason: string } = { text: "return a + b", finish_reason: "stop" };
+  options: unknown;
+  open(...a: unknown[]) { this.calls.push(["open", ...a]); this.documents.set(a[0] as string, {}); }
+  editChanges(...a: unknown[]) { this.calls.push(["edit", ...a]); }
+  closeDocument(p: string) { this.calls.push(["close", p]); this.documents.delete(p); }
+  close() { this.calls.push(["shutdown"]); }
+  async connect() {
+    return { type: "ready", session_id: "s1", resume_token: "t1", adapter_version: 3, mean_rank: 7.5, documents: {} };
+  }
+  complete(options: unknown) {
+    this.calls.push(["complete", options]);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => { release = r; });
+    const id = `c${this.calls.length}`;
+    const done = (async () => {
+      await gate;
+      return { type: "completion.done", id, adapter_version: 3, completion_id: "x", ...this.reply };
+    })();
+    setTimeout(() => release(), 5);
+    return { id, done, cancel: () => { this.cancelled.push(id); this.reply = { text: "", finish_reason: "cancelled" }; release(); } };
+  }
+}
+
+beforeEach(() => {
+  messages.length = 0;
+  vscode.workspace.textDocuments = [];
+});
+
+test("range changes keep LSP shape", () => {
+  const changes = toRangeChanges([{ range: new vscode.Range(new Position(1, 2), new Position(1, 5)), text: "xy", rangeOffset: 0, rangeLength: 3 } as never]);
+  assert.deepEqual(changes, [{ range: { start: { line: 1, character: 2 }, end: { line: 1, character: 5 } }, text: "xy" }]);
+});
+
+test("tracker opens, edits with versions, closes, and skips non-file documents", () => {
+  const client = new FakeClient();
+  const tracker = new DocumentTracker(() => client as never);
+  const doc = new FakeDocument(fileUri("pkg/a.py"), "x = 1\n");
+  events.open.fire(doc);
+  events.open.fire(new FakeDocument(fileUri("a.py", "git"), "ignored"));
+  events.open.fire(new FakeDocument({ scheme: "file", fsPath: "/elsewhere/b.py", path: "/elsewhere/b.py" }, "outside"));
+  doc.text = "x = 12\n";
+  doc.version = 2;
+  const change = { range: new vscode.Range(new Position(0, 5), new Position(0, 5)), text: "2" };
+  events.change.fire({ document: doc, contentChanges: [change] });
+  events.change.fire({ document: doc, contentChanges: [] }); // dirty-state only: nothing to send
+  events.close.fire(doc);
+  assert.deepEqual(client.calls, [
+    ["open", "pkg/a.py", "x = 1\n", 1, "python"],
+    ["edit", "pkg/a.py", 2, [{ range: { start: { line: 0, character: 5 }, end: { line: 0, character: 5 } }, text: "2" }], "x = 12\n"],
+    ["close", "pkg/a.py"],
+  ]);
+  tracker.dispose();
+  events.open.fire(doc);
+  assert.equal(client.calls.length, 3, "disposed tracker stops listening");
+});
+
+test("a change to a document the session has not seen opens it", () => {
+  const client = new FakeClient();
+  const tracker = new DocumentTracker(() => client as never);
+  const doc = new FakeDocument(fileUri("late.py"), "y = 2\n");
+  doc.version = 4;
+  events.change.fire({ document: doc, contentChanges: [{ range: new vscode.Range(new Position(0, 0), new Position(0, 0)), text: "" }] });
+  assert.deepEqual(client.calls, [["open", "late.py", "y = 2\n", 4, "python"]]);
+  tracker.dispose();
+});
+
+test("inline provider completes at the cursor from the session's mirror", async () => {
+  const client = new FakeClient();
+  client.documents.set("m.py", {});
+  const provider = new InlineProvider(() => client as never, () => 8);
+  const doc = new FakeDocument(fileUri("m.py"), "def add(a, b):\n    ");
+  const items = await provider.provideInlineCompletionItems(doc as never, new Position(1, 4) as never, {} as never, new CancellationTokenSource().token as never);
+  assert.equal(items.length, 1);
+  assert.equal((items[0] as unknown as { insertText: string }).insertText, "return a + b");
+  assert.deepEqual(client.calls[0], ["complete", { path: "m.py", cursor: { line: 1, character: 4 }, max_tokens: 8 }]);
+  // Not in the mirror yet: the prefix is sent instead.
+  const other = new FakeDocument(fileUri("n.py"), "import os\nos.");
+  await provider.provideInlineCompletionItems(other as never, new Position(1, 3) as never, {} as never, new CancellationTokenSource().token as never);
+  assert.deepEqual(client.calls[1], ["complete", { prefix: "import os\nos.", max_tokens: 8 }]);
+});
+
+test("inline provider cancels on the server when VS Code cancels, and is quiet offline", async () => {
+  const client = new FakeClient();
+  client.documents.set("m.py", {});
+  const provider = new InlineProvider(() => client as never, () => 8);
+  const doc = new FakeDocument(fileUri("m.py"), "x = ");
+  const source = new CancellationTokenSource();
+  const pending = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, source.token as never);
+  source.cancel();
+  assert.deepEqual(await pending, []);
+  assert.equal(client.cancelled.length, 1);
+  client.connected = false;
+  assert.deepEqual(await provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, new CancellationTokenSource().token as never), []);
+});
+
+test("status text shows adapter version and mean rank", () => {
+  assert.match(statusText({ state: "ready", version: 12, meanRank: 7.25 }), /v12 r\u0304 7\.3/);
+  assert.match(statusText({ state: "offline" }), /offline/);
+});
+
+test("activate wires provider, commands, status bar and saves the session", async () => {
+  const context = fakeContext();
+  const clients: FakeClient[] = [];
+  const factory = (options: unknown) => {
+    const c = new FakeClient();
+    c.options = options;
+    clients.push(c);
+    return c as never;
+  };
+  const open = new FakeDocument(fileUri("open.py"), "a = 1\n");
+  vscode.workspace.textDocuments = [open];
+  const ext = await activate(context as never, factory);
+  assert.ok(registered.commands.has("dynarank.fineTuneRepository"));
+  assert.ok(registered.commands.has("dynarank.resetSession"));
+  assert.equal(registered.providers.length, 1);
+  const item = statusItems[statusItems.length - 1];
+  assert.ok(item.shown);
+  assert.match(item.text, /v3 r\u0304 7\.5/);
+  assert.deepEqual(clients[0].calls[0], ["open", "open.py", "a = 1\n", 1, "python"]);
+  assert.deepEqual((clients[0].options as { repository: unknown }).repository, repositoryInfo("/work/fake-repo"));
+  const key = `dynarank.session:${settings.serverUrl}`;
+  assert.deepEqual(context.state.get(key), { sessionId: "s1", resumeToken: "t1" });
+  clients[0].emit("adapted", { type: "adapted", version: 4, loss: 1.5, mean_rank: 6, ranks: {} });
+  assert.match(item.text, /v4 r\u0304 6\.0/);
+  clients[0].emit("disconnected");
+  assert.match(item.text, /offline/);
+  // A second start resumes with the saved token; resetSession starts fresh.
+  await ext.start();
+  assert.equal((clients[1].options as { resumeToken?: string }).resumeToken, "t1");
+  await registered.commands.get("dynarank.resetSession")!();
+  assert.equal((clients[2].options as { resumeToken?: string }).resumeToken, undefined);
+  assert.deepEqual(clients[1].calls[clients[1].calls.length - 1], ["shutdown"]);
+  deactivate();
+  assert.ok(item.disposed);
+});
