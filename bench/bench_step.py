@@ -9,6 +9,7 @@ docs/bench_step.md. Policies not registered yet are skipped with a note.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -121,8 +122,12 @@ def main(argv=None) -> None:
             f"| {name} | {r['median']:.3f} | {ratio} | {ph['forward']:.3f} | {ph['backward']:.3f} | "
             f"{ph['policy']:.3f} | {ph['resize']:.3f} | {r['rank_sum']} | {r['params']:,} |"
         )
-    if notes:
-        lines += ["", *[f"- {n}" for n in notes]]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    notes.append(
+        f"1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores; on a shared machine "
+        "absolute times vary several-fold between runs, compare ratios from one run only."
+    )
+    lines += ["", *[f"- {n}" for n in notes]]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
