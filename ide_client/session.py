@@ -360,7 +360,8 @@ class AsyncSession:
         return completion
 
     async def status(self, timeout: float = 30.0) -> m.Status:
-        return await self._request(m.status(), lambda x: isinstance(x, m.Status) or
+        # Replies carry `documents`; the status pushed after each adaptation does not (and has no id).
+        return await self._request(m.status(), lambda x: (isinstance(x, m.Status) and x.documents is not None) or
                                    (isinstance(x, m.Error) and x.ref == "status"), timeout)
 
     async def ping(self, timeout: float = 10.0) -> float:

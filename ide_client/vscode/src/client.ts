@@ -294,7 +294,8 @@ export class DynarankClient extends EventEmitter {
   }
 
   status(timeoutMs = 30_000): Promise<P.Status> {
-    return this.request<P.Status>(P.status(), (m) => m.type === "status", timeoutMs);
+    // Replies carry `documents`; the status pushed after each adaptation does not (and has no id).
+    return this.request<P.Status>(P.status(), (m) => m.type === "status" && m.documents !== undefined, timeoutMs);
   }
 
   async ping(timeoutMs = 10_000): Promise<number> {
