@@ -40,7 +40,7 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int) -> "Client":
-        return cls(await websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=None))
+        return cls(await websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=None, ping_interval=None))
 
     async def send(self, msg) -> None:
         await self.ws.send(msg if isinstance(msg, (str, bytes)) else json.dumps(msg))
@@ -311,7 +311,7 @@ def test_hot_swap_under_concurrent_completions(server):
                 seen.append(done["adapter_version"])
 
         def http_loop():
-            with httpx.Client(timeout=60) as http:
+            with httpx.Client(timeout=180) as http:
                 while not stop.is_set():
                     r = http.post(server.url("/v1/completions"), json={
                         "model": ready["model"], "prompt": "x = ", "max_tokens": 3})
