@@ -65,6 +65,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     p.add_argument("--rank-policy", default=d.rank_policy, help="rank policy for session adapters")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    p.add_argument("--repo-root", action="append", default=[],
+                   help="fine-tuning jobs may read server-side repositories under this directory (repeatable)")
+    p.add_argument("--edit-quiet-s", type=float, default=d.edit_quiet_s,
+                   help="seconds of quiet after which a burst of edits becomes training examples")
+    p.add_argument("--persist-every", type=int, default=d.persist_every,
+                   help="write a session's adapter to disk every N published versions")
     p.add_argument("--log-level", default=d.log_level)
 
 
@@ -81,7 +87,8 @@ def settings_from_args(args) -> Settings:
         api_keys=tuple(k.strip() for k in keys), rank_policy=args.rank_policy,
         max_sessions=args.max_sessions, log_level=args.log_level,
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
-        cors_origins=tuple(args.cors_origin),
+        cors_origins=tuple(args.cors_origin), repo_roots=tuple(str(Path(r).resolve()) for r in args.repo_root),
+        edit_quiet_s=args.edit_quiet_s, persist_every=args.persist_every,
     )
     if args.data_dir:
         settings.data_dir = args.data_dir
