@@ -41,10 +41,11 @@ class Watcher:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self.known = dict(source_files(self.root))
         self.session = self.ctx.session(repository_info(self.root), on_event=self._on_event)
-        had_saved = bool(self.session.resume_token or self.session.session_id)
+        prior_id, prior_token = self.session.session_id, self.session.resume_token
         ready = await self.ctx.connect(self.session)
+        resumed = ready.session_id == prior_id if prior_id else bool(prior_token and self.session.resume_token)
         self.say(f"watching {self.root} ({len(self.known)} source files) -> {self.ctx.server}")
-        self.say(format_ready(ready, resumed=had_saved and ready.session_id == self.session.session_id))
+        self.say(format_ready(ready, resumed=resumed))
         try:
             async for changes in watchfiles.awatch(self.root, stop_event=stop, debounce=300, step=50,
                                                    watch_filter=self._wanted, recursive=True):

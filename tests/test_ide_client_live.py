@@ -181,7 +181,16 @@ class LineReader:
     def __init__(self, proc: subprocess.Popen):
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+        self.thread = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def rest(self, timeout: float = 30) -> str:
+        """Everything printed after the last wait_for, once the child has exited."""
+        self.thread.join(timeout)
+        lines = []
+        while not self.lines.empty():
+            lines.append(self.lines.get_nowait())
+        return "\n".join(lines)
 
     def _pump(self, stream) -> None:
         for line in stream:
@@ -216,7 +225,7 @@ def test_watch_picks_up_a_saved_change_and_the_server_adapts(server, tmp_path):
     try:
         out.wait_for("watching", 60)
         out.wait_for("session", 10)
-        time.sleep(0.5)  # let the watcher arm before the save
+        time.sleep(1.5)  # let the watcher arm before the save
         (repo / "pkg" / "geometry.py").write_text(V2)
         assert "pkg/geometry.py v2" in out.wait_for("edit", 30)
         line = out.wait_for("adapted", 60)
@@ -225,7 +234,8 @@ def test_watch_picks_up_a_saved_change_and_the_server_adapts(server, tmp_path):
         assert "pkg/fresh.py v2" in out.wait_for("edit", 30)
     finally:
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+    rest = out.rest()
     assert "stopped; session saved" in rest and "Traceback" not in rest, rest
     state = (repo / ".dynarank" / "client.json").read_text()
     assert server.url in state and "resume_token" in state
