@@ -1,0 +1,199 @@
+"""Edit replay: for each edit in order, evaluate every method's current adapter on the
+edit's changed tokens, then adapt it on the edit as the server would.
+
+    python -m bench.replay --edits 30 --methods base,fixed8,dynamicrank
+    dynarank bench replay --data path/to/edits.jsonl.gz | --repo path/to/git/checkout
+
+Examples come from ``server.workers.edit_example_builder`` and each example gets
+``--steps-per-edit`` calls of ``train_step`` on ``server.workers.example_batch`` (the
+server runs one per example). Writes docs/bench_replay.md, .json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from bench.edits import DEFAULT_DATA, DEFAULT_EXTENSIONS, load_edits
+from bench.methods import DEFAULT_METHODS, METHODS
+
+# torch, adapter_core and the scoring code are imported inside the functions: building
+# the `dynarank` command line must stay fast.
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def build_examples(tokenizer, edits, max_tokens: int, max_examples: int, limit: int | None):
+    """[(edit index, edit, examples)] for edits that give at least one example, up to ``limit``."""
+    from server.workers import edit_example_builder
+
+    builder = edit_example_builder(tokenizer, max_tokens=max_tokens, max_examples=max_examples)
+    out = []
+    for i, edit in enumerate(edits):
+        examples = builder.from_edit(edit["before"], edit["after"], path=edit.get("path"), language=edit.get("language"))
+        if examples:
+            out.append((i, edit, examples))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _new_record(index: int, edit: dict) -> dict:
+    return {"edit": index, "path": edit.get("path"), "commit": (edit.get("commit") or "")[:12],
+            "nll": [], "correct": [], "cls": [], "completions": [], "losses": [], "params": 0}
+
+
+def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: int = 1, max_tokens: int = 256,
+           max_examples: int = 1, n_edits: int | None = None, completions_per_edit: int = 2,
+           max_new_tokens: int = 24, seed: int = 0, time_budget_s: float | None = None,
+           progress=None) -> dict:
+    """Run the replay; returns {"config", "methods": {name: {"edits": [...], "wall_s", "step_times"}}}."""
+    from adapter_core import inject_adapters
+    from bench.methods import make_learner
+    from bench.scoring import complete_lines, completion_points, score_tokens
+
+    inject_adapters(model)  # once, so the base method can bind None like the others
+    work = build_examples(tokenizer, edits, max_tokens, max_examples, n_edits)
+    total_steps = sum(len(ex) for _, _, ex in work) * steps_per_edit
+    learners = {m: make_learner(m, model, seed=seed, total_steps=total_steps) for m in methods}
+    results = {m: {"edits": [], "wall_s": 0.0} for m in methods}
+    t_start = time.perf_counter()
+    for n, (index, edit, examples) in enumerate(work):
+        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            break
+        points = [completion_points(ex, edit["after"], tokenizer, completions_per_edit, seed * 100_003 + index * 31 + j,
+                                    max_ref_tokens=max_new_tokens)
+                  for j, ex in enumerate(examples)]
+        for m, learner in learners.items():
+            t0 = time.perf_counter()
+            rec = _new_record(index, edit)
+            snap = learner.snapshot()  # evaluate first: the adapter has not seen this edit
+            for ex, pts in zip(examples, points):
+                scores = score_tokens(model, snap, ex)
+                for key in ("nll", "correct", "cls"):
+                    rec[key] += scores[key]
+                rec["completions"] += complete_lines(model, tokenizer, snap, ex, pts, max_new_tokens)
+            rec["params_eval"] = snap.num_params if snap is not None else 0
+            for ex in examples:
+                rec["losses"] += learner.adapt(ex, steps_per_edit)
+            rec["params"] = learner.num_params
+            rec["mean_rank"] = _mean(list(learner.ranks().values()))
+            results[m]["edits"].append(rec)
+            results[m]["wall_s"] += time.perf_counter() - t0
+        if progress:
+            progress(n + 1, len(work), {m: results[m]["edits"][-1] for m in methods})
+    for m, learner in learners.items():
+        results[m]["step_times"] = list(learner.step_times)
+        learner.close()
+    config = {"steps_per_edit": steps_per_edit, "max_tokens": max_tokens, "max_examples": max_examples,
+              "completions_per_edit": completions_per_edit, "max_new_tokens": max_new_tokens, "seed": seed,
+              "edits_available": len(work), "edits_replayed": len(results[methods[0]]["edits"]) if methods else 0}
+    return {"config": config, "methods": results}
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(result: dict) -> dict[str, dict]:
+    """Per method: token-weighted NLL and accuracy per group, completion scores, params, times."""
+    from bench.scoring import GROUPS, bleu
+
+    out = {}
+    for m, res in result["methods"].items():
+        edits = res["edits"]
+        nll = [x for e in edits for x in e["nll"]]
+        correct = [x for e in edits for x in e["correct"]]
+        cls = [x for e in edits for x in e["cls"]]
+        comps = [c for e in edits for c in e["completions"]]
+        row = {"edits": len(edits), "tokens": len(nll)}
+        for group, members in GROUPS.items():
+            idx = [i for i, c in enumerate(cls) if members is None or c in members]
+            row[f"nll_{group}"] = _mean([nll[i] for i in idx])
+            row[f"acc_{group}"] = _mean([float(correct[i]) for i in idx])
+            row[f"n_{group}"] = len(idx)
+        row["completions"] = len(comps)
+        row["exact_match"] = _mean([float(c["exact"]) for c in comps])
+        row["edit_sim"] = _mean([c["edit_sim"] for c in comps])
+        row["bleu"] = bleu([c["hyp"] for c in comps], [c["ref"] for c in comps])
+        params = [e["params"] for e in edits]
+        row["params_mean"] = _mean(params) if params else 0.0
+        row["params_final"] = params[-1] if params else 0
+        row["step_s"] = _mean(res["step_times"]) if res["step_times"] else 0.0
+        row["wall_s"] = res["wall_s"]
+        out[m] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n\n")[0])
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL(.gz) of file edits (default: %(default)s)")
+    p.add_argument("--repo", type=Path, default=None, help="replay a local git repository's first-parent history instead")
+    p.add_argument("--max-commits", type=int, default=None, help="with --repo: the most recent N commits")
+    p.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS), help="with --repo: file types, comma-separated")
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name or model directory")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated; known: {', '.join(METHODS)}")
+    p.add_argument("--edits", type=int, default=10, help="edits (that give training examples) to replay")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per example")
+    p.add_argument("--max-examples", type=int, default=None, help="examples per edit (default: the server's)")
+    p.add_argument("--steps-per-edit", type=int, default=1, help="train steps per example (the server runs 1)")
+    p.add_argument("--completions", type=int, default=2, help="line completions sampled per example")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="longest line completion")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, help="stop starting new edits after this many seconds")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is far faster than 2 on a shared 2-core machine)")
+    p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_replay.md/.json/.png")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from bench.report import write_replay_report
+    from server.models import load_model, resolve_model
+    from server.workers import EDIT_MAX_EXAMPLES
+
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    source = args.repo if args.repo is not None else args.data
+    exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",") if e)
+    # Many edits give no example (whitespace, deletions): read a generous prefix.
+    edits = load_edits(source, limit=None if args.repo else max(args.edits * 4, 50), max_commits=args.max_commits,
+                       extensions=exts)
+    model, tokenizer = load_model(resolve_model(args.model, progress=True))
+    t0 = time.perf_counter()
+
+    def progress(done, total, last):
+        line = " ".join(f"{m}={_mean(r['nll']):.3f}" for m, r in last.items())
+        print(f"[{time.perf_counter() - t0:7.1f}s] edit {done}/{total} {line}", flush=True)
+
+    result = replay(model, tokenizer, edits, methods, steps_per_edit=args.steps_per_edit, max_tokens=args.max_tokens,
+                    max_examples=args.max_examples or EDIT_MAX_EXAMPLES, n_edits=args.edits,
+                    completions_per_edit=args.completions, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                    time_budget_s=args.time_budget, progress=progress)
+    result["config"].update({"model": args.model, "source": str(source), "wall_s": time.perf_counter() - t0,
+                             "threads": args.threads})
+    table = write_replay_report(result, summarize(result), args.out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
