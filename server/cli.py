@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the server")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from bench.cli import add_bench_parser  # `dynarank bench ...` (bench/cli.py)
+
+    add_bench_parser(sub)
     return parser
 
 
