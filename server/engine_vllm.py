@@ -69,7 +69,17 @@ INSTALL_HINT = (
 )
 
 
-class VLLMNotInstalled(RuntimeError):
+try:  # the CLI prints ModelError messages as "error: ..." and exits 1
+    from server.models import ModelError as _ConfigError
+except ImportError:  # pragma: no cover
+    _ConfigError = RuntimeError
+
+
+class VLLMNotInstalled(_ConfigError):
+    pass
+
+
+class EngineOptionError(_ConfigError, ValueError):
     pass
 
 
@@ -162,7 +172,7 @@ class VLLMEngine:
                  max_model_len: int | None = None, max_num_seqs: int = 8, kv_cache_gib: float = 1.0,
                  dtype: str = "float32", enforce_eager: bool = True, gpu_memory_utilization: float | None = None,
                  gate: ServingGate | None = None, load_timeout_s: float = 300.0, engine_args: dict | None = None):
-        self._v = import_vllm()
+        self._v = self._api()
         self.model_path = str(model_path)
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -170,7 +180,7 @@ class VLLMEngine:
         self.fim = has_fim(tokenizer)
         self.eos_ids = model_eos_ids(model_path, tokenizer)
         self.max_lora_rank = int(max_lora_rank) if max_lora_rank else choose_max_lora_rank(r_max)
-        if self.max_lora_rank not in allowed_lora_ranks():
+        if self.max_lora_rank not in _DEFAULT_ALLOWED_RANKS + allowed_lora_ranks():
             raise ValueError(f"max_lora_rank must be one of {allowed_lora_ranks()}, got {self.max_lora_rank}")
         self.max_loras = int(max_loras)
         self.max_cpu_loras = int(max_cpu_loras or max(self.max_loras, 8))
@@ -193,9 +203,7 @@ class VLLMEngine:
         self.lineage_resolver = None  # callable(snapshot) -> lineage key or None (see attach())
         self.stats = {"loaded": 0, "removed": 0, "skipped": 0, "failed": 0}
 
-        cpu = not _cuda_available()
-        if cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+        self.kv_cache_gib = kv_cache_gib
         args = dict(model=self.model_path, tokenizer=self.model_path, dtype=dtype, enable_lora=True,
                     max_lora_rank=self.max_lora_rank, max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
                     max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, disable_log_stats=True,
@@ -217,7 +225,7 @@ class VLLMEngine:
         except BaseException:
             self._stop_loop()
             raise
-        self.max_context = int(self.llm.vllm_config.model_config.max_model_len)
+        self.max_context = int(self._max_model_len())
         self._load_queue: asyncio.Queue = self._call(self._make_queue())
         self._tasks = [asyncio.run_coroutine_threadsafe(self._loader(), self._loop),
                        asyncio.run_coroutine_threadsafe(self._janitor(), self._loop)]
@@ -233,8 +241,18 @@ class VLLMEngine:
     def _call(self, coro, timeout: float | None = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    # Overridden by the remote engine (server/engine_vllm_remote.py), which talks HTTP instead.
+
+    def _api(self) -> dict:
+        return import_vllm()
+
     async def _start(self, args):
+        if not _cuda_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self.kv_cache_gib)))))
         return self._v["AsyncLLM"].from_engine_args(self._v["AsyncEngineArgs"](**args))
+
+    def _max_model_len(self) -> int:
+        return self.llm.vllm_config.model_config.max_model_len
 
     async def _make_queue(self):
         return asyncio.Queue()
@@ -745,15 +763,21 @@ def parse_engine_options(items) -> dict:
         key, sep, value = str(item).partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in OPTION_KEYS:
-            raise ValueError(f"bad --vllm-option {item!r}; keys: {', '.join(sorted(OPTION_KEYS))}")
-        options[key] = OPTION_KEYS[key](value.strip())
+            raise EngineOptionError(f"bad --vllm-option {item!r}; keys: {', '.join(sorted(OPTION_KEYS))}")
+        try:
+            options[key] = OPTION_KEYS[key](value.strip())
+        except ValueError as exc:
+            raise EngineOptionError(f"bad --vllm-option {item!r}: {exc}") from None
     return options
 
 
 def build_vllm_engine(settings, tokenizer, model_path=None, options: dict | None = None):
     """The engine ``--engine vllm`` asks for: in-process, or a remote ``vllm serve`` when ``url`` is set."""
-    options = dict(options if options is not None else getattr(settings, "engine_options", None) or {})
-    if model_path is None:
+    if options is None:
+        raw = getattr(settings, "engine_options", None) or ()
+        options = raw if isinstance(raw, dict) else parse_engine_options(raw)
+    options = dict(options)
+    if model_path is None or not Path(model_path).is_dir():
         from server.models import resolve_model
 
         model_path = resolve_model(settings.model, progress=True)
