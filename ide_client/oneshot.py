@@ -79,7 +79,8 @@ async def _status(ctx: Context, out) -> int:
             info = {}
     print(f"session  {ready.session_id}  adapter v{status.version}  mean rank {info.get('mean_rank', ready.mean_rank):.2f}"
           f"  model {ready.model}", file=out)
-    print(f"training steps {info.get('steps', '?')}  last loss {info.get('last_loss')}  "
+    loss = info.get("last_loss")
+    print(f"training steps {info.get('steps', '?')}  last loss {'-' if loss is None else f'{loss:.4f}'}  "
           f"queue {status.queue_depth}  dropped {status.dropped}", file=out)
     print(f"ranks    [{format_ranks(info.get('ranks') or ready.ranks)}]", file=out)
     docs = status.documents or {}
