@@ -239,3 +239,49 @@ def test_burst_of_versions_does_not_leak(engines, hf_model):
         assert vllm.list_loras() == {v["int_id"] for v in vllm.adapter_versions() if v["state"] == "loaded"}
     finally:
         vllm.lineage_resolver = None
+
+
+def test_session_new_version_visible_through_app(engines, hf_model, tmp_path):
+    """The wiring of create_app: a session's published version reaches vLLM by both request paths."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    _, vllm = engines
+    model, tokenizer, _ = hf_model
+    settings = Settings(model="smollm2-135m", engine="vllm", data_dir=tmp_path, rank_policy="fixed")
+    app = create_app(settings, model=model, tokenizer=tokenizer, engine=vllm)
+    state = app.state.dynarank
+    assert state.engine is vllm and vllm.lineage_resolver is not None
+    try:
+        manager = state.extras["sessions"].sessions
+        session, _ = manager.attach(None)
+        name = f"{settings.served_name}:{session.adapter_name}"
+        request = GenerationRequest(prompt=PROMPTS[0], max_tokens=4)
+
+        def publish():  # what a worker's train step does after train_step
+            snap = session.adapter.snapshot(loss=1.0)
+            with session.lock:
+                session.snapshot = snap
+            return snap
+
+        # OpenAI path: the model name resolves to the session's current snapshot.
+        snap1 = publish()
+        resolved, _ = state.adapters.resolve(name, None)
+        assert resolved is snap1
+        assert run(vllm, request, resolved)[2].finish_reason in ("length", "stop")
+        assert vllm.wait_loaded(snap1)
+        lineage = vllm._by_snap[snap1].lineage
+        # Websocket path: the engine gets session.snapshot directly; same lineage via the session scan.
+        snap2 = publish()
+        entry = vllm.acquire(session.current())
+        vllm.release(entry)
+        assert vllm._by_snap[snap2].lineage == lineage
+        assert entry.version in (snap1.version, snap2.version)  # never waits: v1 until v2 is loaded
+        assert vllm.wait_loaded(snap2) and vllm.wait_idle()
+        entry = vllm.acquire(session.current())
+        vllm.release(entry)
+        assert entry.version == snap2.version and entry.int_id in vllm.list_loras()
+        assert vllm.wait_idle()
+        assert vllm._by_snap[snap1].int_id not in vllm.list_loras()
+    finally:
+        vllm.lineage_resolver = None
