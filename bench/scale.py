@@ -1,0 +1,175 @@
+"""Many concurrent sessions, in process: memory per session, mixed-adapter batch
+throughput, and the time to restore an evicted session from the store.
+
+    python -m bench.scale --sessions 1,4,16,64
+    dynarank bench scale
+
+Sessions are made by the server's ``SessionManager`` (its adapter construction,
+rank policy and store). Throughput: greedy generation of a batch whose rows each
+use a different session's snapshot (``use_adapter(model, [snap1, snap2, ...])``)
+vs. the same batch on one adapter and on the base model. Restore: the session is
+persisted, then attached from a fresh ``SessionManager`` over the same data dir
+(what happens after eviction or a restart). Writes docs/bench_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PROMPT = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    parser.add_argument("
+
+
+def rss() -> int:
+    import ctypes
+
+    import psutil
+
+    gc.collect()
+    try:  # give freed heap back so the RSS delta is what is really held
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss
+
+
+def make_manager(model, tokenizer, data_dir: Path, policy: str, max_sessions: int):
+    from server.sessions import SessionManager
+    from server.settings import Settings
+    from server.store import AdapterStore
+
+    settings = Settings(data_dir=data_dir, rank_policy=policy, max_sessions=max_sessions, model="bench")
+    store = AdapterStore(data_dir / "adapters", settings.served_name, keep_versions=settings.keep_versions)
+    return SessionManager(settings, model, tokenizer, store)
+
+
+def generate_tokens_per_s(model, tokenizer, binding, rows: int, new_tokens: int, repeats: int) -> float:
+    import torch
+
+    from adapter_core import use_adapter
+
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.repeat(rows, 1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad(), use_adapter(model, binding):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        times.append(time.perf_counter() - t0)
+    return rows * new_tokens / statistics.median(times)
+
+
+def run(args) -> int:
+    import torch
+
+    from adapter_core import inject_adapters
+    from server.models import load_model, resolve_model
+
+    torch.set_num_threads(args.threads)
+    levels = sorted(int(x) for x in args.sessions.split(","))
+    model, tokenizer = load_model(resolve_model(args.model, progress=False))
+    inject_adapters(model)
+    work = Path(tempfile.mkdtemp(prefix="dynarank-bench-scale-"))
+    manager = make_manager(model, tokenizer, work / "data", args.policy, max(levels) + 1)
+    rows_out, sessions, held = [], [], {}
+    rss0 = rss()
+    for n in levels:  # memory first: generation's caches would blur the RSS deltas
+        while len(sessions) < n:
+            session, _ = manager.attach(None, f"s{len(sessions)}")
+            sessions.append(session)
+        held[n] = rss() - rss0
+    for n in levels:
+        snaps = [s.current() for s in sessions[:n]]
+        snap_bytes = statistics.mean(sn.num_params * sn.A[next(iter(sn.A))].element_size() for sn in snaps)
+        rows = min(n, args.max_batch)
+        mixed = generate_tokens_per_s(model, tokenizer, snaps[:rows], rows, args.new_tokens, args.repeats)
+        one = generate_tokens_per_s(model, tokenizer, snaps[0], rows, args.new_tokens, args.repeats)
+        base = generate_tokens_per_s(model, tokenizer, None, rows, args.new_tokens, args.repeats)
+        row = {"sessions": n, "batch_rows": rows, "snapshot_mb": snap_bytes / 2**20,
+               "live_adapter_mb": 3 * snap_bytes / 2**20,  # factors + AdamW's two moments once it has stepped
+               "rss_per_session_mb": held[n] / n / 2**20, "rss_total_mb": held[n] / 2**20,
+               "tok_s_mixed": mixed, "tok_s_one": one, "tok_s_base": base, "mixed_vs_one": mixed / one}
+        print(row, flush=True)
+        rows_out.append(row)
+    # Restore: persist one session, then attach it from a fresh manager (nothing in memory).
+    restore = []
+    for i in range(args.restores):
+        victim = sessions[i % len(sessions)]
+        t0 = time.perf_counter()
+        manager.persist(victim, force=True)
+        persist_s = time.perf_counter() - t0
+        fresh = make_manager(model, tokenizer, work / "data", args.policy, max(levels) + 1)
+        t0 = time.perf_counter()
+        restored, _ = fresh.attach(None, victim.id)
+        restore_s = time.perf_counter() - t0
+        same = all(torch.equal(restored.current().B[k], victim.current().B[k]) for k in victim.current().B)
+        restore.append({"persist_s": persist_s, "restore_s": restore_s, "identical": same})
+    result = {"config": {"model": args.model, "policy": args.policy, "new_tokens": args.new_tokens,
+                         "max_batch": args.max_batch, "threads": args.threads, "prompt_tokens":
+                         int(tokenizer(PROMPT, return_tensors="pt").input_ids.shape[1])},
+              "levels": rows_out, "restore": restore}
+    print(write_report(result, args.out))
+    return 0
+
+
+def write_report(result: dict, out: Path) -> str:
+    from bench.report import fmt, machine, markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [("sessions", "sessions"), ("batch_rows", "batch rows"), ("snapshot_mb", "snapshot MB"),
+            ("live_adapter_mb", "live adapter MB"), ("rss_per_session_mb", "RSS / session MB"),
+            ("tok_s_mixed", "tok/s mixed adapters"), ("tok_s_one", "tok/s one adapter"),
+            ("tok_s_base", "tok/s base"), ("mixed_vs_one", "mixed / one")]
+    table = markdown_table(result["levels"], cols).replace("|---:|", "|---|", 1)
+    r = result["restore"]
+    cfg = result["config"]
+    restore_line = (f"Restore an evicted session (persist, then attach from a fresh SessionManager): persist "
+                    f"{fmt(statistics.median(x['persist_s'] for x in r))} s, restore "
+                    f"{fmt(statistics.median(x['restore_s'] for x in r))} s (median of {len(r)}); factors identical: "
+                    f"{all(x['identical'] for x in r)}.") if r else ""
+    text = "\n".join([
+        "# Scale: many sessions", "",
+        f"In process, model `{cfg['model']}`, session adapters from `SessionManager` (policy `{cfg['policy']}`, "
+        f"fresh, initial ranks). Throughput: greedy generation, {cfg['prompt_tokens']}-token prompt, "
+        f"{cfg['new_tokens']} new tokens per row, batch rows = sessions capped at {cfg['max_batch']}; 'mixed' binds "
+        f"one session snapshot per row, 'one' binds the first session's snapshot to every row. Snapshot MB: "
+        f"factors of one published version; live adapter MB: factors plus AdamW moments (3x, once it has "
+        f"trained); RSS / session: process RSS growth divided by sessions (fresh sessions hold their live "
+        f"factors and one snapshot). Machine: {machine()}, shared with other work.", "",
+        table, "", restore_line, "",
+    ])
+    (out / "bench_scale.md").write_text(text)
+    (out / "bench_scale.json").write_text(json.dumps(result, indent=1))
+    return table + "\n\n" + restore_line
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m bench.scale")
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sessions", default="1,4,16,64", help="session counts, comma-separated")
+    p.add_argument("--policy", default="dynamicrank", help="rank policy of the sessions (server default)")
+    p.add_argument("--max-batch", type=int, default=16, help="largest mixed batch")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--restores", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=DOCS)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
