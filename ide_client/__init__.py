@@ -5,7 +5,14 @@ No torch here: this package talks to the server only over the wire.
 
 from ide_client.backoff import Backoff
 from ide_client.http_api import API, APIError, AsyncAPI
-from ide_client.messages import Adapted, CompletionDone, Error, Ready, Reconnected, Status
+from ide_client.messages import (
+    Adapted,
+    CompletionDone,
+    Error,
+    Ready,
+    Reconnected,
+    Status,
+)
 from ide_client.session import AsyncSession, Completion, ConnectionLost, ProtocolError
 from ide_client.sync import Session
 

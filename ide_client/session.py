@@ -14,8 +14,9 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import websockets
 from websockets.exceptions import ConnectionClosed
@@ -23,6 +24,9 @@ from websockets.exceptions import ConnectionClosed
 from ide_client import messages as m
 from ide_client.backoff import Backoff
 from ide_client.urls import ws_url
+
+if TYPE_CHECKING:
+    from typing import Self  # 3.11+; annotations are not evaluated at runtime
 
 log = logging.getLogger("dynarank.client")
 
@@ -52,7 +56,7 @@ class Document:
 class Completion:
     """A streaming completion: ``async for text in c`` yields deltas; ``await c.result()``."""
 
-    def __init__(self, session: "AsyncSession", cid):
+    def __init__(self, session: AsyncSession, cid):
         self.id = cid
         self._session = session
         self._deltas: asyncio.Queue = asyncio.Queue()
@@ -129,7 +133,7 @@ class AsyncSession:
         self._reader = asyncio.create_task(self._read_forever(), name="dynarank-reader")
         return ready
 
-    async def __aenter__(self) -> "AsyncSession":
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -144,8 +148,8 @@ class AsyncSession:
             self._reader.cancel()
             try:
                 await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+            except (asyncio.CancelledError, ConnectionClosed):
+                pass  # the reader ends this way when we close
         self._fail_pending(ConnectionLost("session closed"))
 
     @property

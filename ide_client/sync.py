@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ide_client import messages as m
 from ide_client.session import AsyncSession, Completion
+
+if TYPE_CHECKING:
+    from typing import Self  # 3.11+; annotations are not evaluated at runtime
 
 
 class _LoopThread:
@@ -66,7 +70,7 @@ class Session:
     def connect(self) -> m.Ready:
         return self._runner.run(self._session.connect())
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Self:
         self.connect()
         return self
 

@@ -14,8 +14,7 @@ def http_base(url: str) -> str:
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
     path = parts.path.rstrip("/")
     for suffix in (WS_PATH, "/v1"):
-        if path.endswith(suffix):
-            path = path[: -len(suffix)]
+        path = path.removesuffix(suffix)
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 

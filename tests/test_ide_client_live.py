@@ -38,7 +38,7 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.proc = start_server(["--model", str(self.model_dir), "--port", str(self.port),
                                   "--data-dir", str(self.data_dir)])
         wait_for_http(self.url + "/health", self.proc)
@@ -113,14 +113,13 @@ def test_full_session_flow(server):
 
 
 def test_blocking_session_joins_the_same_session(server):
-    with Session(server.url) as first:
-        with Session(server.url, resume_token=first.resume_token) as again:
-            assert again.session_id == first.session_id
-            again.open("a.py", "x = 1\n")
-            assert first.status().documents == {"a.py": 1}
-            completion = again.complete(prefix="def f(", max_tokens=4)
-            text = "".join(completion)
-            assert completion.result().text == text
+    with Session(server.url) as first, Session(server.url, resume_token=first.resume_token) as again:
+        assert again.session_id == first.session_id
+        again.open("a.py", "x = 1\n")
+        assert first.status().documents == {"a.py": 1}
+        completion = again.complete(prefix="def f(", max_tokens=4)
+        text = "".join(completion)
+        assert completion.result().text == text
 
 
 def test_cancel_stops_generation(server):

@@ -18,7 +18,7 @@ EXT = Path(__file__).resolve().parents[1] / "ide_client" / "vscode"
 
 def _npm(*args: str, timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "DYNARANK_PYTHON": sys.executable, "npm_config_audit": "false", "npm_config_fund": "false"}
-    return subprocess.run(["npm", *args], cwd=EXT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["npm", *args], check=False, cwd=EXT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None,
