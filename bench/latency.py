@@ -79,6 +79,7 @@ class LoadClient:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
+        self.started = 0
 
     def _one(self, t_sched: float) -> None:
         import httpx
@@ -105,6 +106,7 @@ class LoadClient:
                 break
             threading.Thread(target=self._one, args=(t_next,), daemon=True).start()
             k += 1
+            self.started = k
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -112,6 +114,15 @@ class LoadClient:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def drain(self, timeout: float) -> None:
+        """Wait for the requests still in flight (their records count for the phase they started in)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with self._lock:
+                if len(self.records) >= self.started:
+                    return
+            time.sleep(0.2)
 
     def window(self, t0: float, t1: float) -> list[dict]:
         with self._lock:
@@ -275,17 +286,22 @@ def run(args) -> int:
         ws_url = f"ws://127.0.0.1:{port}/v1/ws"
         client = LoadClient(base_url, served, args.rate, args.max_tokens)
         client.start()
-        phases = {}
+        windows = {}  # phase -> (start, end); stats once every request of the phase has finished
 
         def measure(name: str) -> None:
             t0 = time.monotonic()
+            v0 = sum(len(s.adapted) for s in sessions)
             time.sleep(args.phase_s)
-            phases[name] = phase_stats(client.window(t0, time.monotonic()), time.monotonic() - t0)
-            phases[name]["adapted_versions"] = sum(len(s.adapted) for s in sessions)
-            print(f"{name}: {phases[name]}", flush=True)
+            windows[name] = (t0, time.monotonic(), sum(len(s.adapted) for s in sessions) - v0)
+            print(f"phase {name} done", flush=True)
 
         time.sleep(3)  # warm-up request(s)
         measure("idle")
+        # Edit-to-live before the other sessions load the worker (their queues would come first).
+        trial_session = EditingSession(ws_url, [e for e in edits if len(e["after"]) < 6000], "live")
+        results["edit_to_live"] = edit_to_live(base_url, served, trial_session, args.trials)
+        print(f"edit-to-live: {results['edit_to_live']}", flush=True)
+        trial_session.close()
         sessions.append(EditingSession(ws_url, edits, "s0"))
         sessions[0].keep_editing(args.edit_interval)
         measure("1 session adapting")
@@ -296,10 +312,12 @@ def run(args) -> int:
         for s in sessions:
             s.stop_editing()
         client.stop()
-        trial_session = EditingSession(ws_url, [e for e in edits if len(e["after"]) < 6000], "live")
-        results["edit_to_live"] = edit_to_live(base_url, served, trial_session, args.trials)
-        print(f"edit-to-live: {results['edit_to_live']}", flush=True)
-        trial_session.close()
+        client.drain(timeout=120)
+        phases = {}
+        for name, (t0, t1, versions) in windows.items():
+            phases[name] = phase_stats(client.window(t0, t1), t1 - t0)
+            phases[name]["adapted_versions"] = versions
+            print(f"{name}: {phases[name]}", flush=True)
         results["phases"] = phases
     finally:
         for s in sessions:
@@ -323,7 +341,7 @@ def write_report(results: dict, out: Path) -> str:
     rows = [{"phase": name, **st} for name, st in results["phases"].items()]
     cols = [("phase", "phase"), ("requests", "requests"), ("errors", "errors"), ("p50", "p50 s"), ("p95", "p95 s"),
             ("p99", "p99 s"), ("tokens_per_s", "tokens/s (all)"), ("tokens_per_s_per_request", "tokens/s per request"),
-            ("adapted_versions", "versions published (cumulative)")]
+            ("adapted_versions", "versions published")]
     table = markdown_table(rows, cols).replace("|---:|", "|---|", 1)
     trials = results.get("edit_to_live", [])
     live_rows = [{"phase": str(i + 1), **t} for i, t in enumerate(trials)]
@@ -342,7 +360,7 @@ def write_report(results: dict, out: Path) -> str:
         f"{cfg['phase_s']} s per phase. Adapting sessions send file edits (click history) over `/v1/ws` whenever "
         f"their queue is short. Machine: {machine()}, shared with other work.", "",
         table, "",
-        "Edit-to-live (after the load stopped, on an idle session): time from sending `edit` to the `adapted` "
+        "Edit-to-live (after the idle phase, load still running, no other session adapting): time from sending `edit` to the `adapted` "
         "push of the first version trained on it, and to the first HTTP completion (`max_tokens` 1, polled back "
         "to back) whose `adapter_version` includes it. Includes the server's edit coalescing quiet time (0.3 s here).", "",
         live, "",
@@ -364,7 +382,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL(.gz) of file edits to send")
-    p.add_argument("--rate", type=float, default=0.4, help="completions per second")
+    p.add_argument("--rate", type=float, default=0.25, help="completions per second (open loop)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--phase-s", type=float, default=45.0, help="seconds per phase")
     p.add_argument("--sessions", type=int, default=3, help="sessions adapting in the last phase")
