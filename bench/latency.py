@@ -135,7 +135,9 @@ class EditingSession:
     def __init__(self, ws_url: str, edits: list[dict], name: str):
         from websockets.sync.client import connect
 
-        self.ws = connect(ws_url, max_size=None, ping_interval=None)
+        # websockets wants connect() used as a context manager; the session spans several phases.
+        self._conn = connect(ws_url, max_size=None, ping_interval=None)
+        self.ws = self._conn.__enter__()
         self.edits, self.name, self.n = edits, name, 0
         self.adapted: list[tuple[float, int]] = []  # (monotonic time, version)
         self.queue_depth = 0
@@ -193,7 +195,7 @@ class EditingSession:
     def close(self) -> None:
         self._stop.set()
         try:
-            self.ws.close()
+            self._conn.__exit__(None, None, None)
         except Exception:
             pass
 
@@ -358,14 +360,18 @@ def write_report(results: dict, out: Path) -> str:
         f"1 training thread), started in {fmt(cfg.get('server_start_s'))} s. Client: open loop, one "
         f"`/v1/completions` on the base model every {fmt(1 / cfg['rate'])} s, {cfg['max_tokens']} tokens, greedy; "
         f"{cfg['phase_s']} s per phase. Adapting sessions send file edits (click history) over `/v1/ws` whenever "
-        f"their queue is short. Machine: {machine()}, shared with other work.", "",
+        f"their queue is short. Machine: {machine()}, shared with other work. 'tokens/s (all)' is the tokens "
+        f"served per second of the phase (equal to the offered load while the server keeps up); 'tokens/s per "
+        f"request' is completion tokens over each request's latency. Percentiles of few requests are rough "
+        f"(p99 is about the maximum).", "",
         table, "",
         "Edit-to-live (after the idle phase, load still running, no other session adapting): time from sending `edit` to the `adapted` "
         "push of the first version trained on it, and to the first HTTP completion (`max_tokens` 1, polled back "
         "to back) whose `adapter_version` includes it. Includes the server's edit coalescing quiet time (0.3 s here).", "",
         live, "",
         "Cost of a swap (in process): publishing a version clones the factors into an immutable snapshot; "
-        "serving then swaps one reference under the session lock.", "",
+        "serving then swaps one reference under the session lock (the swap time includes freeing the "
+        "previous version, which nothing else holds here).", "",
         swap, "",
     ])
     if _plot(out / "bench_latency.png", [("completion latency p50/p95/p99 (s)", {
