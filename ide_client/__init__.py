@@ -6,6 +6,7 @@ No torch here: this package talks to the server only over the wire.
 from ide_client.backoff import Backoff
 from ide_client.http_api import API, APIError, AsyncAPI
 from ide_client.messages import (
+    Ack,
     Adapted,
     CompletionDone,
     Error,
@@ -17,6 +18,6 @@ from ide_client.session import AsyncSession, Completion, ConnectionLost, Protoco
 from ide_client.sync import Session
 
 __all__ = [
-    "API", "APIError", "Adapted", "AsyncAPI", "AsyncSession", "Backoff", "Completion", "CompletionDone",
+    "API", "APIError", "Ack", "Adapted", "AsyncAPI", "AsyncSession", "Backoff", "Completion", "CompletionDone",
     "ConnectionLost", "Error", "ProtocolError", "Ready", "Reconnected", "Session", "Status",
 ]

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("complete", parents=[common], help="print a completion at FILE:LINE:COL (1-based)")
     c.add_argument("location")
     c.add_argument("--max-tokens", type=int, default=32)
+    verdict = c.add_mutually_exclusive_group()
+    verdict.add_argument("--accept", action="store_const", const="accepted", dest="feedback",
+                         help="record the completion as accepted (the server may train on it once it is in the file)")
+    verdict.add_argument("--reject", action="store_const", const="rejected", dest="feedback",
+                         help="record the completion as rejected (never trained on)")
     f = sub.add_parser("finetune", parents=[common], help="fine-tune an adapter on a repository")
     f.add_argument("path", type=Path, nargs="?", default=Path("."))
     f.add_argument("--name", help="adapter name (default: the directory's name)")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "complete":
             from ide_client.oneshot import run_complete
 
-            return run_complete(ctx, args.location, args.max_tokens)
+            return run_complete(ctx, args.location, args.max_tokens, feedback=args.feedback)
         if args.command == "finetune":
             from ide_client.finetune import run_finetune
 

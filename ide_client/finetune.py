@@ -38,7 +38,8 @@ def start_job(api, root: Path, name: str, hp: dict, upload: bool, err=sys.stderr
     files = [{"path": rel, "text": text} for rel, text in source_files(root)]
     if not files:
         raise SystemExit(f"no source files under {root}")
-    return api.create_job(adapter_name=name, files=files, hyperparameters=hp)
+    # Name the repository so the adapter seeds this repository's sessions, as a server-side job would.
+    return api.create_job(adapter_name=name, files=files, repository=info, hyperparameters=hp)
 
 
 def follow(api, job: dict, out=sys.stderr, poll_s: float = 0.5) -> dict:

@@ -48,10 +48,22 @@ class _Endpoints:
             body["suffix"] = suffix
         return self._call("POST", "/v1/completions", json=body)
 
+    def feedback(self, completion_id: str, event: str, accepted_text: str | None = None, index: int = 0):
+        """``POST /v1/completions/{id}/feedback``: shown | accepted | partially_accepted | rejected."""
+        body = {"event": event, **({"accepted_text": accepted_text} if accepted_text is not None else {}),
+                **({"index": index} if index else {})}
+        return self._call("POST", f"/v1/completions/{completion_id}/feedback", json=body)
+
+    def session_stats(self, session_id: str):
+        return self._call("GET", f"/v1/sessions/{session_id}/stats")
+
     def create_job(self, *, adapter_name: str, repository: dict | None = None, files: list | None = None,
                    hyperparameters: dict | None = None):
         body = {"adapter_name": adapter_name, "hyperparameters": hyperparameters or {}}
-        body.update({"repository": repository} if repository is not None else {"files": files})
+        if files is not None:
+            body["files"] = files  # `repository` may then name them ({id, root_name}) for seeding sessions
+        if repository is not None:
+            body["repository"] = repository
         return self._call("POST", "/v1/fine_tuning/jobs", json=body)
 
     def jobs(self):

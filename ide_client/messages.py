@@ -43,6 +43,7 @@ class Status:
     queue_depth: int = 0
     dropped: int = 0
     documents: dict[str, int] | None = None
+    id: str | int | None = None  # set on replies to a status request that carried an id
     type: str = "status"
 
 
@@ -60,7 +61,22 @@ class CompletionDone:
     adapter_version: int = 0
     finish_reason: str = "stop"
     completion_id: str = ""
+    model: str = ""
     type: str = "completion.done"
+
+
+@dataclass
+class Ack:
+    """Reply to open/edit/close/feedback messages that carried an id."""
+
+    ref: str
+    id: str | int | None = None
+    path: str | None = None
+    version: int | None = None
+    completion_id: str | None = None
+    event: str | None = None
+    adapter_version: int | None = None
+    type: str = "ack"
 
 
 @dataclass
@@ -92,11 +108,11 @@ class Unknown:
     type: str = "unknown"
 
 
-Message = Ready | Adapted | Status | CompletionDelta | CompletionDone | Error | Pong | Reconnected | Unknown
+Message = Ready | Adapted | Status | CompletionDelta | CompletionDone | Ack | Error | Pong | Reconnected | Unknown
 
 _BY_TYPE = {
     "ready": Ready, "adapted": Adapted, "status": Status, "completion.delta": CompletionDelta,
-    "completion.done": CompletionDone, "error": Error, "pong": Pong,
+    "completion.done": CompletionDone, "ack": Ack, "error": Error, "pong": Pong,
 }
 
 
@@ -154,8 +170,18 @@ def cancel(cid) -> dict:
     return {"type": "cancel", "id": cid}
 
 
-def status() -> dict:
-    return {"type": "status"}
+def status(sid=None) -> dict:
+    return _drop_none({"type": "status", "id": sid})
+
+
+FEEDBACK_EVENTS = ("shown", "accepted", "partially_accepted", "rejected")
+
+
+def feedback(completion_id: str, event: str, accepted_text: str | None = None, rid=None) -> dict:
+    if event not in FEEDBACK_EVENTS:
+        raise ValueError(f"event must be one of {', '.join(FEEDBACK_EVENTS)}")
+    return _drop_none({"type": "feedback", "completion_id": completion_id, "event": event,
+                       "accepted_text": accepted_text, "id": rid})
 
 
 def ping(pid=None) -> dict:

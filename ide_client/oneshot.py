@@ -33,30 +33,37 @@ def split_at(text: str, line: int, col: int) -> tuple[str, str]:
     return text[:offset], text[offset:]
 
 
-async def _complete(ctx: Context, spec: str, max_tokens: int, out, err) -> int:
+async def _complete(ctx: Context, spec: str, max_tokens: int, out, err, feedback: str | None = None) -> int:
     path, line, col = parse_location(spec)
     prefix, suffix = split_at(path.read_text(), line, col)
-    if not prefix:
-        raise ValueError("nothing before the cursor to complete from (the server needs a prefix)")
+    if not prefix and not suffix:
+        raise ValueError("the file is empty: nothing to complete from")
     # prefix/suffix rather than open+cursor: the document mirror belongs to editors (watch, VS Code)
     # sharing this session, and a one-shot open/close would disturb their versions.
     session = ctx.session(repository_info(ctx.repo_root) if ctx.repo_root else None, reconnect=False)
     ready = await ctx.connect(session)
     try:
         completion = await session.complete(prefix=prefix, suffix=suffix or None, max_tokens=max_tokens)
+        # (an empty prefix is fine with a suffix: completing at line 1, column 1)
         async for piece in completion:
             out.write(piece)
             out.flush()
         done = await completion.result()
         out.write("\n")
-        print(f"[session {ready.session_id}, adapter v{done.adapter_version}, {done.finish_reason}]", file=err)
+        note = ""
+        if feedback is not None and done.completion_id:
+            await session.feedback(done.completion_id, feedback)
+            note = f", recorded {feedback}"
+        print(f"[session {ready.session_id}, adapter v{done.adapter_version}, {done.finish_reason}, "
+              f"{done.completion_id}{note}]", file=err)
     finally:
         await session.close()
     return 0
 
 
-def run_complete(ctx: Context, spec: str, max_tokens: int, out=sys.stdout, err=sys.stderr) -> int:
-    return asyncio.run(_complete(ctx, spec, max_tokens, out, err))
+def run_complete(ctx: Context, spec: str, max_tokens: int, out=sys.stdout, err=sys.stderr,
+                 feedback: str | None = None) -> int:
+    return asyncio.run(_complete(ctx, spec, max_tokens, out, err, feedback))
 
 
 async def _status(ctx: Context, out) -> int:

@@ -265,7 +265,7 @@ class AsyncSession:
         if isinstance(msg, m.Error) and msg.ref in self._completions:
             self._completions.pop(msg.ref)._feed(ProtocolError(msg.code, msg.message))
             return
-        if isinstance(msg, m.Error) and msg.code == "unknown_completion":
+        if isinstance(msg, m.Error) and msg.code == "unknown_completion" and not any(p(msg) for p, _ in self._waiters):
             return  # a cancel that crossed the completion's end
         if isinstance(msg, m.Adapted):
             self.last_adapted = msg
@@ -273,8 +273,8 @@ class AsyncSession:
             if not fut.done() and pred(msg):
                 fut.set_result(msg)
         self._waiters = [(p, f) for p, f in self._waiters if not f.done()]
-        if not isinstance(msg, m.Pong):
-            self._emit(msg)
+        if not isinstance(msg, (m.Pong, m.Ack)) and not (isinstance(msg, m.Status) and msg.id is not None):
+            self._emit(msg)  # replies to our requests are not events
 
     def _emit(self, msg: m.Message) -> None:
         if self._events.qsize() >= EVENT_QUEUE_MAX:
@@ -364,9 +364,24 @@ class AsyncSession:
         return completion
 
     async def status(self, timeout: float = 30.0) -> m.Status:
-        # Replies carry `documents`; the status pushed after each adaptation does not (and has no id).
-        return await self._request(m.status(), lambda x: (isinstance(x, m.Status) and x.documents is not None) or
-                                   (isinstance(x, m.Error) and x.ref == "status"), timeout)
+        # The reply echoes our id; pushed statuses never carry one.
+        sid = f"s{next(self._ids)}"
+        return await self._request(m.status(sid), lambda x: (isinstance(x, (m.Status, m.Error)) and
+                                   getattr(x, "id", getattr(x, "ref", None)) == sid) or
+                                   # a server from before status ids: only its replies list documents
+                                   (isinstance(x, m.Status) and x.id is None and x.documents is not None), timeout)
+
+    async def feedback(self, completion_id: str, event: str, accepted_text: str | None = None,
+                       timeout: float = 30.0) -> m.Ack:
+        """Tell the server what became of a completion (shown, accepted, partially_accepted, rejected).
+
+        Raises ProtocolError (unknown_completion, duplicate_feedback, contradictory_feedback,
+        invalid_feedback) when the server refuses it; a refused event changes nothing.
+        """
+        rid = f"f{next(self._ids)}"
+        return await self._request(m.feedback(completion_id, event, accepted_text, rid),
+                                   lambda x: isinstance(x, (m.Ack, m.Error)) and
+                                   getattr(x, "id", getattr(x, "ref", None)) == rid, timeout)
 
     async def ping(self, timeout: float = 10.0) -> float:
         """Round trip time in seconds."""

@@ -98,6 +98,10 @@ class Session:
     def status(self, timeout: float = 30.0) -> m.Status:
         return self._runner.run(self._session.status(timeout))
 
+    def feedback(self, completion_id: str, event: str, accepted_text: str | None = None,
+                 timeout: float = 30.0) -> m.Ack:
+        return self._runner.run(self._session.feedback(completion_id, event, accepted_text, timeout))
+
     def ping(self, timeout: float = 10.0) -> float:
         return self._runner.run(self._session.ping(timeout))
 

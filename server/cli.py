@@ -85,6 +85,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds of quiet after which a burst of edits becomes training examples")
     p.add_argument("--persist-every", type=int, default=d.persist_every,
                    help="write a session's adapter to disk every N published versions")
+    p.add_argument("--feedback-weight", type=float, default=d.feedback_weight,
+                   help="loss weight of examples built from accepted completions the user kept")
+    p.add_argument("--feedback-check-s", type=float, default=d.feedback_check_s,
+                   help="seconds after acceptance at which the accepted text must still be in the document")
+    p.add_argument("--no-feedback-training", action="store_true",
+                   help="count feedback, but never train on accepted completions")
     p.add_argument("--log-level", default=d.log_level)
 
 
@@ -103,6 +109,8 @@ def settings_from_args(args) -> Settings:
         max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
         cors_origins=tuple(args.cors_origin), repo_roots=tuple(str(Path(r).resolve()) for r in args.repo_root),
         edit_quiet_s=args.edit_quiet_s, persist_every=args.persist_every,
+        feedback_weight=args.feedback_weight, feedback_check_s=args.feedback_check_s,
+        feedback_training=not args.no_feedback_training,
     )
     if args.data_dir:
         settings.data_dir = args.data_dir

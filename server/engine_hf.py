@@ -168,7 +168,11 @@ class HFEngine:
 
     def encode(self, request: GenerationRequest) -> list[int]:
         text = build_prompt(self.tokenizer, request.prompt, request.suffix)
-        return self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
+        if not ids:  # completing at the very start of a document: condition on BOS (or EOS) alone
+            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            ids = [start] if start is not None else []
+        return ids
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -115,9 +115,12 @@ class JobManager:
             raise JobError(f"model must be the served base model {self.settings.served_name!r}")
         hp = self._hyperparameters(body.get("hyperparameters") or {})
         repo, files = body.get("repository"), body.get("files")
-        if (repo is None) == (files is None):
-            raise JobError("give exactly one of 'repository' ({path}) or 'files' ([{path, text}])")
-        repository = self._check_repository(repo) if repo is not None else self._check_files(files)
+        if files is not None:  # inline files; `repository` may only name them ({id, root_name})
+            repository = self._check_files(files, repo)
+        elif repo is not None:
+            repository = self._check_repository(repo)
+        else:
+            raise JobError("give 'repository' ({path}) or 'files' ([{path, text}], with repository {id, root_name}?)")
         now = int(time.time())
         record = {
             "id": "ftjob-" + secrets.token_hex(10), "object": "fine_tuning.job", "model": self.settings.served_name,
@@ -175,13 +178,17 @@ class JobManager:
             raise JobError(f"{repo['path']}: not a directory on the server")
         return {"path": str(path), "id": repo.get("id") or path.name, "root_name": repo.get("root_name") or path.name}
 
-    def _check_files(self, files) -> dict:
+    def _check_files(self, files, repo=None) -> dict:
         if not isinstance(files, list) or not files or len(files) > MAX_INLINE_FILES:
             raise JobError(f"files must be a list of 1..{MAX_INLINE_FILES} {{path, text}} objects")
         for f in files:
             if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("text"), str):
                 raise JobError("each file needs string path and text")
-        return {"id": None, "root_name": None, "files": files}
+        if repo is not None and (not isinstance(repo, dict) or set(repo) - {"id", "root_name"}
+                                 or not all(isinstance(v, str) and v for v in repo.values())):
+            raise JobError("with files, repository may only name them: {id?, root_name?} (no path)")
+        repo = repo or {}
+        return {"id": repo.get("id"), "root_name": repo.get("root_name"), "files": files}
 
     def list(self, owner: str | None) -> list[Job]:
         oh = owner_hash(owner)

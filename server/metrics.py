@@ -18,6 +18,13 @@ Adaptation (updated by the session layer; ``session`` = session id):
   rank                 Gauge      adapter_rank{session,module}
   swaps                Counter    adapter_swaps_total{session}  (new snapshot published to serving)
 
+Completion feedback (read from server/feedback.py at scrape time, so label sets
+stay as bounded as the feedback books; ``scope`` = session|model, ``name`` =
+session id or model name, ``adapter_version`` = N, ``base`` or ``all``):
+  completion_feedback_total   Counter  {scope,name,adapter_version,event}
+                                       (event: completions|shown|accepted|partially_accepted|rejected)
+  acceptance_rate             Gauge    {scope,name,adapter_version}  (accepted+partial over decided)
+
 Call ``forget_session(session_id)`` when a session ends so its label sets go.
 """
 
@@ -57,6 +64,10 @@ class Metrics:
         self.swaps = Counter(p + "adapter_swaps", "Adapter snapshots published to serving", ["session"],
                              registry=r)
 
+    def watch_feedback(self, source) -> None:
+        """Expose ``source.metric_rows()`` (a FeedbackRegistry) on every scrape."""
+        self.registry.register(_FeedbackCollector(source))
+
     def forget_session(self, session_id: str) -> None:
         for name in _SESSION_METRICS:
             try:
@@ -69,6 +80,41 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _FeedbackCollector:
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from server.feedback import COUNTS, rate
+
+        # Two keys may share a session id or a model name: sum them so label sets stay unique.
+        merged: dict[tuple, dict] = {}
+        for scope, name, stats in self.source.metric_rows():
+            rows = [(str(r["adapter_version"] if r["adapter_version"] is not None else "base"), r)
+                    for r in stats["by_version"]] + [("all", stats)]
+            for version, row in rows:
+                acc = merged.setdefault((scope, name, version), dict.fromkeys(COUNTS, 0))
+                for k in COUNTS:
+                    acc[k] += row.get(k, 0)
+        events = CounterMetricFamily("dynarank_completion_feedback", "Completions and feedback events",
+                                     labels=["scope", "name", "adapter_version", "event"])
+        rates = GaugeMetricFamily("dynarank_acceptance_rate", "Accepted (incl. partially) over decided completions",
+                                  labels=["scope", "name", "adapter_version"])
+        for (scope, name, version), counts in sorted(merged.items()):
+            for k in COUNTS:
+                events.add_metric([scope, name, version, k], counts[k])
+            r = rate(counts)
+            if r is not None:
+                rates.add_metric([scope, name, version], r)
+        yield events
+        yield rates
+
+    def describe(self):
+        return []  # collected lazily: nothing to check at registration
 
 
 def log_event(event: str, **fields) -> None:

@@ -304,6 +304,23 @@ class Job:
                   finish=",".join(sorted({c.finish_reason or "none" for c in self.choices})))
 
 
+def record_feedback(state, key_id, job: Job, rid: str, prompts: list[str]) -> None:
+    """Remember each returned choice so feedback on it can be checked (server/feedback.py).
+
+    Choice i of a request is ``rid`` (i = 0) or ``rid.i``; a completion on a
+    session's model belongs to that session, any other to its model.
+    """
+    registry = state.extras.get("feedback")
+    if registry is None:
+        return
+    book, _ = registry.book_for(key_id, job.model_name, job.adapter_id)
+    version = getattr(job.adapter, "version", None)
+    per_prompt = max(1, len(job.choices) // max(1, len(prompts)))
+    for c in job.choices:
+        book.record(rid if c.index == 0 else f"{rid}.{c.index}", version=version, model=job.model_name,
+                    text="".join(c.text), prompt=prompts[min(c.index // per_prompt, len(prompts) - 1)])
+
+
 def _sse(payload) -> bytes:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n".encode()
 
@@ -392,6 +409,7 @@ async def completions(body: CompletionRequest, request: Request, key_id=Depends(
             await job.run()
         finally:
             inflight.__exit__()
+        record_feedback(state, key_id, job, rid, prompts)
         choices = []
         for c in job.choices:
             text = "".join(c.text)
@@ -426,6 +444,7 @@ async def completions(body: CompletionRequest, request: Request, key_id=Depends(
                 text_len[choice.index] = text_len.get(choice.index, 0) + len(text)
                 yield {**base, "choices": [{"text": text, "index": choice.index, "logprobs": lp,
                                             "finish_reason": chunk.finish_reason}]}
+            record_feedback(state, key_id, job, rid, prompts)
             if body.stream_options and body.stream_options.include_usage:
                 yield {**base, "choices": [], "usage": job.usage()}
         finally:
@@ -480,6 +499,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key_id
             await job.run()
         finally:
             inflight.__exit__()
+        record_feedback(state, key_id, job, rid, [prompt])
         choices = [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
                     "logprobs": _chat_logprobs(engine, c) if body.logprobs else None,
                     "finish_reason": c.finish_reason} for c in job.choices]
@@ -510,6 +530,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key_id
                 delta = {"content": chunk.text} if chunk.text else {}
                 yield {**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": lp,
                                             "finish_reason": chunk.finish_reason}]}
+            record_feedback(state, key_id, job, rid, [prompt])
             if body.stream_options and body.stream_options.include_usage:
                 yield {**base, "choices": [], "usage": job.usage()}
         finally:

@@ -13,9 +13,11 @@ import logging
 
 from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.auth import require_api_key
 from server.errors import APIError
+from server.feedback import FeedbackError, FeedbackRegistry
 from server.jobs import JobManager, make_router
 from server.sessions import SESSION_PREFIX, SessionManager
 from server.store import AdapterStore, StoreError
@@ -31,6 +33,7 @@ class SessionContext:
     sessions: SessionManager
     workers: AdaptationWorkers
     jobs: JobManager
+    feedback: FeedbackRegistry
 
 
 def build_context(state) -> SessionContext:
@@ -42,7 +45,7 @@ def build_context(state) -> SessionContext:
     jobs = JobManager(settings, state.model, state.tokenizer, store, sessions)
     jobs.on_work = workers.wake
     workers.sources.append(jobs.take)
-    return SessionContext(store, sessions, workers, jobs)
+    return SessionContext(store, sessions, workers, jobs, FeedbackRegistry(settings, sessions))
 
 
 def on_startup(ctx: SessionContext) -> None:
@@ -52,6 +55,7 @@ def on_startup(ctx: SessionContext) -> None:
 def on_shutdown(ctx: SessionContext) -> None:
     ctx.workers.stop()
     ctx.sessions.persist_all()
+    ctx.feedback.flush()
     log.info("sessions persisted")
 
 
@@ -59,6 +63,9 @@ def register_session_routes(app: FastAPI, state) -> SessionContext:
     ctx = build_context(state)
     state.adapters = ctx.sessions
     state.extras["sessions"] = ctx
+    state.extras["feedback"] = ctx.feedback
+    if state.metrics is not None:
+        state.metrics.watch_feedback(ctx.feedback)
     app.router.on_startup.append(lambda: on_startup(ctx))
     app.router.on_shutdown.append(lambda: on_shutdown(ctx))
 
@@ -69,6 +76,7 @@ def register_session_routes(app: FastAPI, state) -> SessionContext:
     app.include_router(make_router(ctx.jobs, require_api_key))
     app.include_router(_adapters_router(ctx, state))
     app.include_router(_sessions_router(ctx))
+    app.include_router(_feedback_router(ctx))
 
     from server.dashboard import make_router as dashboard_router
 
@@ -142,5 +150,35 @@ def _sessions_router(ctx: SessionContext) -> APIRouter:
         if stored is None:
             raise APIError(404, f"no session {session_id}", code="session_not_found", param="session_id")
         return stored
+
+    @router.get("/{session_id}/stats")
+    def session_stats(session_id: str, owner=Depends(require_api_key)):
+        session = ctx.sessions.get(owner, session_id)
+        if session is None:
+            raise APIError(404, f"no resident session {session_id}", code="session_not_found", param="session_id")
+        return {"object": "session.stats", "session_id": session.id, "adapter": session.adapter_name,
+                "adapter_version": session.current().version, "feedback": session.feedback.stats(),
+                "models": ctx.feedback.model_stats(owner)}
+
+    return router
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    event: str
+    accepted_text: str | None = None
+    index: int = Field(0, ge=0)  # choice index, for requests with several prompts or n > 1
+
+
+def _feedback_router(ctx: SessionContext) -> APIRouter:
+    router = APIRouter(tags=["feedback"])
+
+    @router.post("/v1/completions/{completion_id}/feedback")
+    def feedback(completion_id: str, body: FeedbackBody, owner=Depends(require_api_key)):
+        cid = completion_id if body.index == 0 else f"{completion_id}.{body.index}"
+        try:
+            return ctx.feedback.apply(owner, cid, body.event, body.accepted_text)
+        except FeedbackError as exc:
+            raise APIError(exc.status, exc.message, code=exc.code, param="completion_id") from None
 
     return router

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from server.feedback import FeedbackBook
 from server.store import AdapterStore, check_name, owner_hash, write_json_atomic
 
 log = logging.getLogger("dynarank.sessions")
@@ -77,6 +78,7 @@ class Session:
         self.listeners: set = set()
         self.connections = 0
         self.persisted_version = snapshot.version
+        self.feedback = FeedbackBook()  # replaced by the manager with its configured size / stored state
         self.lock = threading.RLock()  # snapshot ref, docs, queue, listeners
         self.train_lock = threading.Lock()  # the adapter and policy
 
@@ -298,6 +300,7 @@ class SessionManager:
         session = Session(sid, owner, adapter, policy, self.publishable(adapter), repository=repository,
                           token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
                           origin=origin)
+        session.feedback = FeedbackBook(self.settings.feedback_max_records)
         self._sessions[(owner_hash(owner), sid)] = session
         self._write_meta(session)
         log.info("session %s created (origin=%s, version=%d)", sid, origin, session.snapshot.version)
@@ -334,6 +337,7 @@ class SessionManager:
         session.dropped = meta.get("dropped", 0)
         session.last_loss = meta.get("last_loss")
         session.history.extend(meta.get("history", []))
+        session.feedback = FeedbackBook.from_json(meta.get("feedback"), self.settings.feedback_max_records)
         self._sessions[(owner_hash(owner), sid)] = session
         log.info("session %s restored at version %d", sid, snap.version)
         return session
@@ -346,7 +350,12 @@ class SessionManager:
                 "dropped": session.dropped, "last_loss": session.last_loss,
                 "version": session.snapshot.version, "history": list(session.history)[-100:],
             }
+        data["feedback"] = session.feedback.to_json()
         write_json_atomic(self._meta_path(session.owner, session.id), data)
+
+    def write_meta(self, session: Session) -> None:
+        """Persist the session's metadata (feedback included) without touching its adapter."""
+        self._write_meta(session)
 
     def persist(self, session: Session, *, force: bool = False) -> None:
         """Write the session's published snapshot (if newer than the stored one) and its metadata."""
@@ -404,6 +413,7 @@ class SessionManager:
         except (OSError, ValueError):
             return None
         meta.pop("token_hashes", None)
+        meta.pop("feedback", None)  # served by /v1/sessions/{id}/stats
         return {"object": "session", "adapter": SESSION_PREFIX + sid, "connections": 0, "resident": False, **meta}
 
     def delete_session(self, owner: str | None, sid: str) -> bool:

@@ -33,6 +33,11 @@ class Settings:
     keep_versions: int = 3  # versions kept per adapter in the store
     edit_quiet_s: float = 0.75  # an edit burst settles after this much quiet
     max_ws_message_bytes: int = 1024 * 1024
+    # -- completion feedback (server/feedback.py) --
+    feedback_training: bool = True  # accepted completions kept in the document become training examples
+    feedback_weight: float = 3.0  # loss weight multiplier of those examples (edits have 1)
+    feedback_check_s: float = 2.0  # how long after acceptance the text must still be in the document
+    feedback_max_records: int = 256  # completions remembered per session/model for validating feedback
     repo_roots: tuple[str, ...] = ()  # fine-tune jobs may read repositories only under these (empty: any, if no API keys)
 
     @property

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from server.feedback import settle_feedback
 from server.scheduling import ServingGate
 from server.sessions import Session, SessionManager, snapshot_summary
 
@@ -142,6 +143,9 @@ class AdaptationWorkers:
                     session.enqueue(examples)
                     session.notify(session.status())
                     self._metric_queue(session)
+            if settle_feedback(session, self.builder, self.settings):  # accepted completions the user kept
+                session.notify(session.status())
+                self._metric_queue(session)
 
     # -- one session step ---------------------------------------------------------
 

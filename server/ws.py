@@ -37,14 +37,19 @@ _REQ = True
 SCHEMA: dict[str, dict[str, tuple]] = {
     "hello": {"api_key": (_STR, _OPT), "client": (_DICT, _OPT), "repository": (_DICT, _OPT),
               "session_id": (_STR, _OPT), "resume_token": (_STR, _OPT), "protocol": (_INT, _OPT)},
-    "open": {"path": (_STR, _REQ), "language": (_STR, _OPT), "text": (_STR, _REQ), "version": (_INT, _REQ)},
-    "edit": {"path": (_STR, _REQ), "version": (_INT, _REQ), "text": (_STR, _OPT), "changes": (_LIST, _OPT)},
-    "close": {"path": (_STR, _REQ)},
+    # An optional `id` on open/edit/close/status asks for a reply carrying it (ack / status).
+    "open": {"path": (_STR, _REQ), "language": (_STR, _OPT), "text": (_STR, _REQ), "version": (_INT, _REQ),
+             "id": (_ID, _OPT)},
+    "edit": {"path": (_STR, _REQ), "version": (_INT, _REQ), "text": (_STR, _OPT), "changes": (_LIST, _OPT),
+             "id": (_ID, _OPT)},
+    "close": {"path": (_STR, _REQ), "id": (_ID, _OPT)},
     "complete": {"id": (_ID, _REQ), "path": (_STR, _OPT), "prefix": (_STR, _OPT), "suffix": (_STR, _OPT),
                  "cursor": (_DICT, _OPT), "max_tokens": (_INT, _OPT), "temperature": (_NUM, _OPT),
                  "top_p": (_NUM, _OPT), "stop": ((str, list), _OPT), "seed": (_INT, _OPT)},
     "cancel": {"id": (_ID, _REQ)},
-    "status": {},
+    "status": {"id": (_ID, _OPT)},
+    "feedback": {"completion_id": (_STR, _REQ), "event": (_STR, _REQ), "accepted_text": (_STR, _OPT),
+                 "id": (_ID, _OPT)},
     "ping": {"id": (_ID, _OPT)},
 }
 _SUB_SCHEMA = {
@@ -227,6 +232,12 @@ class Connection:
                 self.session.listeners.discard(self._listener)
             self.ctx.sessions.detach(self.session)
 
+    async def ack(self, msg: dict, version) -> None:
+        """Acknowledge a document message only when the client asked (gave an id)."""
+        if "id" in msg:
+            await self.send({"type": "ack", "ref": msg["type"], "id": msg["id"], "path": msg["path"],
+                             "version": version})
+
     # -- handlers ----------------------------------------------------------------
 
     async def hello(self, msg: dict) -> None:
@@ -268,6 +279,7 @@ class Connection:
 
             language = detect_language(msg["path"])
         self.session.open_doc(msg["path"], msg["text"], msg["version"], language, self.settings.edit_quiet_s)
+        await self.ack(msg, msg["version"])
 
     async def on_edit(self, msg: dict) -> None:
         from code_signals import CodeSignalsError, apply_range_edits
@@ -293,19 +305,37 @@ class Connection:
                 raise ProtocolError("stale_version", f"{path} changed meanwhile; resend against the new version")
             session.edit_doc(path, msg["version"], new_text)
         self.ctx.workers.wake()
+        await self.ack(msg, msg["version"])
 
     async def on_close(self, msg: dict) -> None:
         with self.session.lock:
             if msg["path"] not in self.session.docs:
                 raise ProtocolError("unknown_document", f"{msg['path']} is not open")
+            version = self.session.docs[msg["path"]].version
             self.session.close_doc(msg["path"])
         self.ctx.workers.wake()
+        await self.ack(msg, version)
 
     async def on_status(self, msg: dict) -> None:
         status = self.session.status()
         with self.session.lock:
             status["documents"] = {p: d.version for p, d in self.session.docs.items()}
+        if "id" in msg:  # pushed statuses never carry one, so a reply is unambiguous
+            status["id"] = msg["id"]
         await self.send(status)
+
+    async def on_feedback(self, msg: dict) -> None:
+        from server.feedback import FeedbackError
+
+        try:
+            reply = await asyncio.to_thread(self.ctx.feedback.apply, self.owner, msg["completion_id"], msg["event"],
+                                            msg.get("accepted_text"), self.session)
+        except FeedbackError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        if "id" in msg:
+            await self.send({"type": "ack", "ref": "feedback", "id": msg["id"],
+                             "completion_id": reply["completion_id"], "event": reply["event"],
+                             "adapter_version": reply["adapter_version"]})
 
     async def on_cancel(self, msg: dict) -> None:
         event = self.inflight.get(msg["id"])
@@ -337,8 +367,10 @@ class Connection:
                 prefix, suffix = text[:i], text[i:]
             else:
                 prefix, suffix = text, suffix
-        if not prefix:
+        # An empty prefix is fine at the start of a document (a suffix, or a cursor at 1:1 of an open one).
+        if not prefix and not (suffix or ("path" in msg and "cursor" in msg)):
             raise ProtocolError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
+        prefix = prefix or ""
         max_tokens = msg.get("max_tokens", 32)
         if not 1 <= max_tokens <= self.settings.max_tokens_limit:
             raise ProtocolError("invalid_field", f"max_tokens must be 1..{self.settings.max_tokens_limit}")
@@ -355,9 +387,9 @@ class Connection:
         snap = self.session.current()  # read once: this completion keeps its version
         cancel = threading.Event()
         self.inflight[cid] = cancel
-        asyncio.create_task(self._generate(cid, request, snap, cancel))
+        asyncio.create_task(self._generate(cid, request, snap, cancel, msg.get("path")))
 
-    async def _generate(self, cid, request, snap, cancel) -> None:
+    async def _generate(self, cid, request, snap, cancel, path=None) -> None:
         queue: asyncio.Queue = asyncio.Queue()
         loop = self.loop
         done = object()
@@ -391,10 +423,13 @@ class Connection:
                     finish = item.finish_reason
             if cancel.is_set():
                 finish = "cancelled"
+            completion_id, version = "cmpl-" + secrets.token_hex(12), snap.version if snap is not None else 0
+            model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
+            self.session.feedback.record(completion_id, version=version, model=model, text="".join(parts),
+                                         prompt=request.prompt, path=path)
             await self.send({
-                "type": "completion.done", "id": cid, "text": "".join(parts),
-                "adapter_version": snap.version if snap is not None else 0,
-                "finish_reason": finish or "stop", "completion_id": "cmpl-" + secrets.token_hex(12),
+                "type": "completion.done", "id": cid, "text": "".join(parts), "adapter_version": version,
+                "finish_reason": finish or "stop", "completion_id": completion_id, "model": model,
             })
         finally:
             self.inflight.pop(cid, None)

@@ -203,12 +203,14 @@ export class DynarankClient extends EventEmitter {
       p.reject(new ProtocolError(msg.code, msg.message));
       return;
     }
-    if (msg.type === "error" && msg.code === "unknown_completion") return; // cancel crossed the end
+    if (msg.type === "error" && msg.code === "unknown_completion" && !this.waiters.some((w) => w.match(msg))) return; // cancel crossed the end
     if (msg.type === "adapted") this.lastAdapted = msg;
     const matched = this.waiters.filter((w) => w.match(msg));
     this.waiters = this.waiters.filter((w) => !matched.includes(w));
     for (const w of matched) w.resolve(msg);
-    if (msg.type !== "pong") this.emit(msg.type === "error" ? "server-error" : msg.type, msg);
+    // Replies to our own requests (pong, ack, status with id) are not events.
+    const reply = msg.type === "pong" || msg.type === "ack" || (msg.type === "status" && msg.id !== undefined);
+    if (!reply) this.emit(msg.type === "error" ? "server-error" : msg.type, msg);
   }
 
   // -- outgoing --------------------------------------------------------------
@@ -294,8 +296,25 @@ export class DynarankClient extends EventEmitter {
   }
 
   status(timeoutMs = 30_000): Promise<P.Status> {
-    // Replies carry `documents`; the status pushed after each adaptation does not (and has no id).
-    return this.request<P.Status>(P.status(), (m) => m.type === "status" && m.documents !== undefined, timeoutMs);
+    // The reply echoes our id (pushed statuses have none); a server from before status ids
+    // is recognised by the documents only its replies carry.
+    const id = `s${this.nextId++}`;
+    return this.request<P.Status>(P.status(id), (m) => (m.type === "status" && (m.id === id ||
+      (m.id === undefined && m.documents !== undefined))) || (m.type === "error" && m.ref === id), timeoutMs)
+      .then((m) => { if ((m as P.ServerMessage).type === "error") throw this.protocolError(m); return m; });
+  }
+
+  /** Report what became of a completion; rejects with ProtocolError if the server refuses it. */
+  feedback(completionId: string, event: P.FeedbackEvent, acceptedText?: string, timeoutMs = 30_000): Promise<P.Ack> {
+    const id = `f${this.nextId++}`;
+    return this.request<P.Ack>(P.feedback(completionId, event, acceptedText, id),
+      (m) => (m.type === "ack" || m.type === "error") && (m.type === "ack" ? m.id : m.ref) === id, timeoutMs)
+      .then((m) => { if ((m as P.ServerMessage).type === "error") throw this.protocolError(m); return m; });
+  }
+
+  private protocolError(m: unknown): ProtocolError {
+    const e = m as P.ErrorMessage;
+    return new ProtocolError(e.code, e.message);
   }
 
   async ping(timeoutMs = 10_000): Promise<number> {

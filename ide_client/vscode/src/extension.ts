@@ -5,6 +5,7 @@
 import * as vscode from "vscode";
 import { DynarankClient } from "./client";
 import { Http, TERMINAL } from "./http";
+import { ACCEPT_COMMAND, FeedbackTracker } from "./feedback";
 import { InlineProvider } from "./inline";
 import type { Adapted, Ready, Status } from "./protocol";
 import { adapterName, repositoryInfo } from "./repository";
@@ -71,8 +72,13 @@ export class Extension implements vscode.Disposable {
 
   register(): void {
     const maxTokens = () => vscode.workspace.getConfiguration("dynarank").get<number>("maxTokens") ?? 48;
+    // Feedback is best effort: a refused or unsent event must never disturb typing.
+    const feedback = new FeedbackTracker((id, event) => { this.client?.feedback(id, event).catch(() => undefined); });
     this.disposables.push(
-      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, new InlineProvider(() => this.client, maxTokens)),
+      { dispose: () => feedback.dispose() },
+      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, new InlineProvider(() => this.client, maxTokens, feedback)),
+      vscode.commands.registerCommand(ACCEPT_COMMAND, (completionId: string) => feedback.accepted(completionId)),
+      vscode.window.onDidChangeActiveTextEditor(() => feedback.dismiss()),
       vscode.commands.registerCommand("dynarank.resetSession", () => this.start(true)),
       vscode.commands.registerCommand("dynarank.fineTuneRepository", () => this.fineTune()),
       vscode.commands.registerCommand("dynarank.setApiKey", () => this.setApiKey()),

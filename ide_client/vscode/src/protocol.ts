@@ -13,18 +13,26 @@ export interface Ready {
   model: string; documents: Record<string, number>; origin: string | null;
 }
 export interface Adapted { type: "adapted"; version: number; loss: number; ranks: Record<string, number>; mean_rank: number }
-export interface Status { type: "status"; version: number; queue_depth: number; dropped: number; documents?: Record<string, number> }
+export interface Status {
+  type: "status"; version: number; queue_depth: number; dropped: number; documents?: Record<string, number>;
+  id?: string | number; // only on the reply to a status request that carried an id
+}
 export interface CompletionDelta { type: "completion.delta"; id: string; text: string }
 export interface CompletionDone {
   type: "completion.done"; id: string; text: string; adapter_version: number;
-  finish_reason: "stop" | "length" | "cancelled" | string; completion_id: string;
+  finish_reason: "stop" | "length" | "cancelled" | string; completion_id: string; model?: string;
+}
+/** Reply to open/edit/close/feedback messages that carried an id. */
+export interface Ack {
+  type: "ack"; ref: string; id: string | number; path?: string; version?: number;
+  completion_id?: string; event?: string; adapter_version?: number;
 }
 export interface ErrorMessage { type: "error"; code: string; message: string; ref?: string | number }
 export interface Pong { type: "pong"; id?: string | number }
 
-export type ServerMessage = Ready | Adapted | Status | CompletionDelta | CompletionDone | ErrorMessage | Pong;
+export type ServerMessage = Ready | Adapted | Status | CompletionDelta | CompletionDone | Ack | ErrorMessage | Pong;
 
-const KNOWN = new Set(["ready", "adapted", "status", "completion.delta", "completion.done", "error", "pong"]);
+const KNOWN = new Set(["ready", "adapted", "status", "completion.delta", "completion.done", "ack", "error", "pong"]);
 
 /** Decode one frame; null for anything that is not a known server message (ignored, not fatal). */
 export function parse(raw: string): ServerMessage | null {
@@ -86,8 +94,14 @@ export function cancel(id: string) {
   return { type: "cancel", id };
 }
 
-export function status() {
-  return { type: "status" };
+export function status(id?: string) {
+  return compact({ type: "status", id });
+}
+
+export type FeedbackEvent = "shown" | "accepted" | "partially_accepted" | "rejected";
+
+export function feedback(completionId: string, event: FeedbackEvent, acceptedText?: string, id?: string) {
+  return compact({ type: "feedback", completion_id: completionId, event, accepted_text: acceptedText, id });
 }
 
 export function ping(id?: string) {

@@ -25,6 +25,7 @@ export class Range {
 }
 
 export class InlineCompletionItem {
+  command?: { title: string; command: string; arguments?: unknown[] };
   constructor(public insertText: string, public range?: Range) {}
 }
 
@@ -57,6 +58,7 @@ export const events = {
   change: new Emitter<{ document: FakeDocument; contentChanges: unknown[] }>(),
   close: new Emitter<FakeDocument>(),
   config: new Emitter<{ affectsConfiguration(s: string): boolean }>(),
+  activeEditor: new Emitter<unknown>(),
 };
 
 export const registered = { commands: new Map<string, (...a: unknown[]) => unknown>(), providers: [] as unknown[] };
@@ -79,6 +81,7 @@ export const vscode = {
     showWarningMessage: async (m: string) => { messages.push(`warning: ${m}`); },
     showInformationMessage: async (m: string) => { messages.push(`info: ${m}`); },
     showInputBox: async () => undefined,
+    onDidChangeActiveTextEditor: events.activeEditor.event,
     withProgress: async (_o: unknown, task: (p: unknown, t: unknown) => Promise<unknown>) =>
       task({ report: () => undefined }, new CancellationTokenSource().token),
   },

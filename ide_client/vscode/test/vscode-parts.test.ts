@@ -153,3 +153,29 @@ test("activate wires provider, commands, status bar and saves the session", asyn
   deactivate();
   assert.ok(item.disposed);
 });
+
+test("feedback: shown with the item, accepted by its command, rejected when replaced", async () => {
+  const { FeedbackTracker, ACCEPT_COMMAND } = await import("../src/feedback");
+  const sent: string[] = [];
+  const tracker = new FeedbackTracker((id, event) => sent.push(`${id}:${event}`), 20);
+  const client = new FakeClient();
+  client.documents.set("m.py", {});
+  const provider = new InlineProvider(() => client as never, () => 8, tracker);
+  const doc = new FakeDocument(fileUri("m.py"), "x = ");
+  const ask = () => provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, new CancellationTokenSource().token as never);
+  const [item] = (await ask()) as unknown as Array<{ command: { command: string; arguments: string[] } }>;
+  assert.equal(item.command.command, ACCEPT_COMMAND);
+  assert.deepEqual(sent, ["x:shown"]);
+  await ask(); // replaced: the first is rejected after the grace period, unless its command runs first
+  tracker.accepted(item.command.arguments[0]);
+  await new Promise((r) => setTimeout(r, 40));
+  assert.deepEqual(sent, ["x:shown", "x:shown", "x:accepted"]);
+  // Empty prefix (line 1, column 1) of a document the server does not mirror: the suffix goes instead.
+  const fresh = new FakeDocument(fileUri("new.py"), "print(1)\n");
+  await provider.provideInlineCompletionItems(fresh as never, new Position(0, 0) as never, {} as never, new CancellationTokenSource().token as never);
+  assert.deepEqual(client.calls.at(-1), ["complete", { prefix: "", suffix: "print(1)\n", max_tokens: 8 }]);
+  tracker.dismiss();
+  await new Promise((r) => setTimeout(r, 40));
+  assert.equal(sent.at(-1), "x:rejected");
+  tracker.dispose();
+});

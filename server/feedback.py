@@ -1,0 +1,322 @@
+"""Completion feedback: which completions users accepted, per adapter version.
+
+Every completion the server returns is recorded in a small bounded book (one per
+session, one per model of a key for completions outside sessions) so feedback
+can be checked against what was actually returned. Counts per adapter version
+survive record eviction; the acceptance rate is
+``(accepted + partially_accepted) / (accepted + partially_accepted + rejected)``
+(``shown`` alone is not a decision).
+
+An accepted completion becomes a training example only once the accepted text
+is found, ``feedback_check_s`` later, in the session's mirror of the document:
+the user kept it. Only accepted records are ever looked at for training, so
+rejected text can never become a target.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from server.store import owner_hash, write_json_atomic
+
+log = logging.getLogger("dynarank.feedback")
+
+EVENTS = ("shown", "accepted", "partially_accepted", "rejected")
+OUTCOMES = ("accepted", "partially_accepted", "rejected")
+COUNTS = ("completions", "shown", "accepted", "partially_accepted", "rejected")
+MAX_TEXT = 4096  # chars of a completion kept for validation and training
+ANCHOR = 64  # chars of context before the cursor kept to find the text again
+MAX_VERSIONS = 500  # per-version rows kept per book (totals are kept apart)
+
+
+_HTTP_STATUS = {"unknown_completion": 404, "duplicate_feedback": 409, "contradictory_feedback": 409,
+                "invalid_feedback": 400}
+
+
+class FeedbackError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, _HTTP_STATUS.get(code, 400)
+
+
+def version_key(version) -> str:
+    return "base" if version is None else str(int(version))
+
+
+def rate(counts: dict) -> float | None:
+    yes = counts.get("accepted", 0) + counts.get("partially_accepted", 0)
+    decided = yes + counts.get("rejected", 0)
+    return round(yes / decided, 6) if decided else None
+
+
+def summary(counts: dict) -> dict:
+    row = {k: counts.get(k, 0) for k in COUNTS}
+    row["acceptance_rate"] = rate(row)
+    return row
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    version: int | None
+    model: str
+    text: str
+    anchor: str = ""  # the end of the prompt: where the text should appear
+    path: str | None = None
+    created: float = 0.0
+    events: list = dataclasses.field(default_factory=list)
+    accepted_text: str | None = None
+    check_at: float | None = None  # wall time of the "kept in the document?" check
+    kept: bool | None = None
+
+    @property
+    def outcome(self) -> str | None:
+        return next((e for e in self.events if e in OUTCOMES), None)
+
+
+class FeedbackBook:
+    """Completions of one scope and their feedback; thread safe, bounded, JSON-serialisable."""
+
+    def __init__(self, max_records: int = 256):
+        self.max_records = max(1, max_records)
+        self.records: collections.OrderedDict[str, Record] = collections.OrderedDict()
+        self.by_version: dict[str, collections.Counter] = {}
+        self.totals: collections.Counter = collections.Counter()
+        self.trained = 0  # training examples built from kept accepted completions
+        self.lock = threading.Lock()
+
+    def _count(self, version, what: str) -> None:
+        key = version_key(version)
+        row = self.by_version.setdefault(key, collections.Counter())
+        row[what] += 1
+        self.totals[what] += 1
+        if len(self.by_version) > MAX_VERSIONS:  # forget the oldest versions' rows
+            oldest = min(self.by_version, key=lambda k: -1 if k == "base" else int(k))
+            self.by_version.pop(oldest)
+
+    def record(self, cid: str, *, version, model: str, text: str, prompt: str = "", path: str | None = None) -> None:
+        rec = Record(cid, version, model, text[:MAX_TEXT], prompt[-ANCHOR:], path, time.time())
+        with self.lock:
+            self.records[cid] = rec
+            while len(self.records) > self.max_records:
+                self.records.popitem(last=False)
+            self._count(version, "completions")
+
+    def get(self, cid: str) -> Record | None:
+        with self.lock:
+            return self.records.get(cid)
+
+    def apply(self, cid: str, event, accepted_text=None, *, check_after_s: float = 1.0) -> Record:
+        """Validate and apply one event; on any error nothing changes."""
+        if event not in EVENTS:
+            raise FeedbackError("invalid_feedback", f"event must be one of {', '.join(EVENTS)}")
+        if accepted_text is not None and not isinstance(accepted_text, str):
+            raise FeedbackError("invalid_feedback", "accepted_text must be a string")
+        if accepted_text is not None and event not in ("accepted", "partially_accepted"):
+            raise FeedbackError("invalid_feedback", f"accepted_text goes with accepted or partially_accepted, not {event}")
+        with self.lock:
+            rec = self.records.get(cid)
+            if rec is None:
+                raise FeedbackError("unknown_completion", f"no recorded completion {cid!r} here")
+            if event in rec.events:
+                raise FeedbackError("duplicate_feedback", f"{cid}: {event} was already recorded")
+            if rec.outcome is not None:
+                raise FeedbackError("contradictory_feedback", f"{cid} was already {rec.outcome}; {event} contradicts it")
+            if event == "accepted" and accepted_text not in (None, rec.text):
+                raise FeedbackError("invalid_feedback", "accepted_text differs from the completion; "
+                                                        "use partially_accepted for a prefix")
+            if event == "partially_accepted" and not (accepted_text and rec.text.startswith(accepted_text)):
+                raise FeedbackError("invalid_feedback", "partially_accepted needs accepted_text, "
+                                                        "a non-empty prefix of the completion")
+            rec.events.append(event)
+            if event in ("accepted", "partially_accepted"):
+                rec.accepted_text = accepted_text or rec.text
+                rec.check_at = time.time() + check_after_s
+            self._count(rec.version, event)
+            return rec
+
+    def due(self, now: float) -> list[Record]:
+        """Accepted records whose kept-in-document check is due (each returned once)."""
+        out = []
+        with self.lock:
+            for rec in self.records.values():
+                if rec.check_at is not None and rec.kept is None and rec.check_at <= now \
+                        and rec.outcome in ("accepted", "partially_accepted"):
+                    rec.kept = False  # set True by the caller if the text is found
+                    out.append(rec)
+        return out
+
+    def stats(self) -> dict:
+        with self.lock:
+            rows = [{"adapter_version": None if k == "base" else int(k), **summary(c)}
+                    for k, c in self.by_version.items()]
+            rows.sort(key=lambda r: -1 if r["adapter_version"] is None else r["adapter_version"])
+            return {**summary(self.totals), "trained_examples": self.trained, "by_version": rows}
+
+    # -- persistence ---------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        with self.lock:
+            return {"records": [dataclasses.asdict(r) for r in self.records.values()],
+                    "by_version": {k: dict(c) for k, c in self.by_version.items()},
+                    "totals": dict(self.totals), "trained": self.trained}
+
+    @classmethod
+    def from_json(cls, data: dict | None, max_records: int = 256) -> FeedbackBook:
+        book = cls(max_records)
+        if not isinstance(data, dict):
+            return book
+        fields = {f.name for f in dataclasses.fields(Record)}
+        for raw in data.get("records", [])[-book.max_records:]:
+            try:
+                rec = Record(**{k: v for k, v in raw.items() if k in fields})
+            except TypeError:
+                continue
+            book.records[rec.id] = rec
+        book.by_version = {k: collections.Counter(v) for k, v in (data.get("by_version") or {}).items()}
+        book.totals = collections.Counter(data.get("totals") or {})
+        book.trained = int(data.get("trained", 0))
+        return book
+
+
+# -- training signal ---------------------------------------------------------------
+
+
+def find_kept(rec: Record, docs: dict) -> tuple[str, str, str, str | None] | None:
+    """(before, after, path, language) if the accepted text is in a mirrored document.
+
+    ``before`` is the document without that occurrence, so the edit builder's
+    target is exactly the accepted text in its real context.
+    """
+    text = rec.accepted_text
+    if not text or not text.strip():
+        return None
+    paths = ([rec.path] if rec.path in docs else []) + [p for p in docs if p != rec.path]
+    for path in paths:
+        doc = docs[path]
+        i = doc.text.find(rec.anchor + text) if rec.anchor else -1
+        i = i + len(rec.anchor) if i >= 0 else doc.text.rfind(text)
+        if i >= 0:
+            return doc.text[:i] + doc.text[i + len(text):], doc.text, path, doc.language
+    return None
+
+
+def weighted(examples, weight: float):
+    """Copies with every target weight scaled (context tokens stay at 0)."""
+    return [dataclasses.replace(ex, loss_weights=[w * weight for w in ex.loss_weights]) for ex in examples]
+
+
+def settle_feedback(session, builder, settings, now: float | None = None) -> int:
+    """Queue examples for the session's accepted completions that were kept; returns how many."""
+    book = getattr(session, "feedback", None)
+    if book is None or not settings.feedback_training:
+        return 0
+    queued = 0
+    for rec in book.due(time.time() if now is None else now):
+        with session.lock:
+            found = find_kept(rec, session.docs)
+        if found is None:
+            continue
+        before, after, path, language = found
+        try:
+            examples = builder.from_edit(before, after, path=path, language=language)
+        except Exception as exc:
+            log.warning("no example from accepted completion %s: %s", rec.id, exc)
+            continue
+        rec.kept = True
+        if examples:
+            session.enqueue(weighted(examples, settings.feedback_weight))
+            with book.lock:
+                book.trained += len(examples)
+            queued += len(examples)
+    return queued
+
+
+# -- the server's books --------------------------------------------------------------
+
+
+class FeedbackRegistry:
+    """Session books live on the sessions; this adds per-model books (per key) and lookups."""
+
+    def __init__(self, settings, sessions):
+        self.settings = settings
+        self.sessions = sessions
+        self.root = Path(settings.data_dir) / "feedback"
+        self._models: dict[str, dict[str, FeedbackBook]] = {}  # owner hash -> model -> book
+        self._lock = threading.Lock()
+
+    def new_book(self, data=None) -> FeedbackBook:
+        return FeedbackBook.from_json(data, self.settings.feedback_max_records)
+
+    def _model_books(self, owner) -> dict[str, FeedbackBook]:
+        oh = owner_hash(owner)
+        with self._lock:
+            books = self._models.get(oh)
+            if books is None:
+                try:
+                    raw = json.loads((self.root / f"{oh}.json").read_text())
+                except (OSError, ValueError):
+                    raw = {}
+                books = self._models[oh] = {m: self.new_book(d) for m, d in raw.items()}
+            return books
+
+    def save_models(self, owner) -> None:
+        books = self._model_books(owner)
+        write_json_atomic(self.root / f"{owner_hash(owner)}.json", {m: b.to_json() for m, b in list(books.items())})
+
+    def book_for(self, owner, model: str, adapter_id: str | None):
+        """(book, session or None) that a completion on ``model`` belongs to."""
+        from server.sessions import SESSION_PREFIX
+
+        if adapter_id and adapter_id.startswith(SESSION_PREFIX):
+            session = self.sessions.get(owner, adapter_id[len(SESSION_PREFIX):])
+            if session is not None:
+                return session.feedback, session
+        books = self._model_books(owner)
+        with self._lock:
+            return books.setdefault(model, self.new_book()), None
+
+    def find(self, owner, cid: str):
+        for session in self.sessions.sessions(owner):
+            if session.feedback.get(cid) is not None:
+                return session.feedback, session
+        for book in list(self._model_books(owner).values()):
+            if book.get(cid) is not None:
+                return book, None
+        raise FeedbackError("unknown_completion", f"no recorded completion {cid!r} for this key")
+
+    def apply(self, owner, cid: str, event, accepted_text=None, session=None) -> dict:
+        """Apply one event (to ``session``'s book only, when given) and persist it."""
+        book, owner_session = (session.feedback, session) if session is not None else self.find(owner, cid)
+        rec = book.apply(cid, event, accepted_text, check_after_s=self.settings.feedback_check_s)
+        if owner_session is not None:
+            self.sessions.write_meta(owner_session)
+        else:
+            self.save_models(owner)
+        return {"object": "completion.feedback", "completion_id": cid, "event": event,
+                "adapter_version": rec.version, "model": rec.model,
+                "session_id": owner_session.id if owner_session is not None else None}
+
+    def model_stats(self, owner) -> dict:
+        return {m: {k: v for k, v in b.stats().items()} for m, b in sorted(self._model_books(owner).items())}
+
+    def flush(self) -> None:
+        with self._lock:
+            owners = list(self._models)
+        for oh in owners:
+            write_json_atomic(self.root / f"{oh}.json", {m: b.to_json() for m, b in list(self._models[oh].items())})
+
+    def metric_rows(self):
+        """(scope, name, stats) for every resident session and loaded model book."""
+        for session in self.sessions.sessions():
+            yield "session", session.id, session.feedback.stats()
+        with self._lock:
+            books = [(m, b) for owners in self._models.values() for m, b in owners.items()]
+        for model, book in books:
+            yield "model", model, book.stats()
