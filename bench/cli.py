@@ -21,20 +21,23 @@ BENCHMARKS = {
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` with its subcommands to an argparse subparsers object."""
     bench = sub.add_parser("bench", help="benchmarks that write tables and plots under docs/")
-    bench_sub = bench.add_subparsers(metavar="BENCHMARK")
+    _add_benchmarks(bench.add_subparsers(metavar="BENCHMARK"))
+    return bench
+
+
+def _add_benchmarks(sub) -> None:
     for name, (module, help_text) in BENCHMARKS.items():
         try:
             build = importlib.import_module(module).build_parser
         except ImportError:  # a benchmark not written yet
             continue
-        build(bench_sub.add_parser(name, help=help_text))
-    return bench
+        build(sub.add_parser(name, help=help_text))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cli")
-    add_bench_parser(parser.add_subparsers(metavar="COMMAND"))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m bench.cli", description="dynarank benchmarks")
+    _add_benchmarks(parser.add_subparsers(metavar="BENCHMARK"))
+    args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
