@@ -380,7 +380,8 @@ async def completions(body: CompletionRequest, request: Request, key_id=Depends(
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"At most {MAX_CHOICES} choices (prompts x n) per request.", param="n",
                        code="invalid_value")
-    snapshot, adapter_id, model_name = resolve_model(state, body.model, key_id)
+    # Off the event loop: resolving may read an adapter from disk or wait on a session lock.
+    snapshot, adapter_id, model_name = await asyncio.to_thread(resolve_model, state, body.model, key_id)
     stops = body.stops()
     gens = [
         GenerationRequest(prompt=p, suffix=body.suffix, max_tokens=body.max_tokens, temperature=body.temperature,
@@ -480,7 +481,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key_id
     engine = _engine(state)
     max_tokens = body.max_completion_tokens or body.max_tokens or min(256, state.settings.max_tokens_limit)
     _check_max_tokens(state, max_tokens)
-    snapshot, adapter_id, model_name = resolve_model(state, body.model, key_id)
+    # Off the event loop: resolving may read an adapter from disk or wait on a session lock.
+    snapshot, adapter_id, model_name = await asyncio.to_thread(resolve_model, state, body.model, key_id)
     prompt = _chat_prompt(engine.tokenizer, body.messages)
     top = (body.top_logprobs or 0) if body.logprobs else None
     gens = [
@@ -547,5 +549,5 @@ async def list_models(request: Request, key_id=Depends(require_api_key)):
     created = int(state.extras.get("started", time.time()))
     data = [{"id": state.settings.served_name, "object": "model", "created": created, "owned_by": "dynarank"}]
     if state.adapters is not None:
-        data += state.adapters.list_for(key_id)
+        data += await asyncio.to_thread(state.adapters.list_for, key_id)
     return {"object": "list", "data": data}

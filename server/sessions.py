@@ -387,9 +387,15 @@ class SessionManager:
                       key=lambda s: s.last_used)
         while len(self._sessions) > self.settings.max_sessions and idle:
             victim = idle.pop(0)
-            with victim.train_lock:  # never evict mid-step
+            # Never evict mid-step, and never wait for a step while holding the
+            # manager lock (every lookup would stall): a training session is not idle.
+            if not victim.train_lock.acquire(blocking=False):
+                continue
+            try:
                 self.persist(victim)
                 self._sessions.pop((owner_hash(victim.owner), victim.id), None)
+            finally:
+                victim.train_lock.release()
             log.info("session %s evicted (persisted at version %d)", victim.id, victim.snapshot.version)
 
     # -- lookups -----------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -23,7 +24,7 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
     last_error = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = server_output(proc)
             raise AssertionError(f"server exited with {proc.returncode}:\n{out[-4000:]}")
         try:
             response = httpx.get(url, timeout=5)
@@ -36,22 +37,38 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 
 def start_server(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    """Start `dynarank serve ARGS` as a real process; the caller stops it."""
+    """Start `dynarank serve ARGS` as a real process; the caller stops it.
+
+    Its output goes to a temporary file, not a pipe: a server that logs every
+    request would fill an unread pipe and block on its next log line.
+    """
     full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen(
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+    proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", *args],
         env=full_env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.log_file = log
+    return proc
+
+
+def server_output(proc: subprocess.Popen) -> str:
+    """Everything the server printed so far."""
+    proc.log_file.flush()
+    proc.log_file.seek(0)
+    return proc.log_file.read()
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> str:
     proc.terminate()
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
+        proc.wait()
+    out = server_output(proc)
+    proc.log_file.close()
+    return out

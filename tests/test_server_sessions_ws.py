@@ -152,8 +152,7 @@ async def adapt_once(client: Client, path: str = "geometry.py") -> dict:
     await client.send({"type": "open", "path": path, "text": FILE_V1, "version": 1})
     await client.send({"type": "edit", "path": path, "version": 2, "text": FILE_V2})
     await client.send({"type": "close", "path": path})
-    # Generous: on a loaded 2-core machine a step waits behind completions.
-    return await client.wait_for("adapted", 180)
+    return await client.wait_for("adapted", 60)
 
 
 # -- tests ---------------------------------------------------------------------
