@@ -114,7 +114,7 @@ def settings_from_args(args) -> Settings:
     )
     if args.data_dir:
         settings.data_dir = args.data_dir
-    settings.engine_options = list(getattr(args, "vllm_option", None) or [])  # parsed by server/engine_vllm.py
+    settings.engine_options = tuple(args.vllm_option or ())  # parsed by server/engine_vllm.py
     return settings
 
 

@@ -774,7 +774,7 @@ def parse_engine_options(items) -> dict:
 def build_vllm_engine(settings, tokenizer, model_path=None, options: dict | None = None):
     """The engine ``--engine vllm`` asks for: in-process, or a remote ``vllm serve`` when ``url`` is set."""
     if options is None:
-        raw = getattr(settings, "engine_options", None) or ()
+        raw = settings.engine_options
         options = raw if isinstance(raw, dict) else parse_engine_options(raw)
     options = dict(options)
     if model_path is None or not Path(model_path).is_dir():

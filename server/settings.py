@@ -13,6 +13,7 @@ from server.models import DEFAULT_MODEL, dynarank_home
 class Settings:
     model: str = DEFAULT_MODEL  # embedded model name or a local model directory
     engine: str = "hf"
+    engine_options: tuple[str, ...] = ()  # KEY=VALUE options for the vllm engine (--vllm-option)
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = dataclasses.field(default_factory=lambda: dynarank_home() / "data")
