@@ -188,7 +188,7 @@ def run(args) -> int:
                     max_examples=args.max_examples or EDIT_MAX_EXAMPLES, n_edits=args.edits,
                     completions_per_edit=args.completions, max_new_tokens=args.max_new_tokens, seed=args.seed,
                     time_budget_s=args.time_budget, progress=progress)
-    result["config"].update({"model": args.model, "source": str(source), "wall_s": time.perf_counter() - t0,
+    result["config"].update({"model": args.model, "source": source.name, "wall_s": time.perf_counter() - t0,
                              "threads": args.threads})
     table = write_replay_report(result, summarize(result), args.out)
     print(table)

@@ -49,7 +49,7 @@ export class FakeDocument {
   }
 }
 
-export const workspaceRoot = "/work/fake-repo";
+export const workspaceRoot = "/home/user/fake-repo";
 export const fileUri = (rel: string, scheme = "file") =>
   ({ scheme, fsPath: `${workspaceRoot}/${rel}`, path: `${workspaceRoot}/${rel}` });
 

@@ -137,7 +137,7 @@ test("activate wires provider, commands, status bar and saves the session", asyn
   assert.ok(item.shown);
   assert.match(item.text, /v3 r\u0304 7\.5/);
   assert.deepEqual(clients[0].calls[0], ["open", "open.py", "a = 1\n", 1, "python"]);
-  assert.deepEqual((clients[0].options as { repository: unknown }).repository, repositoryInfo("/work/fake-repo"));
+  assert.deepEqual((clients[0].options as { repository: unknown }).repository, repositoryInfo("/home/user/fake-repo"));
   const key = `dynarank.session:${settings.serverUrl}`;
   assert.deepEqual(context.state.get(key), { sessionId: "s1", resumeToken: "t1" });
   clients[0].emit("adapted", { type: "adapted", version: 4, loss: 1.5, mean_rank: 6, ranks: {} });
