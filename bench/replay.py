@@ -12,7 +12,6 @@ server runs one per example). Writes docs/bench_replay.md, .json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
