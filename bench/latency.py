@@ -329,9 +329,9 @@ def run(args) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     results["swap"] = swap_cost(args.model)
-    results["config"]["server_log"] = str(work / "server.log")
     table = write_report(results, args.out)
     print(table)
+    print(f"server log: {work / 'server.log'}")  # printed, not saved: results carry no machine paths
     return 0
 
 
