@@ -443,13 +443,15 @@ class VLLMEngine:
             pass
 
     def _lineage_of(self, snapshot) -> Hashable | None:
-        hint = self._hints.get(snapshot)
-        if hint is not None:
-            return hint
+        # The snapshot's own metadata first (session snapshots carry "lineage"), so a
+        # version reached by model name and one reached directly get the same lineage.
         meta = getattr(snapshot, "metadata", None) or {}
         for key in ("lineage", "adapter_id", "session_id"):
             if meta.get(key):
                 return ("meta", str(meta[key]))
+        hint = self._hints.get(snapshot)
+        if hint is not None:
+            return hint
         if self.lineage_resolver is not None:
             try:
                 return self.lineage_resolver(snapshot)
@@ -705,13 +707,10 @@ class VLLMEngine:
         manager = getattr(ctx, "sessions", None)
         if manager is not None:
             def from_sessions(snapshot):
-                try:
-                    from server.sessions import SESSION_PREFIX
-                except ImportError:
-                    SESSION_PREFIX = "session-"
-                for (owner, sid), session in list(getattr(manager, "_sessions", {}).items()):
+                # Fallback only: session snapshots name their lineage in their metadata.
+                for session in manager.sessions():
                     if getattr(session, "snapshot", None) is snapshot:
-                        return ("adapter", owner, SESSION_PREFIX + sid)
+                        return ("adapter", _owner(session.owner), session.adapter_name)
                 return None
 
             self.lineage_resolver = from_sessions

@@ -215,6 +215,14 @@ class SessionManager:
         return adapter, policy
 
     @staticmethod
+    def lineage(owner: str | None, sid: str) -> str:
+        """What every published snapshot of a session carries as ``metadata["lineage"]``.
+
+        Engines that keep adapter versions apart (vLLM) group versions by it.
+        """
+        return f"{owner_hash(owner)}/{SESSION_PREFIX}{sid}"
+
+    @staticmethod
     def publishable(adapter):
         """The adapter's current factors as a snapshot at its current version (no bump)."""
         from adapter_core import AdapterSnapshot
@@ -297,6 +305,7 @@ class SessionManager:
                 origin = None
         if adapter is None:
             adapter, policy = self.fresh_adapter()
+        adapter.metadata["lineage"] = self.lineage(owner, sid)
         session = Session(sid, owner, adapter, policy, self.publishable(adapter), repository=repository,
                           token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
                           origin=origin)
@@ -327,7 +336,10 @@ class SessionManager:
             adapter, policy = self.adapter_from_snapshot(snap, policy_state)
         except KeyError:
             adapter, policy = self.fresh_adapter()
-            snap = self.publishable(adapter)
+            snap = None
+        adapter.metadata["lineage"] = self.lineage(owner, sid)
+        if snap is None or snap.metadata.get("lineage") != adapter.metadata["lineage"]:
+            snap = self.publishable(adapter)  # stored before snapshots carried their lineage
         meta = meta or {}
         session = Session(sid, owner, adapter, policy, snap, repository=meta.get("repository"),
                           token_hashes=meta.get("token_hashes", []), max_queue=self.settings.max_queue_per_session,
