@@ -11,6 +11,7 @@ running are marked failed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -337,9 +338,10 @@ def make_router(manager: JobManager, owner_dep) -> APIRouter:
         except ValueError:
             raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
         try:
-            return manager.create(owner, body).public()
+            job = await asyncio.to_thread(manager.create, owner, body)  # checks paths, writes the record
         except JobError as exc:
             raise APIError(400, str(exc), code="invalid_request") from None
+        return job.public()
 
     @router.get("/jobs")
     def list_jobs(owner=Depends(owner_dep)):
