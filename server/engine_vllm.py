@@ -56,6 +56,7 @@ from server.engine_hf import (
     has_fim,
 )
 from server.scheduling import ServingGate
+from server.store import owner_hash
 
 log = logging.getLogger("dynarank.engine.vllm")
 
@@ -698,7 +699,7 @@ class VLLMEngine:
             def resolve(model_name, api_key):
                 snap, adapter_id = original(model_name, api_key)
                 if snap is not None and adapter_id:
-                    self.note_lineage(snap, ("adapter", _owner(api_key), str(adapter_id)))
+                    self.note_lineage(snap, ("adapter", owner_hash(api_key), str(adapter_id)))
                 return snap, adapter_id
 
             adapters.resolve = resolve
@@ -710,21 +711,10 @@ class VLLMEngine:
                 # Fallback only: session snapshots name their lineage in their metadata.
                 for session in manager.sessions():
                     if getattr(session, "snapshot", None) is snapshot:
-                        return ("adapter", _owner(session.owner), session.adapter_name)
+                        return ("adapter", owner_hash(session.owner), session.adapter_name)
                 return None
 
             self.lineage_resolver = from_sessions
-
-
-def _owner(api_key) -> str:
-    try:
-        from server.store import owner_hash
-
-        return owner_hash(api_key)
-    except ImportError:
-        import hashlib
-
-        return hashlib.sha256(("key:" + (api_key or "")).encode()).hexdigest()[:24]
 
 
 def _slug(lineage) -> str:
