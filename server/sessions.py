@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from server.feedback import FeedbackBook
-from server.store import AdapterStore, check_name, owner_hash, write_json_atomic
+from server.store import AdapterStore, check_name, owner_hash, write_file_atomic, write_json_atomic
 
 log = logging.getLogger("dynarank.sessions")
 
@@ -379,9 +379,7 @@ class SessionManager:
             try:
                 state = session.policy.state_dict() if session.policy is not None else {}
                 path = self._policy_path(session.owner, session.id)
-                tmp = path.with_name(f".{path.name}.tmp")
-                torch.save(state, tmp)
-                tmp.replace(path)
+                write_file_atomic(path, lambda f: torch.save(state, f), "wb")
             except Exception:
                 log.warning("could not persist policy state of session %s", session.id)
         self._write_meta(session)

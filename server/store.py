@@ -45,19 +45,27 @@ def check_name(name: str) -> str:
     return name
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON beside ``path`` and rename over it (readers see old or new)."""
+def write_file_atomic(path: Path, write, mode: str = "w") -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync, rename over it (readers see old or new).
+
+    The one-file counterpart of ``adapter_core.atomic.write_dir_atomically``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON beside ``path`` and rename over it (readers see old or new)."""
+    write_file_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=True))
 
 
 class AdapterStore:
