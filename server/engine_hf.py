@@ -137,6 +137,16 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
+    """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine."""
+    text = build_prompt(tokenizer, request.prompt, request.suffix)
+    ids = tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
+    if not ids:  # completing at the very start of a document: condition on BOS (or EOS) alone
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start] if start is not None else []
+    return ids
+
+
 class HFEngine:
     """``server.engine.Engine`` on a transformers causal LM."""
 
@@ -167,12 +177,7 @@ class HFEngine:
         return next(self.model.parameters()).device
 
     def encode(self, request: GenerationRequest) -> list[int]:
-        text = build_prompt(self.tokenizer, request.prompt, request.suffix)
-        ids = self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
-        if not ids:  # completing at the very start of a document: condition on BOS (or EOS) alone
-            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-            ids = [start] if start is not None else []
-        return ids
+        return encode_prompt(self.tokenizer, request)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

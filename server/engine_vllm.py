@@ -52,7 +52,7 @@ from server.engine_hf import (
     ContextLengthError,
     IncrementalDecoder,
     StopMatcher,
-    build_prompt,
+    encode_prompt,
     has_fim,
 )
 from server.scheduling import ServingGate
@@ -288,8 +288,7 @@ class VLLMEngine:
     # -- Engine protocol ------------------------------------------------------------
 
     def encode(self, request: GenerationRequest) -> list[int]:
-        text = build_prompt(self.tokenizer, request.prompt, request.suffix)
-        return self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
+        return encode_prompt(self.tokenizer, request)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -132,6 +132,7 @@ class Connection:
         self.session = None
         self.owner = None
         self.inflight: dict = {}  # completion id -> cancel event
+        self._tasks: set = set()  # running completions: the loop keeps only weak references
         self.loop = None
         self._send_lock = asyncio.Lock()
         self._closed = False
@@ -387,7 +388,9 @@ class Connection:
         snap = self.session.current()  # read once: this completion keeps its version
         cancel = threading.Event()
         self.inflight[cid] = cancel
-        asyncio.create_task(self._generate(cid, request, snap, cancel, msg.get("path")))
+        task = asyncio.create_task(self._generate(cid, request, snap, cancel, msg.get("path")))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _generate(self, cid, request, snap, cancel, path=None) -> None:
         queue: asyncio.Queue = asyncio.Queue()
