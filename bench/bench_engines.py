@@ -35,10 +35,11 @@ PROMPTS = [
     "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists.\"\"\"\n",
     "# parse a CSV file and return rows as dicts\ndef read_rows(path):",
 ]
-RANKS = [1, 3, 8, 16, 5, 12, 2]
+RANKS = [1, 3, 8, 16, 5, 12, 2]  # cycled over the modules: heterogeneous per-module ranks
 
 
-def hetero_snapshot(infos, version=1, seed=0):
+def hetero_snapshot(infos, version=1, seed=0, metadata=None):
+    """A random adapter with different ranks per module (also used by the vLLM parity tests)."""
     from adapter_core import AdapterSnapshot
 
     g = torch.Generator().manual_seed(seed)
@@ -48,7 +49,7 @@ def hetero_snapshot(infos, version=1, seed=0):
         A[name] = torch.randn(r, info.in_features, generator=g) * 0.05
         B[name] = torch.randn(info.out_features, r, generator=g) * 0.05
         S[name] = 2.0
-    return AdapterSnapshot.from_tensors(version, A, B, S)
+    return AdapterSnapshot.from_tensors(version, A, B, S, metadata or {})
 
 
 def one(engine, prompt, max_tokens, adapter):

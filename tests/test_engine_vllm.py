@@ -21,8 +21,8 @@ import threading
 import time
 
 import pytest
-import torch
 
+from bench import bench_engines
 from server.engine import GenerationRequest
 
 vllm_engine_mod = pytest.importorskip("server.engine_vllm")
@@ -35,7 +35,6 @@ from server.engine_vllm import VLLMEngine, choose_max_lora_rank  # noqa: E402
 PARITY_TOKENS = 24
 MAX_TOKENS = 32
 PROMPTS = ["def fibonacci(n):", "import os\n\nclass FileCache:\n    def __init__(self"]
-RANKS = [1, 3, 8, 16, 5, 12, 2]  # cycled over the modules: heterogeneous per-module ranks
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +49,7 @@ def hf_model(smollm2_path):
 
 
 def hetero_snapshot(infos, version: int, seed: int = 0):
-    from adapter_core import AdapterSnapshot
-
-    g = torch.Generator().manual_seed(seed)
-    A, B, S = {}, {}, {}
-    for i, (name, info) in enumerate(sorted(infos.items())):
-        r = RANKS[i % len(RANKS)]
-        A[name] = torch.randn(r, info.in_features, generator=g) * 0.05
-        B[name] = torch.randn(info.out_features, r, generator=g) * 0.05
-        S[name] = 2.0
-    return AdapterSnapshot.from_tensors(version, A, B, S, {"test": True})
+    return bench_engines.hetero_snapshot(infos, version, seed, metadata={"test": True})
 
 
 @pytest.fixture(scope="module")
