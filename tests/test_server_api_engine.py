@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from server.engine import GenerationRequest
-from server.engine_hf import FIM_TOKENS, HFEngine, IncrementalDecoder, StopMatcher, build_prompt
-from server.scheduling import ServingGate
+from server.engines.base import GenerationRequest
+from server.engines.decoding import FIM_TOKENS, IncrementalDecoder, StopMatcher, build_prompt
+from server.engines.hf import HFEngine
+from server.engines.gate import ServingGate
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_prompt_longer_than_context_is_rejected(engine):
 
 
 def test_adapter_is_bound_per_forward(engine, monkeypatch):
-    import server.engine_hf as mod
+    import server.engines.hf as mod
 
     seen = []
 

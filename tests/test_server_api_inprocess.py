@@ -8,11 +8,11 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.auth import AuthError, check_api_key
-from server.engine import GenerationChunk
-from server.metrics import Metrics
-from server.settings import Settings
+from server.app.main import create_app
+from server.app.auth import AuthError, check_api_key
+from server.engines.base import GenerationChunk
+from server.observability.metrics import Metrics
+from server.config import Settings
 
 
 @dataclasses.dataclass

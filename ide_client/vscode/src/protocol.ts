@@ -1,4 +1,4 @@
-// Messages of the dynarank IDE websocket, protocol 1 (server/ws.py is the reference).
+// Messages of the dynarank IDE websocket, protocol 1 (server/app/ws/ is the reference).
 // Plain TypeScript: no vscode import, so node's test runner can load it.
 
 export const PROTOCOL = 1;

@@ -18,7 +18,7 @@ Adaptation (updated by the session layer; ``session`` = session id):
   rank                 Gauge      adapter_rank{session,module}
   swaps                Counter    adapter_swaps_total{session}  (new snapshot published to serving)
 
-Completion feedback (read from server/feedback.py at scrape time, so label sets
+Completion feedback (read from server/feedback/ at scrape time, so label sets
 stay as bounded as the feedback books; ``scope`` = session|model, ``name`` =
 session id or model name, ``adapter_version`` = N, ``base`` or ``all``):
   completion_feedback_total   Counter  {scope,name,adapter_version,event}

@@ -14,58 +14,20 @@ stored only as a hash so the data dir never holds a key.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
 import shutil
 import tarfile
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+from server.store.files import write_json_atomic
+from server.store.names import NAME_RE, StoreError, check_name, owner_hash
+
 _VERSION_DIR = re.compile(r"^v(\d+)$")
-
-
-class StoreError(ValueError):
-    """A bad adapter name or a missing adapter."""
-
-
-def owner_hash(api_key: str | None) -> str:
-    # Keys never touch the disk; a missing key (auth off) is the local owner.
-    return hashlib.sha256(("key:" + (api_key or "")).encode()).hexdigest()[:24]
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise StoreError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (max 80, no '..')")
-    return name
-
-
-def write_file_atomic(path: Path, write, mode: str = "w") -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, fsync, rename over it (readers see old or new).
-
-    The one-file counterpart of ``adapter_core.atomic.write_dir_atomically``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON beside ``path`` and rename over it (readers see old or new)."""
-    write_file_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=True))
 
 
 class AdapterStore:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 
-from server.errors import APIError
+from server.app.errors import APIError
 
 from server.store import check_name, owner_hash, write_json_atomic
 
@@ -275,7 +275,7 @@ class JobManager:
 
     def _step(self, job: Job) -> None:
         from adapter_core import train_step
-        from server.workers import example_batch
+        from server.adaptation.examples import example_batch
 
         try:
             with job.lock:

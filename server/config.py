@@ -26,7 +26,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_inflight_requests: int = 32  # completion requests in flight before 429
     log_level: str = "info"
-    # -- sessions and adaptation (server/sessions.py, workers.py, jobs.py) --
+    # -- sessions and adaptation (server/sessions/, server/adaptation/) --
     adapter_lr: float = 1e-3
     adaptation_workers: int = 1  # background training threads
     train_threads: int = 1  # torch intra-op threads per training thread on CPU (serving keeps the rest)
@@ -34,7 +34,7 @@ class Settings:
     keep_versions: int = 3  # versions kept per adapter in the store
     edit_quiet_s: float = 0.75  # an edit burst settles after this much quiet
     max_ws_message_bytes: int = 1024 * 1024
-    # -- completion feedback (server/feedback.py) --
+    # -- completion feedback (server/feedback/) --
     feedback_training: bool = True  # accepted completions kept in the document become training examples
     feedback_weight: float = 3.0  # loss weight multiplier of those examples (edits have 1)
     feedback_check_s: float = 2.0  # how long after acceptance the text must still be in the document

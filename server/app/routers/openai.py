@@ -19,10 +19,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.auth import require_api_key
-from server.engine import GenerationChunk, GenerationRequest
-from server.errors import APIError
-from server.metrics import log_event
+from server.app.auth import require_api_key
+from server.engines.base import GenerationChunk, GenerationRequest
+from server.app.errors import APIError
+from server.observability.metrics import log_event
 
 router = APIRouter()
 
@@ -305,7 +305,7 @@ class Job:
 
 
 def record_feedback(state, key_id, job: Job, rid: str, prompts: list[str]) -> None:
-    """Remember each returned choice so feedback on it can be checked (server/feedback.py).
+    """Remember each returned choice so feedback on it can be checked (server/feedback/).
 
     Choice i of a request is ``rid`` (i = 0) or ``rid.i``; a completion on a
     session's model belongs to that session, any other to its model.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
-from server.settings import Settings
+from server.config import Settings
 
 
 class AdapterResolver(Protocol):
@@ -27,7 +27,7 @@ class AdapterResolver(Protocol):
 @dataclasses.dataclass
 class ServerState:
     settings: Settings
-    engine: Any  # server.engine.Engine
+    engine: Any  # server.engines.base.Engine
     tokenizer: Any
     model: Any  # the frozen base model (shared by serving and training)
     adapters: AdapterResolver | None = None  # set by the session layer

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import threading
 import time
-from pathlib import Path
 
-from server.store import owner_hash, write_json_atomic
+
+from server.errors import ClientError
 
 log = logging.getLogger("dynarank.feedback")
 
@@ -35,14 +34,6 @@ ANCHOR = 64  # chars of context before the cursor kept to find the text again
 MAX_VERSIONS = 500  # per-version rows kept per book (totals are kept apart)
 
 
-_HTTP_STATUS = {"unknown_completion": 404, "duplicate_feedback": 409, "contradictory_feedback": 409,
-                "invalid_feedback": 400}
-
-
-class FeedbackError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, _HTTP_STATUS.get(code, 400)
 
 
 def version_key(version) -> str:
@@ -115,24 +106,24 @@ class FeedbackBook:
     def apply(self, cid: str, event, accepted_text=None, *, check_after_s: float = 1.0) -> Record:
         """Validate and apply one event; on any error nothing changes."""
         if event not in EVENTS:
-            raise FeedbackError("invalid_feedback", f"event must be one of {', '.join(EVENTS)}")
+            raise ClientError("invalid_feedback", f"event must be one of {', '.join(EVENTS)}")
         if accepted_text is not None and not isinstance(accepted_text, str):
-            raise FeedbackError("invalid_feedback", "accepted_text must be a string")
+            raise ClientError("invalid_feedback", "accepted_text must be a string")
         if accepted_text is not None and event not in ("accepted", "partially_accepted"):
-            raise FeedbackError("invalid_feedback", f"accepted_text goes with accepted or partially_accepted, not {event}")
+            raise ClientError("invalid_feedback", f"accepted_text goes with accepted or partially_accepted, not {event}")
         with self.lock:
             rec = self.records.get(cid)
             if rec is None:
-                raise FeedbackError("unknown_completion", f"no recorded completion {cid!r} here")
+                raise ClientError("unknown_completion", f"no recorded completion {cid!r} here")
             if event in rec.events:
-                raise FeedbackError("duplicate_feedback", f"{cid}: {event} was already recorded")
+                raise ClientError("duplicate_feedback", f"{cid}: {event} was already recorded")
             if rec.outcome is not None:
-                raise FeedbackError("contradictory_feedback", f"{cid} was already {rec.outcome}; {event} contradicts it")
+                raise ClientError("contradictory_feedback", f"{cid} was already {rec.outcome}; {event} contradicts it")
             if event == "accepted" and accepted_text not in (None, rec.text):
-                raise FeedbackError("invalid_feedback", "accepted_text differs from the completion; "
+                raise ClientError("invalid_feedback", "accepted_text differs from the completion; "
                                                         "use partially_accepted for a prefix")
             if event == "partially_accepted" and not (accepted_text and rec.text.startswith(accepted_text)):
-                raise FeedbackError("invalid_feedback", "partially_accepted needs accepted_text, "
+                raise ClientError("invalid_feedback", "partially_accepted needs accepted_text, "
                                                         "a non-empty prefix of the completion")
             rec.events.append(event)
             if event in ("accepted", "partially_accepted"):
@@ -188,135 +179,6 @@ class FeedbackBook:
 # -- training signal ---------------------------------------------------------------
 
 
-def find_kept(rec: Record, docs: dict) -> tuple[str, str, str, str | None] | None:
-    """(before, after, path, language) if the accepted text is in a mirrored document.
-
-    ``before`` is the document without that occurrence, so the edit builder's
-    target is exactly the accepted text in its real context.
-    """
-    text = rec.accepted_text
-    if not text or not text.strip():
-        return None
-    paths = ([rec.path] if rec.path in docs else []) + [p for p in docs if p != rec.path]
-    for path in paths:
-        doc = docs[path]
-        i = doc.text.find(rec.anchor + text) if rec.anchor else -1
-        i = i + len(rec.anchor) if i >= 0 else doc.text.rfind(text)
-        if i >= 0:
-            return doc.text[:i] + doc.text[i + len(text):], doc.text, path, doc.language
-    return None
-
-
-def weighted(examples, weight: float):
-    """Copies with every target weight scaled (context tokens stay at 0)."""
-    return [dataclasses.replace(ex, loss_weights=[w * weight for w in ex.loss_weights]) for ex in examples]
-
-
-def settle_feedback(session, builder, settings, now: float | None = None) -> int:
-    """Queue examples for the session's accepted completions that were kept; returns how many."""
-    book = getattr(session, "feedback", None)
-    if book is None or not settings.feedback_training:
-        return 0
-    queued = 0
-    for rec in book.due(time.time() if now is None else now):
-        with session.lock:
-            found = find_kept(rec, session.docs)
-        if found is None:
-            continue
-        before, after, path, language = found
-        try:
-            examples = builder.from_edit(before, after, path=path, language=language)
-        except Exception as exc:
-            log.warning("no example from accepted completion %s: %s", rec.id, exc)
-            continue
-        rec.kept = True
-        if examples:
-            session.enqueue(weighted(examples, settings.feedback_weight))
-            with book.lock:
-                book.trained += len(examples)
-            queued += len(examples)
-    return queued
-
-
 # -- the server's books --------------------------------------------------------------
 
 
-class FeedbackRegistry:
-    """Session books live on the sessions; this adds per-model books (per key) and lookups."""
-
-    def __init__(self, settings, sessions):
-        self.settings = settings
-        self.sessions = sessions
-        self.root = Path(settings.data_dir) / "feedback"
-        self._models: dict[str, dict[str, FeedbackBook]] = {}  # owner hash -> model -> book
-        self._lock = threading.Lock()
-
-    def new_book(self, data=None) -> FeedbackBook:
-        return FeedbackBook.from_json(data, self.settings.feedback_max_records)
-
-    def _model_books(self, owner) -> dict[str, FeedbackBook]:
-        oh = owner_hash(owner)
-        with self._lock:
-            books = self._models.get(oh)
-            if books is None:
-                try:
-                    raw = json.loads((self.root / f"{oh}.json").read_text())
-                except (OSError, ValueError):
-                    raw = {}
-                books = self._models[oh] = {m: self.new_book(d) for m, d in raw.items()}
-            return books
-
-    def save_models(self, owner) -> None:
-        books = self._model_books(owner)
-        write_json_atomic(self.root / f"{owner_hash(owner)}.json", {m: b.to_json() for m, b in list(books.items())})
-
-    def book_for(self, owner, model: str, adapter_id: str | None):
-        """(book, session or None) that a completion on ``model`` belongs to."""
-        from server.sessions import SESSION_PREFIX
-
-        if adapter_id and adapter_id.startswith(SESSION_PREFIX):
-            session = self.sessions.get(owner, adapter_id[len(SESSION_PREFIX):])
-            if session is not None:
-                return session.feedback, session
-        books = self._model_books(owner)
-        with self._lock:
-            return books.setdefault(model, self.new_book()), None
-
-    def find(self, owner, cid: str):
-        for session in self.sessions.sessions(owner):
-            if session.feedback.get(cid) is not None:
-                return session.feedback, session
-        for book in list(self._model_books(owner).values()):
-            if book.get(cid) is not None:
-                return book, None
-        raise FeedbackError("unknown_completion", f"no recorded completion {cid!r} for this key")
-
-    def apply(self, owner, cid: str, event, accepted_text=None, session=None) -> dict:
-        """Apply one event (to ``session``'s book only, when given) and persist it."""
-        book, owner_session = (session.feedback, session) if session is not None else self.find(owner, cid)
-        rec = book.apply(cid, event, accepted_text, check_after_s=self.settings.feedback_check_s)
-        if owner_session is not None:
-            self.sessions.write_meta(owner_session)
-        else:
-            self.save_models(owner)
-        return {"object": "completion.feedback", "completion_id": cid, "event": event,
-                "adapter_version": rec.version, "model": rec.model,
-                "session_id": owner_session.id if owner_session is not None else None}
-
-    def model_stats(self, owner) -> dict:
-        return {m: {k: v for k, v in b.stats().items()} for m, b in sorted(self._model_books(owner).items())}
-
-    def flush(self) -> None:
-        with self._lock:
-            owners = list(self._models)
-        for oh in owners:
-            write_json_atomic(self.root / f"{oh}.json", {m: b.to_json() for m, b in list(self._models[oh].items())})
-
-    def metric_rows(self):
-        """(scope, name, stats) for every resident session and loaded model book."""
-        for session in self.sessions.sessions():
-            yield "session", session.id, session.feedback.stats()
-        with self._lock:
-            books = [(m, b) for owners in self._models.values() for m, b in owners.items()]
-        for model, book in books:
-            yield "model", model, book.stats()

@@ -17,8 +17,8 @@ import hmac
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import APIError, error_response
-from server.settings import Settings
+from server.app.errors import APIError, error_response
+from server.config import Settings
 
 
 class AuthError(APIError):

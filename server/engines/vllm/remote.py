@@ -47,7 +47,7 @@ import json
 import logging
 from pathlib import Path
 
-from server.engine_vllm import VLLMEngine, choose_max_lora_rank
+from server.engines.vllm.engine import VLLMEngine, choose_max_lora_rank
 
 log = logging.getLogger("dynarank.engine.vllm_remote")
 

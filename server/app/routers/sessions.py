@@ -15,14 +15,15 @@ from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.auth import require_api_key
-from server.errors import APIError
-from server.feedback import FeedbackError, FeedbackRegistry
-from server.jobs import JobManager, make_router
+from server.app.auth import require_api_key
+from server.app.errors import APIError
+from server.errors import ClientError
+from server.feedback import FeedbackRegistry
+from server.adaptation.jobs import JobManager, make_router
 from server.sessions import SESSION_PREFIX, SessionManager
 from server.store import AdapterStore, StoreError
-from server.workers import AdaptationWorkers
-from server.ws import websocket_endpoint
+from server.adaptation.workers import AdaptationWorkers
+from server.app.ws.connection import websocket_endpoint
 
 log = logging.getLogger("dynarank.sessions")
 
@@ -78,7 +79,7 @@ def register_session_routes(app: FastAPI, state) -> SessionContext:
     app.include_router(_sessions_router(ctx))
     app.include_router(_feedback_router(ctx))
 
-    from server.dashboard import make_router as dashboard_router
+    from server.app.routers.dashboard import make_router as dashboard_router
 
     app.include_router(dashboard_router(ctx, state, require_api_key))
     return ctx
@@ -178,7 +179,7 @@ def _feedback_router(ctx: SessionContext) -> APIRouter:
         cid = completion_id if body.index == 0 else f"{completion_id}.{body.index}"
         try:
             return ctx.feedback.apply(owner, cid, body.event, body.accepted_text)
-        except FeedbackError as exc:
+        except ClientError as exc:
             raise APIError(exc.status, exc.message, code=exc.code, param="completion_id") from None
 
     return router

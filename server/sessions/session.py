@@ -1,0 +1,153 @@
+"""One IDE session: its live adapter, mirrored documents and training queue."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import re
+import threading
+import time
+
+from server.feedback import FeedbackBook
+from server.store import SESSION_PREFIX
+
+log = logging.getLogger("dynarank.sessions")
+
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+
+
+@dataclasses.dataclass
+class Document:
+    text: str
+    version: int
+    language: str | None = None
+
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+
+def snapshot_summary(snap) -> dict:
+    ranks = snap.ranks if snap is not None else {}
+    mean = sum(ranks.values()) / len(ranks) if ranks else 0.0
+    return {"version": snap.version if snap is not None else 0, "ranks": ranks, "mean_rank": round(mean, 3)}
+
+
+
+class Session:
+    def __init__(self, sid: str, owner: str | None, adapter, policy, snapshot, *, repository=None,
+                 token_hashes: list[str], max_queue: int, origin: str | None = None):
+        self.id = sid
+        self.owner = owner
+        self.adapter = adapter
+        self.policy = policy
+        self.snapshot = snapshot  # published, immutable; replaced by reference
+        self.repository = repository
+        self.origin = origin  # repository adapter this session started from
+        self.token_hashes = list(token_hashes)[-16:]  # one per tab that joined; any resumes
+        self.created = time.time()
+        self.last_used = time.time()
+        self.docs: dict[str, Document] = {}
+        self.coalescers: dict[str, object] = {}
+        self.pending_edits: list[tuple] = []  # settled (before, after, path, language), not yet examples
+        self.queue: collections.deque = collections.deque()
+        self.max_queue = max_queue
+        self.dropped = 0
+        self.steps = 0
+        self.last_loss: float | None = None
+        self.history: collections.deque = collections.deque(maxlen=400)
+        self.listeners: set = set()
+        self.connections = 0
+        self.persisted_version = snapshot.version
+        self.feedback = FeedbackBook()  # replaced by the manager with its configured size / stored state
+        self.lock = threading.RLock()  # snapshot ref, docs, queue, listeners
+        self.train_lock = threading.Lock()  # the adapter and policy
+
+    @property
+    def adapter_name(self) -> str:
+        return SESSION_PREFIX + self.id
+
+    def current(self):
+        with self.lock:
+            return self.snapshot
+
+    def enqueue(self, examples) -> int:
+        """Queue training examples; the oldest go first when the queue is full."""
+        with self.lock:
+            for ex in examples:
+                if len(self.queue) >= self.max_queue:
+                    self.queue.popleft()
+                    self.dropped += 1
+                self.queue.append(ex)
+            return len(self.queue)
+
+    # -- document mirror (shared by every tab of the session) ------------------
+
+    def open_doc(self, path: str, text: str, version: int, language: str | None, quiet_s: float) -> None:
+        from code_signals import EditCoalescer
+
+        with self.lock:
+            self.docs[path] = Document(text, version, language)
+            c = EditCoalescer(quiet_s=quiet_s)
+            c.feed(text, time.monotonic())
+            self.coalescers[path] = c
+
+    def edit_doc(self, path: str, version: int, new_text: str) -> None:
+        """Replace the mirror's text (already validated); feed the burst coalescer."""
+        with self.lock:
+            doc = self.docs[path]
+            doc.text, doc.version = new_text, version
+            emitted = self.coalescers[path].feed(new_text, time.monotonic())
+            if emitted:
+                self.pending_edits.append((*emitted, path, doc.language))
+
+    def close_doc(self, path: str) -> None:
+        with self.lock:
+            doc = self.docs.pop(path)
+            c = self.coalescers.pop(path, None)
+            emitted = c.flush(force=True) if c is not None else None
+            if emitted:
+                self.pending_edits.append((*emitted, path, doc.language))
+
+    def settle(self, now: float) -> list[tuple]:
+        """Settled edits (before, after, path, language) since the last call."""
+        with self.lock:
+            for path, c in self.coalescers.items():
+                emitted = c.flush(now)
+                if emitted:
+                    self.pending_edits.append((*emitted, path, self.docs[path].language))
+            out, self.pending_edits = self.pending_edits, []
+            return out
+
+    def notify(self, message: dict) -> None:
+        with self.lock:
+            listeners = list(self.listeners)
+        for fn in listeners:
+            try:
+                fn(message)
+            except Exception:  # a dead connection must not stop training
+                log.exception("session listener failed")
+
+    def status(self) -> dict:
+        with self.lock:
+            return {"type": "status", "queue_depth": len(self.queue), "dropped": self.dropped,
+                    "version": self.snapshot.version}
+
+    def describe(self) -> dict:
+        with self.lock:
+            snap = self.snapshot
+            return {
+                "id": self.id, "object": "session", "adapter": self.adapter_name,
+                "repository": self.repository, "origin": self.origin,
+                "created": self.created, "last_used": self.last_used,
+                "connections": self.connections, "documents": sorted(self.docs),
+                "queue_depth": len(self.queue), "dropped": self.dropped, "steps": self.steps,
+                "last_loss": self.last_loss, **snapshot_summary(snap),
+            }

@@ -1,0 +1,8 @@
+"""Everything the server keeps on disk: versioned adapters, atomic files, owner-scoped names."""
+
+from server.store.adapters import AdapterStore
+from server.store.files import write_file_atomic, write_json_atomic
+from server.store.names import SESSION_PREFIX, StoreError, check_name, owner_hash
+
+__all__ = ["AdapterStore", "SESSION_PREFIX", "StoreError", "check_name", "owner_hash", "write_file_atomic",
+           "write_json_atomic"]
