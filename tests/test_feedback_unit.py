@@ -8,7 +8,8 @@ import types
 import pytest
 
 from code_signals import TrainingExample
-from server.feedback import FeedbackBook, FeedbackError, find_kept, rate, settle_feedback
+from server.errors import ClientError
+from server.feedback import FeedbackBook, find_kept, rate, settle_feedback
 from server.sessions import Document
 
 
@@ -50,7 +51,7 @@ def test_rates_per_version_and_totals():
 def test_bad_feedback_changes_nothing(cid, event, text, code):
     book = book_with("return width * height")
     before = book.to_json()
-    with pytest.raises(FeedbackError) as err:
+    with pytest.raises(ClientError) as err:
         book.apply(cid, event, text)
     assert err.value.code == code and err.value.message
     assert book.to_json() == before
@@ -62,7 +63,7 @@ def test_duplicate_and_contradictory():
     before = book.to_json()
     for event, code in [("rejected", "duplicate_feedback"), ("accepted", "contradictory_feedback"),
                         ("shown", "contradictory_feedback")]:
-        with pytest.raises(FeedbackError) as err:
+        with pytest.raises(ClientError) as err:
             book.apply("c0", event)
         assert err.value.code == code and err.value.status == 409
     assert book.to_json() == before
@@ -76,9 +77,9 @@ def test_bounded_and_round_trips():
     book.apply("c4", "accepted")
     copy = FeedbackBook.from_json(book.to_json(), max_records=2)
     assert copy.stats() == book.stats()
-    with pytest.raises(FeedbackError):
+    with pytest.raises(ClientError):
         copy.apply("c4", "accepted")  # the event survived the round trip
-    with pytest.raises(FeedbackError):
+    with pytest.raises(ClientError):
         copy.apply("c0", "accepted")  # evicted: unknown, but still counted
     assert copy.stats()["completions"] == 5
 

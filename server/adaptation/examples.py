@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 # How an edit becomes training examples; the benchmark replays edits with the same builder.
 EDIT_MAX_TOKENS = 256
 

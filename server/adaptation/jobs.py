@@ -22,7 +22,6 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 
 from server.app.errors import APIError
-
 from server.store import check_name, owner_hash, write_json_atomic
 
 log = logging.getLogger("dynarank.jobs")

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from server.feedback import settle_feedback
-from server.engines.gate import ServingGate
-from server.sessions import Session, SessionManager, snapshot_summary
 from server.adaptation.examples import edit_example_builder, example_batch
+from server.engines.gate import ServingGate
+from server.feedback import settle_feedback
+from server.sessions import Session, SessionManager, snapshot_summary
 
 log = logging.getLogger("dynarank.workers")
 

@@ -9,15 +9,17 @@ from fastapi.responses import Response
 
 from server.app.auth import install_guards, require_api_key
 from server.app.errors import install_error_handlers
-from server.observability.metrics import Metrics, RequestMetrics
-from server.config import Settings
 from server.app.state import ServerState
+from server.config import Settings
+from server.observability.metrics import Metrics, RequestMetrics
 
 
 def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> FastAPI:
     app = FastAPI(title="dynarank", version="0.1.0")
     if engine is None and model is not None and settings.engine == "vllm":
-        from server.engines.vllm.engine import build_vllm_engine# generation in vLLM; training stays on `model`
+        from server.engines.vllm.engine import (
+            build_vllm_engine,  # generation in vLLM; training stays on `model`
+        )
 
         engine = build_vllm_engine(settings, tokenizer, getattr(model, "name_or_path", None))
     if engine is None and model is not None:

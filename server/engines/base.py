@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
+
+from server.engines.gate import ServingGate
 
 
 @dataclasses.dataclass
@@ -46,12 +48,37 @@ class GenerationResult:
 
 
 class Engine(Protocol):
+    """What the app needs of a generation engine (``hf``, ``vllm``; see ``server.engines.ENGINES``).
+
+    ``generate`` is synchronous: ``server.engines.bridge`` runs it in a thread.
+    ``gate`` is the ``ServingGate`` the engine holds open while it generates, so
+    background training yields to it.
+    """
+
     model_name: str
+    tokenizer: Any
+    gate: ServingGate
 
     def count_tokens(self, text: str) -> int: ...
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (logprobs)."""
+        ...
 
     def generate(
         self, request: GenerationRequest, adapter=None, cancel: threading.Event | None = None
     ) -> Iterator[GenerationChunk]:
-        """Yield chunks; the last one carries finish_reason."""
+        """Yield chunks; the last one carries finish_reason. Raises ContextLengthError for too long a prompt."""
         ...
+
+    def attach(self, adapters) -> None:
+        """Called once the app's adapter resolver exists (engines that track adapter versions use it)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (at app shutdown)."""
+        ...
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not leave room for a single new token."""

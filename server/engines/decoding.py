@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
 from code_signals import FIM_TOKENS
 from server.engines.base import GenerationRequest
 
-
-
-
-
 _DETOK_CONTEXT = 5  # prompt tokens that seed the incremental decoder (leading-space handling)
-
-
-
-class ContextLengthError(ValueError):
-    """The prompt does not leave room for a single new token."""
-
 
 
 def adapter_context(model, adapter):
@@ -33,11 +24,9 @@ def adapter_context(model, adapter):
     return use_adapter(model, adapter)
 
 
-
 def has_fim(tokenizer) -> bool:
     vocab = tokenizer.get_vocab()
     return all(t in vocab for t in FIM_TOKENS)
-
 
 
 def build_prompt(tokenizer, prompt: str, suffix: str | None) -> str:
@@ -46,7 +35,6 @@ def build_prompt(tokenizer, prompt: str, suffix: str | None) -> str:
         return prompt
     pre, suf, mid = FIM_TOKENS
     return f"{pre}{prompt}{suf}{suffix}{mid}"
-
 
 
 class IncrementalDecoder:
@@ -74,7 +62,6 @@ class IncrementalDecoder:
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
-
 
 
 class StopMatcher:
@@ -117,7 +104,6 @@ class StopMatcher:
         return out
 
 
-
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
     """Greedy at temperature 0, else temperature + nucleus sampling from ``generator``."""
     if temperature <= 0:
@@ -132,7 +118,6 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-
 def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine."""
     text = build_prompt(tokenizer, request.prompt, request.suffix)
@@ -141,3 +126,24 @@ def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start] if start is not None else []
     return ids
+
+
+class TokenizerEngine:
+    """The tokenizer-backed half of ``Engine`` every in-tree engine shares."""
+
+    tokenizer: Any
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        return encode_prompt(self.tokenizer, request)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def attach(self, adapters) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

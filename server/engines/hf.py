@@ -18,10 +18,17 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from server.engines.base import GenerationChunk, GenerationRequest
+from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
+from server.engines.decoding import (
+    _DETOK_CONTEXT,
+    IncrementalDecoder,
+    StopMatcher,
+    adapter_context,
+    encode_prompt,
+    has_fim,
+    sample_token,
+)
 from server.engines.gate import ServingGate
-from server.engines.decoding import (_DETOK_CONTEXT, ContextLengthError, IncrementalDecoder, StopMatcher, adapter_context,
-                                     encode_prompt, has_fim, sample_token)
 
 log = logging.getLogger("dynarank.engine")
 

@@ -1,6 +1,14 @@
 """Completion feedback: which completions users accepted, and kept ones as training examples."""
 
-from server.feedback.book import COUNTS, EVENTS, OUTCOMES, FeedbackBook, Record, rate, summary
+from server.feedback.book import (
+           COUNTS,
+           EVENTS,
+           OUTCOMES,
+           FeedbackBook,
+           Record,
+           rate,
+           summary,
+)
 from server.feedback.registry import FeedbackRegistry
 from server.feedback.training import find_kept, settle_feedback, weighted
 

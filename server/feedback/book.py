@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 
-
 from server.errors import ClientError
 
 log = logging.getLogger("dynarank.feedback")

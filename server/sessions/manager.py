@@ -18,8 +18,15 @@ import torch
 
 from server.errors import ClientError
 from server.feedback import FeedbackBook
-from server.store import SESSION_PREFIX, AdapterStore, check_name, owner_hash, write_file_atomic, write_json_atomic
 from server.sessions.session import SESSION_ID_RE, Session, _token_hash
+from server.store import (
+    SESSION_PREFIX,
+    AdapterStore,
+    check_name,
+    owner_hash,
+    write_file_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger("dynarank.sessions")
 

@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.app.auth import require_api_key
-from server.engines.base import GenerationChunk, GenerationRequest
 from server.app.errors import APIError
+from server.engines.base import GenerationChunk, GenerationRequest
 from server.observability.metrics import log_event
 
 router = APIRouter()

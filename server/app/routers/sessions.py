@@ -15,15 +15,15 @@ from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.adaptation.jobs import JobManager, make_router
+from server.adaptation.workers import AdaptationWorkers
 from server.app.auth import require_api_key
 from server.app.errors import APIError
+from server.app.ws.connection import websocket_endpoint
 from server.errors import ClientError
 from server.feedback import FeedbackRegistry
-from server.adaptation.jobs import JobManager, make_router
 from server.sessions import SESSION_PREFIX, SessionManager
 from server.store import AdapterStore, StoreError
-from server.adaptation.workers import AdaptationWorkers
-from server.app.ws.connection import websocket_endpoint
 
 log = logging.getLogger("dynarank.sessions")
 

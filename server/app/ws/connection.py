@@ -17,11 +17,16 @@ import uuid
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from server.app.ws.protocol import (
+    CLOSE_UNAUTHORIZED,
+    MAX_PREFIX_CHARS,
+    MAX_SUFFIX_CHARS,
+    PROTOCOL,
+    validate,
+)
 from server.engines.base import GenerationRequest
 from server.errors import ClientError
 from server.sessions import SESSION_PREFIX, snapshot_summary
-from server.app.ws.protocol import (CLOSE_UNAUTHORIZED, MAX_PREFIX_CHARS, MAX_SUFFIX_CHARS, PROTOCOL,
-                                     validate)
 
 log = logging.getLogger("dynarank.ws")
 

@@ -46,8 +46,14 @@ import weakref
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
-from server.engines.base import GenerationChunk, GenerationRequest
-from server.engines.decoding import _DETOK_CONTEXT, ContextLengthError, IncrementalDecoder, StopMatcher, encode_prompt, has_fim
+from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
+from server.engines.decoding import (
+    _DETOK_CONTEXT,
+    IncrementalDecoder,
+    StopMatcher,
+    encode_prompt,
+    has_fim,
+)
 from server.engines.gate import ServingGate
 from server.store import owner_hash
 
