@@ -99,9 +99,15 @@ class Adapter:
         for group in self.optimizer.param_groups:
             group["lr"] = value
 
-    def snapshot(self, **metadata) -> AdapterSnapshot:
-        """Publish the current factors as a new immutable version (version + 1)."""
-        self.version += 1
+    def snapshot(self, *, bump: bool = True, **metadata) -> AdapterSnapshot:
+        """Publish the current factors as an immutable snapshot.
+
+        ``bump=True`` (after a train step): a new version, ``version + 1``. ``bump=False``:
+        the current version, for the first publication of a new or resumed adapter, whose
+        factors that version already names.
+        """
+        if bump:
+            self.version += 1
         meta = {**self.metadata, **metadata, "step": self.step}
         return AdapterSnapshot.from_tensors(self.version, self.A, self.B, self.scale, meta)
 

@@ -48,9 +48,9 @@ def make_batch(tokenizer, tokens: int) -> dict:
 
 
 def time_policy(model, batch, policy_name: str, rank: int, steps: int, warmup: int) -> dict:
-    from adapter_core import AdapterConfig, new_adapter, train_step
+    from adapter_core import AdapterConfig, new_session_adapter, train_step
 
-    adapter, policy = new_adapter(model, AdapterConfig(policy=policy_name, r_init=rank))
+    adapter, policy = new_session_adapter(model, AdapterConfig(policy=policy_name, r_init=rank))
     times, phases = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -80,14 +80,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="docs/bench_step.md")
     args = parser.parse_args(argv)
 
-    from adapter_core.policies import POLICIES, _load_builtin_policies
+    from adapter_core.policies import POLICIES
     from server.models import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_model(resolve_model(args.model, progress=False))
     batch = make_batch(tokenizer, args.tokens)
-    _load_builtin_policies()
 
     rows, notes = [], []
     names = [p.strip() for p in args.policies.split(",") if p.strip()]

@@ -2,6 +2,8 @@
 
 Each module has ``build_parser(parser)`` (adds its options, sets ``func``) and
 imports torch only when it runs, so building the `dynarank` command line stays fast.
+`dynarank` finds ``add_bench_parser`` through the ``bench`` entry point of the
+``dynarank.commands`` group (pyproject.toml); the server never imports bench.
 """
 
 from __future__ import annotations
@@ -29,9 +31,26 @@ def _add_benchmarks(sub) -> None:
     for name, (module, help_text) in BENCHMARKS.items():
         try:
             build = importlib.import_module(module).build_parser
-        except ImportError:  # a benchmark not written yet
-            continue
-        build(sub.add_parser(name, help=help_text))
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # a benchmark not written yet
+                continue
+            _add_broken(sub, name, module, exc)
+        except Exception as exc:  # noqa: BLE001 - reported when the benchmark is run
+            _add_broken(sub, name, module, exc)
+        else:
+            build(sub.add_parser(name, help=help_text))
+
+
+def _add_broken(sub, name: str, module: str, exc: Exception) -> None:
+    """A benchmark whose module fails to import still gets its subcommand, which reports why."""
+    def fail(args) -> int:
+        print(f"error: benchmark {name!r} ({module}) failed to import: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+    # Accepts any arguments (even --help: no option prefix can match) to report the failure.
+    p = sub.add_parser(name, help=f"(failed to import: {type(exc).__name__})", add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs="*")
+    p.set_defaults(func=fail)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,15 +245,15 @@ def swap_cost(model_name: str, repeats: int = 20) -> dict:
     """In process: time to publish a snapshot (clone factors) and to swap the reference under the session lock."""
     import torch
 
-    from adapter_core import AdapterConfig, new_adapter
+    from adapter_core import AdapterConfig, new_session_adapter
     from server.models import load_model, resolve_model
 
     torch.set_num_threads(1)
     model, _ = load_model(resolve_model(model_name, progress=False))
     out = {}
     for rank in (8, 32):
-        adapter, _ = new_adapter(model, AdapterConfig(policy="fixed", r_init=rank))
-        lock, holder = threading.RLock(), {"snap": adapter.snapshot()}
+        adapter, _ = new_session_adapter(model, AdapterConfig(policy="fixed", r_init=rank))
+        lock, holder = threading.RLock(), {"snap": adapter.snapshot(bump=False)}
         publish, swap = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """The replay's methods: a learner per method that adapts on examples and publishes snapshots.
 
-Every adapting method except ``adalora`` uses the server's path: ``new_adapter`` with
-an ``AdapterConfig`` like ``SessionManager`` builds (policy, server learning rate),
-``server.adaptation.examples.example_batch`` and ``adapter_core.train_step``. ``adalora`` is the
+Every adapting method except ``adalora`` uses the server's path: the session
+``AdapterConfig`` (``server.sessions.adapter_config.session_adapter_config``: policy, server
+learning rate), ``adapter_core.new_session_adapter`` and the session train step
+``server.adaptation.learner.adapt_on_example``. ``adalora`` is the
 real PEFT AdaLoRA on a copy of the model (its own train step), converted to plain
 LoRA factors for evaluation on the shared model.
 """
@@ -54,41 +55,36 @@ class BaseLearner:
 
 
 class SessionLearner(BaseLearner):
-    """One server session's adapter: the same construction and step as ``server.adaptation.workers``."""
+    """One server session's adapter: the server's config, construction and step (``server.adaptation.learner``)."""
 
     def __init__(self, model, policy: str, config_kw: dict, policy_options: dict, seed: int, total_steps: int):
-        from adapter_core import AdapterConfig, new_adapter
+        from adapter_core import new_session_adapter
         from server.config import Settings
+        from server.sessions.adapter_config import session_adapter_config
 
         super().__init__()
         options = dict(policy_options)
         if policy == "adalora":
             options.setdefault("total_step", max(1, total_steps))
-        config = AdapterConfig(policy=policy, lr=Settings().adapter_lr, seed=seed, policy_options=options, **config_kw)
+        config = session_adapter_config(Settings(), policy, seed=seed, policy_options=options, **config_kw)
         self.model = model
-        self.adapter, self.policy = new_adapter(model, config, None)  # sessions start with task=None
-        self._snap = self._publish()
-
-    def _publish(self):
-        from server.sessions import SessionManager
-
-        return SessionManager.publishable(self.adapter)
+        self.adapter, self.policy = new_session_adapter(model, config)  # sessions start with task=None
+        self._snap = self.adapter.snapshot(bump=False)
 
     def snapshot(self):
         return self._snap
 
     def adapt(self, example, steps: int) -> list[float]:
-        from adapter_core import train_step
-        from server.adaptation.examples import example_batch
+        from server.adaptation.learner import adapt_on_example
 
         losses = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            stats = train_step(self.model, self.adapter, example_batch(example), self.policy)
+            stats, snap = adapt_on_example(self.model, self.adapter, self.policy, example)
             self.step_times.append(time.perf_counter() - t0)
-            if not stats.skipped:
+            if snap is not None:
                 losses.append(stats.loss)
-                self._snap = self.adapter.snapshot(loss=stats.loss)
+                self._snap = snap
         return losses
 
     @property
@@ -103,10 +99,10 @@ class PeftAdaLoraLearner(BaseLearner):
     """PEFT AdaLoRA on a private copy of the model; trained on the changed tokens only."""
 
     def __init__(self, model, seed: int, total_steps: int, lr: float):
+        import torch
+
         from adapter_core import DEFAULT_TARGET_MODULES
         from adapter_core.adalora import make_adalora_model
-
-        import torch
 
         super().__init__()
         torch.manual_seed(seed)

@@ -162,8 +162,8 @@ def run(args) -> int:
     import torch
 
     from bench.report import write_replay_report
-    from server.models import load_model, resolve_model
     from server.adaptation.examples import EDIT_MAX_EXAMPLES
+    from server.models import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -41,8 +41,8 @@ def rss() -> int:
 
 
 def make_manager(model, tokenizer, data_dir: Path, policy: str, max_sessions: int):
-    from server.sessions import SessionManager
     from server.config import Settings
+    from server.sessions import SessionManager
     from server.store import AdapterStore
 
     settings = Settings(data_dir=data_dir, rank_policy=policy, max_sessions=max_sessions, model="bench")

@@ -1,0 +1,1 @@
+"""The dynarank server: HTTP/websocket app, generation engines, sessions and background adaptation."""

@@ -8,11 +8,14 @@ import logging
 import os
 import sys
 import time
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic import ValidationError
 
 from server.config import Settings
 from server.models import (
-    DEFAULT_MODEL,
     EMBEDDED_MODELS,
     ModelError,
     ensure_model,
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"{getattr(args, 'prog', parser.prog)}: error: {exc}", file=sys.stderr)
+        return 2
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -61,70 +67,138 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the server")
     add_serve_arguments(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, prog=serve.prog)
 
-    from bench.cli import add_bench_parser  # `dynarank bench ...` (bench/cli.py)
-
-    add_bench_parser(sub)
+    add_plugin_commands(sub)  # `dynarank bench ...` and any other installed command
     return parser
 
 
+COMMANDS_GROUP = "dynarank.commands"
+
+
+def add_plugin_commands(sub) -> None:
+    """Let each entry point of the ``dynarank.commands`` group add its subcommand.
+
+    An entry point (``bench = "bench.cli:add_bench_parser"`` in pyproject.toml) names a
+    callable that takes the argparse subparsers object and adds the subcommand of the
+    same name. One that fails to load still gets its subcommand, which fails loudly.
+    """
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
+        if ep.name in sub.choices:
+            continue
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # reported when the command is used
+            log.debug("command %r failed to load", ep.name, exc_info=True)
+            broken = sub.choices.get(ep.name)
+            if broken is None:
+                # Accepts any arguments (even --help: no option prefix can match) to report the failure.
+                broken = sub.add_parser(ep.name, help=f"(failed to load: {type(exc).__name__})",
+                                        add_help=False, prefix_chars="\0")
+                broken.add_argument("rest", nargs="*")
+            broken.set_defaults(func=lambda args, ep=ep, exc=exc: _broken_command(ep, exc))
+
+
+def _broken_command(ep: EntryPoint, exc: Exception) -> int:
+    print(f"error: the `dynarank {ep.name}` command could not be loaded from {ep.value!r} "
+          f"(entry point group {COMMANDS_GROUP}): {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
+
+
+# Flags that predate the generated ones: the singular names of repeatable options.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "engine_options": ("--vllm-option",),
+    "api_keys": ("--api-key",),
+    "cors_origins": ("--cors-origin",),
+    "repo_roots": ("--repo-root",),
+}
+METAVARS = {"model": "NAME_OR_DIR", "engine_options": "KEY=VALUE", "api_keys": "KEY", "cors_origins": "ORIGIN",
+            "repo_roots": "DIR", "data_dir": "DIR", "rank_policy": "NAME"}
+ENV_PREFIX = Settings.model_config["env_prefix"]
+
+
+class ConfigError(Exception):
+    """A setting from the command line or the environment is invalid (exit status 2, as argparse)."""
+
+
+def serve_flags(name: str) -> list[str]:
+    """Command-line flags of one Settings field: its old singular alias, if any, then ``--field-name``."""
+    return [*FLAG_ALIASES.get(name, ()), "--" + name.replace("_", "-")]
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = Settings()
-    p.add_argument("--model", default=os.environ.get("DYNARANK_MODEL", DEFAULT_MODEL),
-                   help=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local model directory")
-    p.add_argument("--engine", default=d.engine, choices=["hf", "vllm"], help="generation engine")
-    p.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="vLLM engine option (repeatable): max_loras, max_cpu_loras, max_lora_rank, max_model_len, "
-                        "max_num_seqs, kv_cache_gib, dtype, gpu_memory_utilization; url=http://... for an external "
-                        "`vllm serve` (with api_key, shared_dir); see docs/vllm.md")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=int(os.environ.get("DYNARANK_PORT", d.port)))
-    p.add_argument("--data-dir", type=Path, default=None, help="sessions, adapters and jobs (default $DYNARANK_HOME/data)")
-    p.add_argument("--api-key-file", type=Path, default=None, help="file with one API key per line")
-    p.add_argument("--api-key", action="append", default=[], help="an API key (repeatable; also $DYNARANK_API_KEYS)")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="413 above this body size")
-    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
-    p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
-    p.add_argument("--rank-policy", default=d.rank_policy, help="rank policy for session adapters")
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions)
-    p.add_argument("--repo-root", action="append", default=[],
-                   help="fine-tuning jobs may read server-side repositories under this directory (repeatable)")
-    p.add_argument("--edit-quiet-s", type=float, default=d.edit_quiet_s,
-                   help="seconds of quiet after which a burst of edits becomes training examples")
-    p.add_argument("--persist-every", type=int, default=d.persist_every,
-                   help="write a session's adapter to disk every N published versions")
-    p.add_argument("--feedback-weight", type=float, default=d.feedback_weight,
-                   help="loss weight of examples built from accepted completions the user kept")
-    p.add_argument("--feedback-check-s", type=float, default=d.feedback_check_s,
-                   help="seconds after acceptance at which the accepted text must still be in the document")
-    p.add_argument("--no-feedback-training", action="store_true",
-                   help="count feedback, but never train on accepted completions")
-    p.add_argument("--log-level", default=d.log_level)
+    """One flag per Settings field. Flags default to None: an unset flag falls back to the environment, then
+    to the field's default (precedence: flag > $DYNARANK_<FIELD> > default)."""
+    group = p.add_argument_group(
+        "settings", f"each also read from ${ENV_PREFIX}<NAME> (e.g. ${ENV_PREFIX}PORT; lists comma-separated); "
+                    "a flag overrides the environment")
+    for name, field in Settings.model_fields.items():
+        kwargs: dict = {"dest": name, "default": None, "help": _flag_help(name, field)}
+        annotation = field.annotation
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(annotation) is tuple:
+            kwargs.update(action="append", metavar=METAVARS.get(name))
+        elif get_origin(annotation) is Literal:
+            kwargs["choices"] = get_args(annotation)
+        else:
+            kwargs.update(type=annotation if annotation in (int, float, Path) else str, metavar=_metavar(name, annotation))
+        group.add_argument(*serve_flags(name), **kwargs)
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="file with one API key per line (added to --api-key)")
+
+
+def _metavar(name: str, annotation) -> str | None:
+    if name in METAVARS:
+        return METAVARS[name]
+    if annotation is int:
+        return "N"
+    if annotation is float:
+        return "SECONDS" if name.endswith("_s") else "X"
+    return None
+
+
+def _flag_help(name: str, field) -> str:
+    text = field.description or ""
+    default = field.get_default(call_default_factory=False)
+    if field.default_factory is None and default not in ((), None, ""):
+        text += f" (default: {str(default).lower() if isinstance(default, bool) else default})"
+    text += f" [${ENV_PREFIX}{name.upper()}]"
+    return text.replace("%", "%%")
 
 
 def settings_from_args(args) -> Settings:
-    keys = [k for k in os.environ.get("DYNARANK_API_KEYS", "").split(",") if k.strip()]
-    keys += list(getattr(args, "api_key", None) or [])
-    if args.api_key_file:
+    """Settings from the parsed `serve` flags; fields whose flag is unset come from the environment or defaults."""
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    key_file = getattr(args, "api_key_file", None)
+    if key_file:
         try:
-            keys += [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
+            keys = [line.strip() for line in Path(key_file).read_text().splitlines() if line.strip()]
         except OSError as exc:
-            raise ModelError(f"cannot read API key file: {exc}") from exc
-    settings = Settings(
-        model=args.model, engine=args.engine, host=args.host, port=args.port,
-        api_keys=tuple(k.strip() for k in keys), rank_policy=args.rank_policy,
-        max_sessions=args.max_sessions, log_level=args.log_level,
-        max_request_bytes=args.max_request_bytes, max_tokens_limit=args.max_tokens_limit,
-        cors_origins=tuple(args.cors_origin), repo_roots=tuple(str(Path(r).resolve()) for r in args.repo_root),
-        edit_quiet_s=args.edit_quiet_s, persist_every=args.persist_every,
-        feedback_weight=args.feedback_weight, feedback_check_s=args.feedback_check_s,
-        feedback_training=not args.no_feedback_training,
-    )
-    if args.data_dir:
-        settings.data_dir = args.data_dir
-    settings.engine_options = tuple(args.vllm_option or ())  # parsed by server/engines/vllm/engine.py
-    return settings
+            raise ConfigError(f"argument --api-key-file: cannot read API key file: {exc}") from None
+        overrides["api_keys"] = [*overrides.get("api_keys", ()), *keys]
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, overrides)) from None
+
+
+def _describe(exc: ValidationError, overrides: dict) -> str:
+    """One line naming the flag or environment variable each error came from."""
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        env = f"{ENV_PREFIX}{name.upper()}"
+        if name in overrides:
+            source, value = f"argument {serve_flags(name)[0]}", overrides[name]
+        elif env in os.environ:
+            source, value = f"environment {env}", os.environ[env]
+        else:
+            source, value = name, err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] == "value_error" else f" (got {value!r})"  # our validators name the value
+        parts.append(f"{source}: {msg[:1].lower()}{msg[1:]}{got}")
+    return "; ".join(parts)
 
 
 def cmd_models_list(args) -> int:
@@ -152,7 +226,7 @@ def cmd_serve(args) -> int:
     settings = settings_from_args(args)
     if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no API keys configured: binding to 127.0.0.1 instead of %s (local use only)", settings.host)
-        settings.host = "127.0.0.1"
+        settings = settings.model_copy(update={"host": "127.0.0.1"})
     t0 = time.time()
     path = resolve_model(settings.model, progress=True)
     model, tokenizer = load_model(path)

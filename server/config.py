@@ -1,47 +1,143 @@
-"""Server settings: one dataclass filled from the command line (and environment)."""
+"""Server settings: one validated model filled from keyword arguments, the environment and defaults.
+
+Every field is read from ``DYNARANK_<FIELD>`` (``DYNARANK_PORT=9000``,
+``DYNARANK_API_KEYS=a,b``); tuple fields take comma-separated values there.
+``dynarank serve`` adds one flag per field (``--field-name``, see server/cli.py),
+so the order of precedence is: keyword argument (CLI flag) > environment > default.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
-from server.models import DEFAULT_MODEL, dynarank_home
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.models import DEFAULT_MODEL, EMBEDDED_MODELS, dynarank_home
+
+# The names in server.engines.ENGINES (a higher layer, so not imported here; tests/test_cli.py checks they agree).
+EngineName = Literal["hf", "vllm"]
+ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+
+# A tuple of strings given as a comma-separated string in the environment (not JSON).
+StrTuple = Annotated[tuple[str, ...], NoDecode]
 
 
-@dataclasses.dataclass
-class Settings:
-    model: str = DEFAULT_MODEL  # embedded model name or a local model directory
-    engine: str = "hf"
-    engine_options: tuple[str, ...] = ()  # KEY=VALUE options for the vllm engine (--vllm-option)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = dataclasses.field(default_factory=lambda: dynarank_home() / "data")
-    api_keys: tuple[str, ...] = ()  # empty: no auth, local-only bind
-    rank_policy: str = "dynamicrank"
-    max_sessions: int = 64
-    max_queue_per_session: int = 32
-    max_request_bytes: int = 4 * 1024 * 1024
-    max_tokens_limit: int = 512
-    cors_origins: tuple[str, ...] = ()
-    max_inflight_requests: int = 32  # completion requests in flight before 429
-    log_level: str = "info"
+class Settings(BaseSettings):
+    """Everything ``dynarank serve`` can be told; the app receives one instance explicitly."""
+
+    # Unknown keyword arguments are an error; the environment source reads only
+    # ``DYNARANK_<field>`` for declared fields, so other variables such as
+    # DYNARANK_HOME (read by server/models.py) are never taken for settings.
+    model_config = SettingsConfigDict(
+        env_prefix="DYNARANK_",
+        extra="forbid",
+        validate_assignment=True,
+        validate_default=True,
+    )
+
+    # -- model and engine --
+    model: str = Field(DEFAULT_MODEL, min_length=1,
+                       description=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local model directory")
+    engine: EngineName = Field("hf", description="generation engine")
+    engine_options: StrTuple = Field(
+        (), description="vLLM engine option KEY=VALUE (repeatable): max_loras, max_cpu_loras, max_lora_rank, "
+                        "max_model_len, max_num_seqs, kv_cache_gib, dtype, gpu_memory_utilization; url=http://... "
+                        "for an external `vllm serve` (with api_key, shared_dir); see docs/vllm.md")
+    # -- HTTP --
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="address to listen on (without API keys the server binds to 127.0.0.1 only)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    data_dir: Path = Field(default_factory=lambda: dynarank_home() / "data",
+                           description="sessions, adapters and fine-tuning jobs (default $DYNARANK_HOME/data)")
+    api_keys: StrTuple = Field((), description="accepted API keys (repeatable); none: no auth, local-only bind")
+    cors_origins: StrTuple = Field((), description="allow this browser origin (repeatable)")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1, description="413 above this request body size")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a completion request may ask for")
+    max_inflight_requests: int = Field(32, ge=1, description="completion requests in flight before 429")
+    max_ws_message_bytes: int = Field(1024 * 1024, ge=1, description="largest websocket message accepted")
+    log_level: LogLevel = Field("info", description="uvicorn log level")
     # -- sessions and adaptation (server/sessions/, server/adaptation/) --
-    adapter_lr: float = 1e-3
-    adaptation_workers: int = 1  # background training threads
-    train_threads: int = 1  # torch intra-op threads per training thread on CPU (serving keeps the rest)
-    persist_every: int = 4  # write a session's adapter every K published versions (and on shutdown/evict)
-    keep_versions: int = 3  # versions kept per adapter in the store
-    edit_quiet_s: float = 0.75  # an edit burst settles after this much quiet
-    max_ws_message_bytes: int = 1024 * 1024
+    rank_policy: str = Field("dynamicrank", min_length=1, description="rank policy of session adapters")
+    max_sessions: int = Field(64, ge=1, description="sessions kept in memory (beyond it, idle sessions are saved "
+                                                     "and evicted, least recently used first)")
+    max_queue_per_session: int = Field(32, ge=1, description="training examples queued per session (the oldest drop "
+                                                              "when it is full)")
+    adapter_lr: float = Field(1e-3, gt=0, lt=1, allow_inf_nan=False, description="learning rate of session adapters")
+    adaptation_workers: int = Field(1, ge=1, description="background training threads")
+    train_threads: int = Field(1, ge=0, description="torch intra-op threads per training thread on CPU "
+                                                    "(serving keeps the rest; 0: leave torch's setting)")
+    persist_every: int = Field(4, ge=1, description="write a session's adapter to disk every N published "
+                                                        "versions (and on shutdown or eviction)")
+    keep_versions: int = Field(3, ge=1, description="versions kept per adapter in the store")
+    edit_quiet_s: float = Field(0.75, ge=0, allow_inf_nan=False,
+                                description="seconds of quiet after which a burst of edits becomes training examples")
     # -- completion feedback (server/feedback/) --
-    feedback_training: bool = True  # accepted completions kept in the document become training examples
-    feedback_weight: float = 3.0  # loss weight multiplier of those examples (edits have 1)
-    feedback_check_s: float = 2.0  # how long after acceptance the text must still be in the document
-    feedback_max_records: int = 256  # completions remembered per session/model for validating feedback
-    repo_roots: tuple[str, ...] = ()  # fine-tune jobs may read repositories only under these (empty: any, if no API keys)
+    feedback_training: bool = Field(True, description="train on accepted completions the user kept "
+                                                      "(off: count feedback only)")
+    feedback_weight: float = Field(3.0, gt=0, allow_inf_nan=False,
+                                   description="loss weight of examples built from accepted completions (edits have 1)")
+    feedback_check_s: float = Field(2.0, ge=0, allow_inf_nan=False,
+                                    description="seconds after acceptance at which the accepted text must still be "
+                                                "in the document")
+    feedback_max_records: int = Field(256, ge=1, description="completions remembered per session and model "
+                                                             "for validating feedback")
+    repo_roots: StrTuple = Field((), description="fine-tuning jobs may read server-side repositories only under "
+                                                 "these directories (repeatable; none: any, if no API keys)")
+
+    @field_validator("engine_options", "api_keys", "cors_origins", "repo_roots", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        """``"a, b"`` (environment) -> ``("a", "b")``; lists and tuples drop blank items."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, dict):  # engine options given as a mapping
+            value = [f"{k}={v}" for k, v in value.items()]
+        if isinstance(value, (list, tuple)):
+            items = (item.strip() if isinstance(item, str) else item for item in value)
+            return tuple(item for item in items if item != "")
+        return value
+
+    @field_validator("engine_options")
+    @classmethod
+    def _key_value(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Keys and values are checked by the vllm engine (server/engines/vllm/), which owns them.
+        bad = [item for item in value if "=" not in item or not item.partition("=")[0].strip()]
+        if bad:
+            raise ValueError(f"expected KEY=VALUE, got {', '.join(map(repr, bad))}")
+        return value
+
+    @field_validator("repo_roots")
+    @classmethod
+    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(Path(root).expanduser().resolve()) for root in value)
+
+    @field_validator("engine", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("rank_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        known = _rank_policy_names()
+        if known and value not in known:
+            raise ValueError(f"unknown rank policy {value!r}; known: {', '.join(sorted(known))}")
+        return value
 
     @property
     def served_name(self) -> str:
         """The name clients use for the base model."""
         return Path(self.model).name if os.sep in self.model else self.model
+
+
+def _rank_policy_names() -> set[str]:
+    """Names in adapter_core's policy registry (imported lazily: it brings torch; importing it registers
+    the built-in policies)."""
+    from adapter_core.policies import POLICIES
+
+    return set(POLICIES)

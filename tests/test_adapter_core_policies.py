@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from adapter_core.policies import POLICIES, ModuleInfo, RankBounds, StepObservation, make_policy
+from adapter_core.policies import (
+    POLICIES,
+    ModuleInfo,
+    RankBounds,
+    RankPolicy,
+    StepObservation,
+    make_policy,
+    register_policy,
+)
 from adapter_core.policies.adalora import budget_schedule
-from adapter_core.policies.dynamicrank import important_mass, landscape_multiplier, landscape_ratio
-from adapter_core.policies.gard import allocate_proportional, effective_rank, gram_eigenvalues
+from adapter_core.policies.dynamicrank import (
+    important_mass,
+    landscape_multiplier,
+    landscape_ratio,
+)
+from adapter_core.policies.gard import (
+    allocate_proportional,
+    effective_rank,
+    gram_eigenvalues,
+)
 from adapter_core.policies.lalora import (
     factor_singular_values,
     fidelity,
@@ -43,17 +60,68 @@ def make_obs(step, ranks, *, seed=0, grad_scale=None, loss=1.0, modules=MODULES,
 # ---------------------------------------------------------------- registry / shared invariants
 
 
-def test_all_policies_registered():
-    make_policy("gard", MODULES, RankBounds())  # loads the built-ins
-    assert {"dynamicrank", "lalora", "gard", "adalora"} <= set(POLICIES)
-
-
+# Options per policy for the shared matrix; a policy not listed runs with its defaults.
 POLICY_OPTIONS = {
     "dynamicrank": {"controller": "gumbel"},
     "lalora": {"gamma": 5.0},
     "gard": {"window": 4, "interval": 2},
     "adalora": {"total_step": 10, "init_r": 6, "target_r": 2},
 }
+# One value per policy that its config must reject (every registered policy needs one).
+BAD_OPTIONS = {
+    "fixed": {"rank": 0},
+    "dynamicrank": {"ema": 1.5},
+    "lalora": {"temperature": 0.0},
+    "gard": {"alpha": 1.0},
+    "adalora": {"total_step": 10, "deltaT": 0},
+}
+REGISTERED = sorted(POLICIES)
+
+
+def test_all_policies_registered():
+    assert {"fixed", "dynamicrank", "lalora", "gard", "adalora"} <= set(POLICIES)
+    for name, spec in POLICIES.items():
+        assert name == spec.name == name.lower()
+        assert dataclasses.is_dataclass(spec.config_cls) and issubclass(spec.policy_cls, RankPolicy)
+
+
+def test_duplicate_or_bad_name_registration_raises():
+    spec = POLICIES["fixed"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy("fixed", spec.config_cls, spec.policy_cls)
+    with pytest.raises(ValueError, match="lower-case"):
+        register_policy("Fixed2", spec.config_cls, spec.policy_cls)
+    assert POLICIES["fixed"] is spec and "Fixed2" not in POLICIES
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_config_fields_have_help(name):
+    for f in dataclasses.fields(POLICIES[name].config_cls):
+        assert f.metadata.get("help"), f"{name}: field {f.name} has no help text"
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_config_rejects_bad_value(name):
+    assert name in BAD_OPTIONS, f"add a value {name}'s config must reject to BAD_OPTIONS"
+    with pytest.raises(ValueError):
+        POLICIES[name].config_cls(**BAD_OPTIONS[name])
+    with pytest.raises(ValueError):  # make_policy goes through the same check
+        make_policy(name, MODULES, RankBounds(), **BAD_OPTIONS[name])
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"windw.*valid:.*\bwindow\b"):
+        make_policy("gard", MODULES, RankBounds(), windw=4)
+    with pytest.raises(ValueError, match="unknown rank policy"):
+        make_policy("no-such-policy", MODULES, RankBounds())
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_make_policy_builds_config(name):
+    options = POLICY_OPTIONS.get(name, {})
+    policy = make_policy(name, MODULES, RankBounds(), **options)
+    assert isinstance(policy, POLICIES[name].policy_cls)
+    assert policy.config == POLICIES[name].config_cls(**options)
 
 
 def _signal_fields(step):
@@ -77,10 +145,10 @@ def _run(policy, steps, ranks, start=0):
     return proposals, ranks
 
 
-@pytest.mark.parametrize("name", sorted(POLICY_OPTIONS))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_proposals_within_bounds(name):
     bounds = RankBounds(r_min=2, r_max=12)
-    policy = make_policy(name, MODULES, bounds, **POLICY_OPTIONS[name])
+    policy = make_policy(name, MODULES, bounds, **POLICY_OPTIONS.get(name, {}))
     ranks = policy.initial_ranks()
     assert all(2 <= r <= 12 for r in ranks.values())
     proposals, _ = _run(policy, 12, ranks)
@@ -90,12 +158,13 @@ def test_proposals_within_bounds(name):
             assert all(2 <= r <= 12 for r in p.values())
 
 
-@pytest.mark.parametrize("name", sorted(POLICY_OPTIONS))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_state_dict_round_trip(name):
     bounds = RankBounds(r_min=1, r_max=16)
-    a = make_policy(name, MODULES, bounds, **POLICY_OPTIONS[name])
+    options = POLICY_OPTIONS.get(name, {})
+    a = make_policy(name, MODULES, bounds, **options)
     _, ranks = _run(a, 6, a.initial_ranks())
-    b = make_policy(name, MODULES, bounds, **POLICY_OPTIONS[name])
+    b = make_policy(name, MODULES, bounds, **options)
     b.load_state_dict(a.state_dict())
     pa, _ = _run(a, 4, ranks, start=6)
     pb, _ = _run(b, 4, ranks, start=6)

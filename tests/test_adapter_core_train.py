@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapter_core import AdapterConfig, RankBounds, RankPolicy, evaluate_nll, new_adapter, train_step, use_adapter
+from adapter_core import (
+    AdapterConfig,
+    RankBounds,
+    RankPolicy,
+    evaluate_nll,
+    new_adapter,
+    train_step,
+    use_adapter,
+)
 
 
 def _batch(n=2, t=16, vocab=1000, seed=0, weights=None):

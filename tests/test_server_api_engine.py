@@ -10,8 +10,8 @@ import pytest
 
 from server.engines.base import GenerationRequest
 from server.engines.decoding import FIM_TOKENS, IncrementalDecoder, StopMatcher, build_prompt
-from server.engines.hf import HFEngine
 from server.engines.gate import ServingGate
+from server.engines.hf import HFEngine
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app.main import create_app
 from server.app.auth import AuthError, check_api_key
-from server.engines.base import GenerationChunk
-from server.observability.metrics import Metrics
+from server.app.main import create_app
 from server.config import Settings
+from server.engines.base import GenerationChunk
+from server.engines.gate import ServingGate
+from server.observability.metrics import Metrics
 
 
 @dataclasses.dataclass
@@ -21,11 +22,14 @@ class Snapshot:
 
 
 class FakeEngine:
+    """The Engine protocol with canned output (no model: the session layer stays off)."""
+
     model_name = "base"
 
     def __init__(self):
         self.adapters = []
         self.tokenizer = None
+        self.gate = ServingGate()
         self.release = threading.Event()
         self.release.set()
 
@@ -34,6 +38,12 @@ class FakeEngine:
 
     def token_text(self, token_id):
         return f"<{token_id}>"
+
+    def attach(self, adapters):
+        pass
+
+    def close(self):
+        pass
 
     def generate(self, request, adapter=None, cancel=None):
         self.adapters.append(adapter)
@@ -59,14 +69,6 @@ def make_client(settings=None, engine=None, resolver=None, register=True):
     app = create_app(settings, engine=engine or FakeEngine())
     app.state.dynarank.adapters = resolver
     return TestClient(app, headers={"Authorization": "Bearer k"}), app
-
-
-@pytest.fixture(autouse=True)
-def no_session_layer(monkeypatch):
-    # These tests exercise the API alone: keep the session layer from mounting.
-    import server.routes_sessions
-
-    monkeypatch.setattr(server.routes_sessions, "register_session_routes", lambda app, state: None)
 
 
 def test_adapter_is_resolved_and_reported():
@@ -103,7 +105,7 @@ def test_overload_is_429():
     t = threading.Thread(target=lambda: done.append(client.post("/v1/completions", json={"prompt": "x"})))
     t.start()
     for _ in range(200):
-        if app.state.dynarank.extras.get("inflight"):
+        if app.state.dynarank.bridge.inflight:
             break
         threading.Event().wait(0.01)
     r = client.post("/v1/completions", json={"prompt": "x"})
@@ -111,6 +113,23 @@ def test_overload_is_429():
     t.join(5)
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     assert done[0].status_code == 200
+
+
+def test_auth_dependency_can_be_overridden():
+    from server.app.auth import require_api_key
+
+    client, app = make_client(resolver=Resolver())
+    assert TestClient(app).get("/v1/models").status_code == 401  # no key
+    app.dependency_overrides[require_api_key] = lambda: "key-test"
+    ids = [m["id"] for m in TestClient(app).get("/v1/models").json()["data"]]
+    assert ids == ["base", "base:session-1"]
+
+
+def test_session_routes_answer_503_without_a_model():
+    client, _ = make_client()
+    for path in ("/v1/sessions", "/v1/adapters", "/v1/fine_tuning/jobs", "/v1/dashboard/data"):
+        r = client.get(path)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded", path
 
 
 def test_cors_only_when_configured():

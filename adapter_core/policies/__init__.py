@@ -1,32 +1,40 @@
-"""Rank policies. ``make_policy(name, modules, bounds, **options)`` builds one by name."""
+"""Rank policies. ``make_policy(name, modules, bounds, **options)`` builds one by name.
 
-from adapter_core.policies.base import ModuleInfo, RankBounds, RankPolicy, StepObservation
+Each policy is a config dataclass plus a ``RankPolicy`` subclass, registered with
+``register_policy(name, config_cls, policy_cls)`` in its own module; ``POLICIES``
+maps name -> ``PolicySpec``.
+"""
 
-POLICIES: dict[str, type[RankPolicy]] = {}
+from adapter_core.policies.base import (
+    ModuleInfo,
+    RankBounds,
+    RankPolicy,
+    StepObservation,
+)
+from adapter_core.policies.registry import (
+    POLICIES,
+    PolicySpec,
+    make_policy,
+    policy_config,
+    policy_spec,
+    register_policy,
+)
 
-
-def register_policy(cls: type[RankPolicy]) -> type[RankPolicy]:
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def make_policy(name: str, modules: dict[str, ModuleInfo], bounds: RankBounds, **options) -> RankPolicy:
-    _load_builtin_policies()
-    if name not in POLICIES:
-        raise ValueError(f"unknown rank policy {name!r}; known: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name](modules, bounds, **options)
+BUILTIN_POLICIES = ("fixed", "dynamicrank", "lalora", "gard", "adalora")
 
 
 def _load_builtin_policies() -> None:
-    # Imported lazily so each policy module registers itself on first use.
+    """Import the built-in policy modules (each registers itself). Idempotent."""
     import importlib
 
-    for module in ("fixed", "dynamicrank", "lalora", "gard", "adalora"):
-        try:
-            importlib.import_module(f"adapter_core.policies.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"adapter_core.policies.{module}":
-                raise
+    for module in BUILTIN_POLICIES:
+        importlib.import_module(f"adapter_core.policies.{module}")
 
 
-__all__ = ["ModuleInfo", "RankBounds", "RankPolicy", "StepObservation", "POLICIES", "make_policy", "register_policy"]
+# Loaded with the package, so ``sorted(POLICIES)`` and ``name in POLICIES`` see them all.
+_load_builtin_policies()
+
+__all__ = [
+    "BUILTIN_POLICIES", "POLICIES", "ModuleInfo", "PolicySpec", "RankBounds", "RankPolicy", "StepObservation",
+    "make_policy", "policy_config", "policy_spec", "register_policy",
+]

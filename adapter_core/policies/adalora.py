@@ -19,10 +19,19 @@ of a module restart when its shape changes.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import field
+
 import torch
 
-from adapter_core.policies import register_policy
-from adapter_core.policies.base import ModuleInfo, RankBounds, RankPolicy, StepObservation
+from adapter_core.policies.base import (
+    ModuleInfo,
+    RankBounds,
+    RankPolicy,
+    StepObservation,
+    check,
+)
+from adapter_core.policies.registry import register_policy
 
 
 def budget_schedule(step: int, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int) -> int:
@@ -35,41 +44,43 @@ def budget_schedule(step: int, init_bgt: int, target_bgt: int, tinit: int, tfina
     return int((init_bgt - target_bgt) * (mul_coeff**3) + target_bgt)
 
 
-@register_policy
-class AdaLoRABaseline(RankPolicy):
-    """AdaLoRA emulation (see module docstring).
+@dataclasses.dataclass
+class AdaLoRAConfig:
+    """Options of :class:`AdaLoRABaseline`, named as in PEFT's ``AdaLoraConfig``."""
 
-    Args:
-        total_step: required, as in ``AdaLoraConfig``.
-        init_r, target_r, tinit, tfinal, deltaT, beta1, beta2: as in ``AdaLoraConfig``.
-    """
+    total_step: int | None = field(default=None, metadata={
+        "help": "Required: total training steps; the budget reaches target_r at total_step - tfinal."})
+    init_r: int = field(default=12, metadata={"help": "Initial rank of every module (budget init_r * modules)."})
+    target_r: int = field(default=8, metadata={"help": "Target average rank (final budget target_r * modules)."})
+    tinit: int = field(default=0, metadata={"help": "Steps of initial fine-tuning before the budget decays."})
+    tfinal: int = field(default=0, metadata={"help": "Steps of final fine-tuning at the target budget."})
+    deltaT: int = field(default=1, metadata={"help": "Steps between two budget allocations."})
+    beta1: float = field(default=0.85, metadata={"help": "EMA coefficient of the sensitivity, in [0, 1]."})
+    beta2: float = field(default=0.85, metadata={"help": "EMA coefficient of the uncertainty, in [0, 1]."})
+
+    def __post_init__(self):
+        check(bool(self.total_step) and self.total_step > 0, "adalora needs total_step > 0 (as PEFT's AdaLoraConfig)")
+        check(self.init_r >= 1 and self.target_r >= 1, "init_r and target_r must be >= 1")
+        check(self.tinit >= 0 and self.tfinal >= 0, "tinit and tfinal must be >= 0")
+        check(self.tinit < self.total_step - self.tfinal, "tinit, tfinal and total_step leave no budgeting phase")
+        check(self.deltaT >= 1, f"deltaT must be >= 1, not {self.deltaT}")
+        check(0 <= self.beta1 <= 1 and 0 <= self.beta2 <= 1, "beta1 and beta2 must be in [0, 1]")
+
+
+class AdaLoRABaseline(RankPolicy):
+    """AdaLoRA emulation (see module docstring); options in :class:`AdaLoRAConfig`."""
 
     name = "adalora"
     needs = frozenset({"grads"})
 
-    def __init__(
-        self,
-        modules: dict[str, ModuleInfo],
-        bounds: RankBounds,
-        total_step: int | None = None,
-        init_r: int = 12,
-        target_r: int = 8,
-        tinit: int = 0,
-        tfinal: int = 0,
-        deltaT: int = 1,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-    ):
-        super().__init__(modules, bounds)
-        if not total_step or total_step <= 0:
-            raise ValueError("adalora needs total_step > 0 (as PEFT's AdaLoraConfig)")
-        if tinit >= total_step - tfinal:
-            raise ValueError("tinit, tfinal and total_step leave no budgeting phase")
-        self.total_step, self.init_r, self.target_r = total_step, init_r, target_r
-        self.tinit, self.tfinal, self.deltaT = tinit, tfinal, deltaT
-        self.beta1, self.beta2 = beta1, beta2
-        self.init_bgt = init_r * len(modules)
-        self.target_bgt = target_r * len(modules)
+    def __init__(self, modules: dict[str, ModuleInfo], bounds: RankBounds, config: AdaLoRAConfig | None = None):
+        config = config or AdaLoRAConfig()
+        super().__init__(modules, bounds, config)
+        self.total_step, self.init_r, self.target_r = config.total_step, config.init_r, config.target_r
+        self.tinit, self.tfinal, self.deltaT = config.tinit, config.tfinal, config.deltaT
+        self.beta1, self.beta2 = config.beta1, config.beta2
+        self.init_bgt = self.init_r * len(modules)
+        self.target_bgt = self.target_r * len(modules)
         # Per module and factor ("A"/"B"): sensitivity and uncertainty EMAs, same shape as the factor.
         self.sens: dict[tuple[str, str], torch.Tensor] = {}
         self.unc: dict[tuple[str, str], torch.Tensor] = {}
@@ -129,3 +140,6 @@ class AdaLoRABaseline(RankPolicy):
             return {tuple(key.rsplit("|", 1)): v.clone() for key, v in d.items()}
 
         self.sens, self.unc = unpack(state["sens"]), unpack(state["unc"])
+
+
+register_policy("adalora", AdaLoRAConfig, AdaLoRABaseline)

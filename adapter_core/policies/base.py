@@ -69,17 +69,29 @@ class StepObservation:
     input_grad_norm: torch.Tensor | None = None
 
 
+def check(ok: bool, message: str) -> None:
+    """For config ``__post_init__``: raise ``ValueError(message)`` unless ``ok``."""
+    if not ok:
+        raise ValueError(message)
+
+
 class RankPolicy:
-    """Base class: observe step statistics, propose per-module ranks."""
+    """Base class: observe step statistics, propose per-module ranks.
+
+    Subclasses take ``(modules, bounds, config)``, where ``config`` is their config
+    dataclass (``None`` = its defaults), and are registered with
+    ``adapter_core.policies.register_policy``.
+    """
 
     name: ClassVar[str] = "base"
     # Signals this policy needs from the train step: any of
     # {"grads", "token_importance", "hessian_trace"}.
     needs: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, modules: dict[str, ModuleInfo], bounds: RankBounds):
+    def __init__(self, modules: dict[str, ModuleInfo], bounds: RankBounds, config=None):
         self.modules = modules
         self.bounds = bounds
+        self.config = config
 
     def initial_ranks(self, task: str | None = None) -> dict[str, int]:
         """Ranks for a fresh adapter (task-aware policies look at ``task``)."""

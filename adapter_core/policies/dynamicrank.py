@@ -21,13 +21,21 @@ input-gradient norm) is computed by the train step and arrives in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from dataclasses import field
 
 import torch
 import torch.nn.functional as F
 
-from adapter_core.policies import register_policy
-from adapter_core.policies.base import ModuleInfo, RankBounds, RankPolicy, StepObservation
+from adapter_core.policies.base import (
+    ModuleInfo,
+    RankBounds,
+    RankPolicy,
+    StepObservation,
+    check,
+)
+from adapter_core.policies.registry import register_policy
 
 # Sec. 4.4: bug fixing starts higher than modification, which starts higher than completion.
 DEFAULT_TASK_RANKS = {"bug_fix": 16, "modification": 12, "new_code": 8, "completion": 8}
@@ -110,82 +118,101 @@ class RankController(torch.nn.Module):
         return self.net(x)
 
 
-@register_policy
-class DynamicRankPolicy(RankPolicy):
-    """DynamicRank LoRA rank policy.
+@dataclasses.dataclass
+class DynamicRankConfig:
+    """Options of :class:`DynamicRankPolicy` (paper 000; see docs/rank_policies.md)."""
 
-    Args:
-        tau: importance threshold (relative to the mean when ``normalize_importance``).
-        code_tau_scale: keyword/identifier tokens use ``tau * code_tau_scale`` (sec. 4.4).
-        keyword_classes, identifier_classes: token class ids (``code_signals.TokenClass`` ints)
-            that get the lowered threshold; default: ``code_signals.is_keyword_or_identifier``.
-        lam: lambda of eq. 8, ranks grown per step when all importance is above threshold.
-        normalize_importance: divide token scores by their mean before thresholding.
-        eta, eta_cap: adaptation rate of eq. 9 and the bound of its factor.
-        hessian_every: k, the train step estimates tr(H) every k steps.
-        ema: EMA coefficient of the module importance and of the eq. 9 ratio.
-        shrink_below, shrink_stop: hysteresis of the shrink: a module starts losing rank when
-            the EMA of its gradient share (1 = average module) falls below ``shrink_below`` and
-            stops once it is back above ``shrink_stop``.
-        shrink_rate: rank lost per step while shrinking.
-        controller: None or "gumbel" (eqs. 11-12); ``use_controller=True`` means "gumbel".
-        controller_delta, controller_lr, gumbel_tau, seed: controller settings.
-        task_ranks: initial rank per task; unknown/None task gets ``default_rank``.
-        use_token_importance, use_loss_landscape, use_controller: ablation switches.
+    tau: float = field(default=1.0, metadata={
+        "help": "Importance threshold of eq. 8 (relative to the mean score when normalize_importance)."})
+    code_tau_scale: float = field(default=0.5, metadata={
+        "help": "Keyword/identifier tokens use the threshold tau * code_tau_scale (sec. 4.4)."})
+    keyword_classes: set[int] | None = field(default=None, metadata={
+        "help": "Token class ids (code_signals.TokenClass ints) with the lowered threshold; "
+                "None with identifier_classes None: code_signals.is_keyword_or_identifier."})
+    identifier_classes: set[int] | None = field(default=None, metadata={
+        "help": "More token class ids with the lowered threshold (joined with keyword_classes)."})
+    lam: float = field(default=1.0, metadata={
+        "help": "Lambda of eq. 8: ranks grown per step when all importance is above the threshold."})
+    normalize_importance: bool = field(default=True, metadata={
+        "help": "Divide token scores by their mean before thresholding (so tau means 'above average')."})
+    eta: float = field(default=0.5, metadata={"help": "Adaptation rate of the eq. 9 loss-landscape factor."})
+    eta_cap: float = field(default=0.5, metadata={
+        "help": "Bound of the eq. 9 factor: it stays in [1 - eta_cap, 1 + eta_cap]."})
+    hessian_every: int = field(default=10, metadata={
+        "help": "k: the train step estimates the Hessian trace every k steps."})
+    ema: float = field(default=0.9, metadata={
+        "help": "EMA coefficient of the module importance and of the eq. 9 ratio."})
+    shrink_below: float = field(default=0.5, metadata={
+        "help": "A module starts losing rank when the EMA of its gradient share (1 = average) falls below this."})
+    shrink_stop: float = field(default=0.8, metadata={
+        "help": "A shrinking module stops losing rank once that EMA is back above this (hysteresis)."})
+    shrink_rate: float = field(default=0.25, metadata={"help": "Rank lost per step while a module shrinks."})
+    controller: str | None = field(default=None, metadata={
+        "help": "None or 'gumbel': the eqs. 11-12 MLP controller that samples rank changes."})
+    controller_delta: int = field(default=1, metadata={
+        "help": "Size of one controller rank change (actions -delta, 0, +delta)."})
+    controller_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the controller."})
+    gumbel_tau: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature of the controller."})
+    seed: int = field(default=0, metadata={"help": "Seed of the controller's weights and samples."})
+    task_ranks: dict[str, int] | None = field(default=None, metadata={
+        "help": "Initial rank per task, merged over bug_fix 16, modification 12, new_code/completion 8."})
+    default_rank: int = field(default=8, metadata={"help": "Initial rank when the task is unknown or None."})
+    use_token_importance: bool = field(default=True, metadata={
+        "help": "Ablation switch: False turns off eq. 8 growth (token importance is not requested)."})
+    use_loss_landscape: bool = field(default=True, metadata={
+        "help": "Ablation switch: False turns off eq. 9 (the Hessian trace is not requested)."})
+    use_controller: bool | None = field(default=None, metadata={
+        "help": "Ablation switch overriding controller: True = 'gumbel', False = none, None = use controller."})
+
+    def __post_init__(self):
+        if self.use_controller is not None:
+            self.controller = (self.controller or "gumbel") if self.use_controller else None
+        check(self.controller in (None, "gumbel"), f"controller must be None or 'gumbel', not {self.controller!r}")
+        for name in ("tau", "code_tau_scale", "lam", "eta", "shrink_below", "shrink_stop", "shrink_rate"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, not {getattr(self, name)}")
+        check(0 <= self.eta_cap <= 1, f"eta_cap must be in [0, 1], not {self.eta_cap}")
+        check(0 <= self.ema <= 1, f"ema must be in [0, 1], not {self.ema}")
+        check(self.shrink_below <= self.shrink_stop,
+              f"shrink_below ({self.shrink_below}) must not exceed shrink_stop ({self.shrink_stop})")
+        check(self.hessian_every >= 1, f"hessian_every must be >= 1, not {self.hessian_every}")
+        check(self.controller_delta >= 1, f"controller_delta must be >= 1, not {self.controller_delta}")
+        check(self.controller_lr > 0, f"controller_lr must be > 0, not {self.controller_lr}")
+        check(self.gumbel_tau > 0, f"gumbel_tau must be > 0, not {self.gumbel_tau}")
+        check(self.default_rank >= 1, f"default_rank must be >= 1, not {self.default_rank}")
+        for task, r in (self.task_ranks or {}).items():
+            check(r >= 1, f"task_ranks[{task!r}] must be >= 1, not {r}")
+
+
+class DynamicRankPolicy(RankPolicy):
+    """DynamicRank LoRA rank policy; options in :class:`DynamicRankConfig`.
+
+    Eq. 8 grows ranks with the importance of important tokens, a hysteresis shrink frees
+    rank of weak modules, eq. 9 scales by the loss landscape, and eqs. 11-12 optionally
+    add a Gumbel-softmax controller.
     """
 
     name = "dynamicrank"
     needs = frozenset({"token_importance", "grads", "hessian_trace"})
 
-    def __init__(
-        self,
-        modules: dict[str, ModuleInfo],
-        bounds: RankBounds,
-        tau: float = 1.0,
-        code_tau_scale: float = 0.5,
-        keyword_classes: set[int] | None = None,
-        identifier_classes: set[int] | None = None,
-        lam: float = 1.0,
-        normalize_importance: bool = True,
-        eta: float = 0.5,
-        eta_cap: float = 0.5,
-        hessian_every: int = 10,
-        ema: float = 0.9,
-        shrink_below: float = 0.5,
-        shrink_stop: float = 0.8,
-        shrink_rate: float = 0.25,
-        controller: str | None = None,
-        controller_delta: int = 1,
-        controller_lr: float = 1e-2,
-        gumbel_tau: float = 1.0,
-        seed: int = 0,
-        task_ranks: dict[str, int] | None = None,
-        default_rank: int = 8,
-        use_token_importance: bool = True,
-        use_loss_landscape: bool = True,
-        use_controller: bool | None = None,
-    ):
-        super().__init__(modules, bounds)
-        if use_controller is not None:
-            controller = (controller or "gumbel") if use_controller else None
-        if controller not in (None, "gumbel"):
-            raise ValueError(f"controller must be None or 'gumbel', not {controller!r}")
-        self.tau, self.code_tau = tau, tau * code_tau_scale
-        if keyword_classes is None and identifier_classes is None:
+    def __init__(self, modules: dict[str, ModuleInfo], bounds: RankBounds, config: DynamicRankConfig | None = None):
+        c = config or DynamicRankConfig()
+        super().__init__(modules, bounds, c)
+        self.tau, self.code_tau = c.tau, c.tau * c.code_tau_scale
+        if c.keyword_classes is None and c.identifier_classes is None:
             self.code_classes = default_code_classes()
         else:
-            self.code_classes = frozenset(keyword_classes or ()) | frozenset(identifier_classes or ())
-        self.lam, self.normalize = lam, normalize_importance
-        self.eta, self.eta_cap, self.hessian_every, self.ema = eta, eta_cap, hessian_every, ema
-        self.shrink_below, self.shrink_stop, self.shrink_rate = shrink_below, shrink_stop, shrink_rate
-        self.task_ranks = {**DEFAULT_TASK_RANKS, **(task_ranks or {})}
-        self.default_rank = default_rank
-        self.use_token_importance, self.use_loss_landscape = use_token_importance, use_loss_landscape
+            self.code_classes = frozenset(c.keyword_classes or ()) | frozenset(c.identifier_classes or ())
+        self.lam, self.normalize = c.lam, c.normalize_importance
+        self.eta, self.eta_cap, self.hessian_every, self.ema = c.eta, c.eta_cap, c.hessian_every, c.ema
+        self.shrink_below, self.shrink_stop, self.shrink_rate = c.shrink_below, c.shrink_stop, c.shrink_rate
+        self.task_ranks = {**DEFAULT_TASK_RANKS, **(c.task_ranks or {})}
+        self.default_rank = c.default_rank
+        self.use_token_importance, self.use_loss_landscape = c.use_token_importance, c.use_loss_landscape
         # Per instance: switched-off signals are not requested from the train step.
         needs = {"grads"}
-        if use_token_importance:
+        if c.use_token_importance:
             needs.add("token_importance")
-        if use_loss_landscape:
+        if c.use_loss_landscape:
             needs.add("hessian_trace")
         self.needs = frozenset(needs)  # type: ignore[misc]
 
@@ -200,12 +227,12 @@ class DynamicRankPolicy(RankPolicy):
         self.mean_importance = 0.0
 
         self.controller = None
-        if controller == "gumbel":
-            self.controller_delta, self.gumbel_tau, self.seed = controller_delta, gumbel_tau, seed
+        if c.controller == "gumbel":
+            self.controller_delta, self.gumbel_tau, self.seed = c.controller_delta, c.gumbel_tau, c.seed
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.manual_seed(c.seed)
                 self.controller = RankController()
-            self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=controller_lr)
+            self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=c.controller_lr)
             self.reward_baseline = 0.0
             self.pending: tuple[torch.Tensor, torch.Tensor, float] | None = None  # features, actions, loss
 
@@ -360,3 +387,6 @@ class DynamicRankPolicy(RankPolicy):
             self.controller_opt.load_state_dict(state["controller_opt"])
             self.reward_baseline = state["reward_baseline"]
             self.pending = state.get("pending")
+
+
+register_policy("dynamicrank", DynamicRankConfig, DynamicRankPolicy)

@@ -7,12 +7,20 @@ threshold, and share the parameter budget in proportion to those effective ranks
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import field
 
 import torch
 
-from adapter_core.policies import register_policy
-from adapter_core.policies.base import ModuleInfo, RankBounds, RankPolicy, StepObservation
+from adapter_core.policies.base import (
+    ModuleInfo,
+    RankBounds,
+    RankPolicy,
+    StepObservation,
+    check,
+)
+from adapter_core.policies.registry import register_policy
 
 
 def effective_rank(eigenvalues: torch.Tensor, alpha: float) -> int:
@@ -64,23 +72,46 @@ def allocate_proportional(
     return ranks_for(lo)
 
 
-@register_policy
-class GARDPolicy(RankPolicy):
-    """Gradient-aware rank distribution.
+@dataclasses.dataclass
+class GARDConfig:
+    """Options of :class:`GARDPolicy` (paper 002; see docs/rank_policies.md)."""
 
-    Args:
-        variant: ``"static"`` allocates once, right after ``warmup`` steps; ``"dynamic"``
-            re-allocates every ``interval`` steps after the warmup (sec. 3.4).
-        alpha: energy threshold of the effective rank (0 < alpha < 1).
-        window: M, the number of most recent sketched gradients in the Gram matrix.
-        sketch_dim: p; each update gradient dW (out x in) is sketched as P_out dW P_in (p x p).
-        beta: EMA coefficient of the effective rank (dynamic variant).
-        delta_max: largest |change| of one module's rank per re-allocation (dynamic variant).
-        warmup: steps of gradient collection before the first allocation (default ``window``).
-        interval: tau, steps between re-allocations (dynamic variant).
-        freeze_after: stop re-allocating after this step ("early-dynamic"); None = never.
-        initial_rank: uniform starting rank (default: the largest uniform rank that fits the budget, at most 8).
-        seed: seed of the random projections.
+    variant: str = field(default="dynamic", metadata={
+        "help": "'static' allocates once, right after warmup steps; 'dynamic' re-allocates every interval "
+                "steps after the warmup (sec. 3.4)."})
+    alpha: float = field(default=0.9, metadata={
+        "help": "Energy threshold of the effective rank, in (0, 1)."})
+    window: int = field(default=16, metadata={
+        "help": "M: the number of most recent sketched gradients in the Gram matrix."})
+    sketch_dim: int = field(default=16, metadata={
+        "help": "p: each update gradient dW (out x in) is sketched as P_out dW P_in (p x p)."})
+    beta: float = field(default=0.7, metadata={"help": "EMA coefficient of the effective rank (dynamic variant)."})
+    delta_max: int = field(default=2, metadata={
+        "help": "Largest |change| of one module's rank per re-allocation (dynamic variant)."})
+    warmup: int | None = field(default=None, metadata={
+        "help": "Steps of gradient collection before the first allocation; None = window."})
+    interval: int = field(default=10, metadata={"help": "tau: steps between re-allocations (dynamic variant)."})
+    freeze_after: int | None = field(default=None, metadata={
+        "help": "Stop re-allocating after this step ('early-dynamic'); None = never."})
+    initial_rank: int | None = field(default=None, metadata={
+        "help": "Uniform starting rank; None = the largest uniform rank that fits the budget, at most 8."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random projections."})
+
+    def __post_init__(self):
+        check(self.variant in ("static", "dynamic"), f"variant must be 'static' or 'dynamic', not {self.variant!r}")
+        check(0 < self.alpha < 1, f"alpha must be in (0, 1), not {self.alpha}")
+        check(0 <= self.beta <= 1, f"beta must be in [0, 1], not {self.beta}")
+        for name in ("window", "sketch_dim", "delta_max", "interval"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, not {getattr(self, name)}")
+        check(self.warmup is None or self.warmup >= 0, f"warmup must be None or >= 0, not {self.warmup}")
+        check(self.freeze_after is None or self.freeze_after >= 0,
+              f"freeze_after must be None or >= 0, not {self.freeze_after}")
+        check(self.initial_rank is None or self.initial_rank >= 1,
+              f"initial_rank must be None or >= 1, not {self.initial_rank}")
+
+
+class GARDPolicy(RankPolicy):
+    """Gradient-aware rank distribution; options in :class:`GARDConfig`.
 
     The budget is ``bounds.budget``; when it is None the policy keeps the current total
     parameter count and only moves rank between modules.
@@ -92,38 +123,20 @@ class GARDPolicy(RankPolicy):
     name = "gard"
     needs = frozenset({"grads"})
 
-    def __init__(
-        self,
-        modules: dict[str, ModuleInfo],
-        bounds: RankBounds,
-        variant: str = "dynamic",
-        alpha: float = 0.9,
-        window: int = 16,
-        sketch_dim: int = 16,
-        beta: float = 0.7,
-        delta_max: int = 2,
-        warmup: int | None = None,
-        interval: int = 10,
-        freeze_after: int | None = None,
-        initial_rank: int | None = None,
-        seed: int = 0,
-    ):
-        super().__init__(modules, bounds)
-        if variant not in ("static", "dynamic"):
-            raise ValueError(f"variant must be 'static' or 'dynamic', not {variant!r}")
-        if not 0 < alpha < 1:
-            raise ValueError("alpha must be in (0, 1)")
-        self.variant = variant
-        self.alpha = alpha
-        self.window = window
-        self.sketch_dim = sketch_dim
-        self.beta = beta
-        self.delta_max = delta_max
-        self.warmup = window if warmup is None else warmup
-        self.interval = interval
-        self.freeze_after = freeze_after
-        self.initial_rank = initial_rank
-        self.seed = seed
+    def __init__(self, modules: dict[str, ModuleInfo], bounds: RankBounds, config: GARDConfig | None = None):
+        config = config or GARDConfig()
+        super().__init__(modules, bounds, config)
+        self.variant = config.variant
+        self.alpha = config.alpha
+        self.window = config.window
+        self.sketch_dim = config.sketch_dim
+        self.beta = config.beta
+        self.delta_max = config.delta_max
+        self.warmup = config.window if config.warmup is None else config.warmup
+        self.interval = config.interval
+        self.freeze_after = config.freeze_after
+        self.initial_rank = config.initial_rank
+        self.seed = config.seed
         self._projections: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.sketches: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         self.r_eff_ema: dict[str, float] = {}
@@ -219,3 +232,6 @@ class GARDPolicy(RankPolicy):
         self.r_eff_ema = dict(state["r_eff_ema"])
         self.allocated = state["allocated"]
         self.last_step = state["last_step"]
+
+
+register_policy("gard", GARDConfig, GARDPolicy)

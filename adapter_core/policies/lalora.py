@@ -17,12 +17,20 @@ and count it in the reference norm until the module grows back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import field
 
 import torch
 
-from adapter_core.policies import register_policy
-from adapter_core.policies.base import ModuleInfo, RankBounds, RankPolicy, StepObservation
+from adapter_core.policies.base import (
+    ModuleInfo,
+    RankBounds,
+    RankPolicy,
+    StepObservation,
+    check,
+)
+from adapter_core.policies.registry import register_policy
 
 
 def layer_value(norms_B: list[float], norms_A: list[float], rank: int) -> float:
@@ -71,19 +79,31 @@ def round_to_total(values: list[float], total: int) -> list[int]:
     return floors
 
 
-@register_policy
-class LaLoRAPolicy(RankPolicy):
-    """La-LoRA rank policy.
+@dataclasses.dataclass
+class LaLoRAConfig:
+    """Options of :class:`LaLoRAPolicy` (paper 001; see docs/rank_policies.md)."""
 
-    Args:
-        gamma: amplification factor of the budget growth (eq. 5).
-        temperature: softmax temperature of eq. 8 (1.0 = as in the paper). The contributions are
-            Frobenius norms, so their scale sets how peaked the split is.
-        per_layer: True (paper): modules of one transformer block share one rank and one value;
-            False: every module is its own unit.
-        initial_rank: starting rank of every unit (the paper starts at 1).
-        cross_fidelity: False (default) weights each factor's norm by its own fidelity, as the
-            paper's prose says; True uses eq. 9 as printed (f_dw * ||W_up|| + f_up * ||W_dw||).
+    gamma: float = field(default=1.0, metadata={
+        "help": "Amplification factor of the budget growth (eq. 5)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature of eq. 8 (1.0 = paper). The contributions are Frobenius norms, "
+                "so their scale sets how peaked the split is."})
+    per_layer: bool = field(default=True, metadata={
+        "help": "True (paper): the modules of one transformer block share one rank; False: each module is a unit."})
+    initial_rank: int = field(default=1, metadata={
+        "help": "Starting rank of every unit (the paper starts at 1)."})
+    cross_fidelity: bool = field(default=False, metadata={
+        "help": "False: each factor's norm is weighted by its own fidelity (the paper's prose); "
+                "True: eq. 9 as printed (f_dw * ||W_up|| + f_up * ||W_dw||)."})
+
+    def __post_init__(self):
+        check(self.gamma >= 0, f"gamma must be >= 0, not {self.gamma}")
+        check(self.temperature > 0, f"temperature must be > 0, not {self.temperature}")
+        check(self.initial_rank >= 1, f"initial_rank must be >= 1, not {self.initial_rank}")
+
+
+class LaLoRAPolicy(RankPolicy):
+    """La-LoRA rank policy; options in :class:`LaLoRAConfig`.
 
     The total allocatable rank (DCDPB) is counted in ranks of units, in [L, r_max L].
     The mechanism still clips to the parameter budget.
@@ -94,28 +114,20 @@ class LaLoRAPolicy(RankPolicy):
     name = "lalora"
     needs = frozenset()
 
-    def __init__(
-        self,
-        modules: dict[str, ModuleInfo],
-        bounds: RankBounds,
-        gamma: float = 1.0,
-        temperature: float = 1.0,
-        per_layer: bool = True,
-        initial_rank: int = 1,
-        cross_fidelity: bool = False,
-    ):
-        super().__init__(modules, bounds)
-        self.gamma = gamma
-        self.temperature = temperature
-        self.initial_rank = initial_rank
-        self.cross_fidelity = cross_fidelity
+    def __init__(self, modules: dict[str, ModuleInfo], bounds: RankBounds, config: LaLoRAConfig | None = None):
+        config = config or LaLoRAConfig()
+        super().__init__(modules, bounds, config)
+        self.gamma = config.gamma
+        self.temperature = config.temperature
+        self.initial_rank = config.initial_rank
+        self.cross_fidelity = config.cross_fidelity
         # Units: transformer blocks (paper) or single modules; layer_index -1 = own unit.
         self.units: dict[str, list[str]] = {}
         for name, info in modules.items():
-            key = f"layer{info.layer_index}" if per_layer and info.layer_index >= 0 else name
+            key = f"layer{info.layer_index}" if config.per_layer and info.layer_index >= 0 else name
             self.units.setdefault(key, []).append(name)
         n_units = len(self.units)
-        self.budget = float(n_units * max(bounds.r_min, initial_rank))  # DCDPB^0 = 1 L
+        self.budget = float(n_units * max(bounds.r_min, self.initial_rank))  # DCDPB^0 = 1 L
         self.prev_value: dict[str, float] = {}
         self.prev_rank: dict[str, int] = {}
         # Per module: energies of dropped directions, last dropped on top (it comes back first).
@@ -203,3 +215,6 @@ class LaLoRAPolicy(RankPolicy):
         self.dropped = {n: list(state["dropped"].get(n, [])) for n in self.modules}
         self.prev_sigma = {n: list(v) for n, v in state["prev_sigma"].items()}
         self.contributions = dict(state["contributions"])
+
+
+register_policy("lalora", LaLoRAConfig, LaLoRAPolicy)

@@ -1,0 +1,1 @@
+"""Background adaptation: worker threads, the session train step, and fine-tuning jobs."""

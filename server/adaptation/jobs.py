@@ -11,7 +11,6 @@ running are marked failed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -19,9 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
-
-from server.app.errors import APIError
 from server.store import check_name, owner_hash, write_json_atomic
 
 log = logging.getLogger("dynarank.jobs")
@@ -155,9 +151,8 @@ class JobManager:
                 raise JobError(f"{key} out of range")
         if hp.get("learning_rate") is not None and not 0 < hp["learning_rate"] < 1:
             raise JobError("learning_rate must be in (0, 1)")
-        from adapter_core.policies import POLICIES, _load_builtin_policies
+        from adapter_core.policies import POLICIES
 
-        _load_builtin_policies()
         policy = hp.get("rank_policy") or self.settings.rank_policy
         if policy not in POLICIES:
             raise JobError(f"unknown rank_policy {policy!r}; known: {', '.join(sorted(POLICIES))}")
@@ -229,8 +224,9 @@ class JobManager:
 
     def _prepare(self, job: Job, inline_files) -> None:
         """Walk and tokenize (off the event loop), then queue the job for the workers."""
-        from adapter_core import AdapterConfig, RankBounds, new_adapter
+        from adapter_core import RankBounds, new_session_adapter
         from code_signals import ExampleBuilder, detect_language, walk_repository
+        from server.sessions.adapter_config import session_adapter_config
 
         try:
             if inline_files is not None:
@@ -247,9 +243,9 @@ class JobManager:
                 raise JobError("no training examples: the repository has no source files we read")
             hp = job.record["hyperparameters"]
             total = hp["steps"] or (hp["epochs"] or 1) * len(examples)
-            config = AdapterConfig(policy=hp["rank_policy"], lr=hp["learning_rate"],
-                                   bounds=RankBounds(budget=hp["budget"]))
-            adapter, policy = new_adapter(self.model, config, task="new_code")
+            config = session_adapter_config(self.settings, hp["rank_policy"], lr=hp["learning_rate"],
+                                            bounds=RankBounds(budget=hp["budget"]))
+            adapter, policy = new_session_adapter(self.model, config, task="new_code")
         except Exception as exc:
             log.warning("job %s failed while preparing: %s", job.id, exc)
             self._fail(job, str(exc))
@@ -319,47 +315,3 @@ class JobManager:
                               result={"version": snap.version, "ranks": snap.ranks})
             job.examples, job.adapter, job.policy = [], None, None
         self._event(job, "info", f"saved adapter {job.record['adapter_name']} (version {snap.version})")
-
-
-def make_router(manager: JobManager, owner_dep) -> APIRouter:
-    router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
-
-    def _get(owner, job_id):
-        try:
-            return manager.get(owner, job_id)
-        except KeyError:
-            raise APIError(404, f"no fine-tuning job {job_id}", code="job_not_found", param="job_id") from None
-
-    @router.post("/jobs")
-    async def create_job(request: Request, owner=Depends(owner_dep)):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-        try:
-            job = await asyncio.to_thread(manager.create, owner, body)  # checks paths, writes the record
-        except JobError as exc:
-            raise APIError(400, str(exc), code="invalid_request") from None
-        return job.public()
-
-    @router.get("/jobs")
-    def list_jobs(owner=Depends(owner_dep)):
-        return {"object": "list", "data": [j.public() for j in manager.list(owner)], "has_more": False}
-
-    @router.get("/jobs/{job_id}")
-    def get_job(job_id: str, owner=Depends(owner_dep)):
-        return _get(owner, job_id).public()
-
-    @router.get("/jobs/{job_id}/events")
-    def job_events(job_id: str, after: int | None = None, limit: int = 100, owner=Depends(owner_dep)):
-        events = _get(owner, job_id).events
-        start = after + 1 if after is not None else max(0, len(events) - limit)
-        page = events[start:start + max(1, min(limit, 1000))]
-        return {"object": "list", "data": page, "has_more": start + len(page) < len(events)}
-
-    @router.post("/jobs/{job_id}/cancel")
-    def cancel_job(job_id: str, owner=Depends(owner_dep)):
-        _get(owner, job_id)
-        return manager.cancel(owner, job_id).public()
-
-    return router

@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from server.adaptation.examples import edit_example_builder, example_batch
+from server.adaptation.examples import edit_example_builder
+from server.adaptation.learner import adapt_on_example
 from server.engines.gate import ServingGate
 from server.feedback import settle_feedback
-from server.sessions import Session, SessionManager, snapshot_summary
+from server.sessions import Session, SessionManager
 
 log = logging.getLogger("dynarank.workers")
 
@@ -130,22 +131,13 @@ class AdaptationWorkers:
     # -- one session step ---------------------------------------------------------
 
     def train_session(self, session: Session, example) -> None:
-        from adapter_core import train_step
-
         with session.train_lock:
             if self.sessions.get(session.owner, session.id) is not session:
                 return  # evicted meanwhile
-            stats = train_step(self.model, session.adapter, example_batch(example), session.policy)
-            if stats.skipped:
-                return
-            snap = session.adapter.snapshot(loss=stats.loss)
-            with session.lock:
-                session.snapshot = snap  # the swap: completions starting now use it
-                session.steps += 1
-                session.last_loss = stats.loss
-                summary = snapshot_summary(snap)
-                session.history.append({"t": time.time(), "version": snap.version, "loss": stats.loss,
-                                        "ranks": list(summary["ranks"].values()), "mean_rank": summary["mean_rank"]})
+            stats, snap = adapt_on_example(self.model, session.adapter, session.policy, example)
+            if snap is None:
+                return  # skipped step: nothing new to publish
+            summary = session.publish(snap, stats.loss)
             if snap.version - session.persisted_version >= max(1, self.settings.persist_every):
                 try:
                     self.sessions.persist(session)

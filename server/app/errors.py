@@ -15,6 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.engines.bridge import GenerationFailed
+from server.errors import ClientError
+
 log = logging.getLogger("dynarank.errors")
 
 _TYPE_BY_STATUS = {
@@ -23,6 +26,7 @@ _TYPE_BY_STATUS = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
@@ -48,6 +52,11 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def from_client_error(exc: ClientError) -> APIError:
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return APIError(exc.status, exc.message, code=exc.code, param=exc.param, headers=headers)
+
+
 def _validation_error(errors: list[dict]) -> APIError:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -65,6 +74,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc)
+
+    @app.exception_handler(ClientError)
+    async def _client_error(request: Request, exc: ClientError):
+        return error_response(from_client_error(exc))
+
+    @app.exception_handler(GenerationFailed)
+    async def _generation_failed(request: Request, exc: GenerationFailed):
+        log.error("event=generation_failed path=%s error=%s", request.url.path, exc.__cause__ or exc)
+        return error_response(APIError(500, str(exc), code="generation_failed"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

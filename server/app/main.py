@@ -1,63 +1,67 @@
-"""FastAPI application factory."""
+"""``create_app``: the FastAPI application, its shared state and its lifespan."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
-from fastapi import Depends, FastAPI
-from fastapi.responses import Response
+from fastapi import FastAPI
 
-from server.app.auth import install_guards, require_api_key
 from server.app.errors import install_error_handlers
-from server.app.state import ServerState
+from server.app.middleware import install_middleware
+from server.app.routers import ROUTERS
+from server.app.state import ServerState, Services
+from server.app.ws.connection import router as ws_router
 from server.config import Settings
-from server.observability.metrics import Metrics, RequestMetrics
+from server.engines import build_engine
+from server.engines.base import Engine
+from server.engines.bridge import GenerationBridge
+from server.observability.metrics import Metrics
+
+log = logging.getLogger("dynarank")
 
 
-def create_app(settings: Settings, model=None, tokenizer=None, engine=None) -> FastAPI:
-    app = FastAPI(title="dynarank", version="0.1.0")
-    if engine is None and model is not None and settings.engine == "vllm":
-        from server.engines.vllm.engine import (
-            build_vllm_engine,  # generation in vLLM; training stays on `model`
-        )
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Start background training with the app; on shutdown stop it, persist sessions, close the engine."""
+    state: ServerState = app.state.dynarank
+    if state.services is not None:
+        state.services.start()
+    try:
+        yield
+    finally:
+        if state.services is not None:
+            state.services.stop()
+            log.info("sessions persisted")
+        if state.engine is not None:
+            state.engine.close()
 
-        engine = build_vllm_engine(settings, tokenizer, getattr(model, "name_or_path", None))
-    if engine is None and model is not None:
-        from server.engines.hf import HFEngine
 
-        engine = HFEngine(model, tokenizer, settings.served_name)
+def create_app(settings: Settings, model=None, tokenizer=None, engine: Engine | None = None) -> FastAPI:
+    """The app over ``model`` (the frozen hf base model training uses) and ``engine`` (generation).
+
+    Without ``engine`` one is built from ``settings.engine``. Without ``model``
+    there is no training: the session, adapter and fine-tuning routes answer 503.
+    """
     metrics = Metrics()
-    state = ServerState(settings=settings, engine=engine, tokenizer=tokenizer, model=model, metrics=metrics)
-    state.extras["started"] = time.time()
-    if engine is not None and hasattr(engine, "gate"):
-        state.extras["serving_gate"] = engine.gate
-    app.state.settings = settings
-    app.state.model = model
-    app.state.tokenizer = tokenizer
+    if engine is None and model is not None:
+        engine = build_engine(settings, model, tokenizer)
+    state = ServerState(settings=settings, metrics=metrics, started=time.time(), model=model,
+                        tokenizer=tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None),
+                        engine=engine)
+    if engine is not None:
+        state.bridge = GenerationBridge(engine, metrics, settings.max_inflight_requests)
+    if model is not None and engine is not None:
+        state.services = Services.build(settings, model, state.tokenizer, engine, metrics)
+        state.adapters = state.services.sessions
+        engine.attach(state.adapters)
+
+    app = FastAPI(title="dynarank", version="0.1.0", lifespan=lifespan)
     app.state.dynarank = state
-
     install_error_handlers(app)
-    install_guards(app, settings)
-    # Outermost, so rejected (413) requests are timed and logged too.
-    app.add_middleware(RequestMetrics, metrics=metrics)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": settings.served_name,
-                "uptime_s": round(time.time() - state.extras["started"], 3)}
-
-    @app.get("/metrics", dependencies=[Depends(require_api_key)])
-    def prometheus_metrics():
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
-    from server.app.routers.openai import router
-
-    app.include_router(router)
-    from server.app.routers.sessions import register_session_routes
-
-    register_session_routes(app, state)
-    if hasattr(engine, "attach"):  # the vLLM engine learns adapter lineages; shuts vLLM down with the app
-        engine.attach(state)
-        app.router.on_shutdown.append(engine.close)
+    install_middleware(app, settings, metrics)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.include_router(ws_router)
     return app

@@ -1,11 +1,19 @@
-"""What the request handlers share: one ServerState per app (``app.state.dynarank``)."""
+"""What the request handlers share: one ``ServerState`` per app (``app.state.dynarank``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Protocol
 
+from server.adaptation.jobs import JobManager
+from server.adaptation.workers import AdaptationWorkers
 from server.config import Settings
+from server.engines.base import Engine
+from server.engines.bridge import GenerationBridge
+from server.feedback import FeedbackRegistry
+from server.observability.metrics import Metrics
+from server.sessions import SessionManager
+from server.store import AdapterStore
 
 
 class AdapterResolver(Protocol):
@@ -25,11 +33,45 @@ class AdapterResolver(Protocol):
 
 
 @dataclasses.dataclass
+class Services:
+    """The session layer: built only when a model is loaded (training needs it)."""
+
+    store: AdapterStore
+    sessions: SessionManager
+    workers: AdaptationWorkers
+    jobs: JobManager
+    feedback: FeedbackRegistry
+
+    @classmethod
+    def build(cls, settings: Settings, model, tokenizer, engine: Engine, metrics: Metrics) -> "Services":
+        store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
+        sessions = SessionManager(settings, model, tokenizer, store, metrics)
+        workers = AdaptationWorkers(settings, model, tokenizer, sessions, engine.gate, metrics)
+        jobs = JobManager(settings, model, tokenizer, store, sessions)
+        jobs.on_work = workers.wake
+        workers.sources.append(jobs.take)
+        feedback = FeedbackRegistry(settings, sessions)
+        metrics.watch_feedback(feedback)
+        return cls(store, sessions, workers, jobs, feedback)
+
+    def start(self) -> None:
+        self.workers.start()
+
+    def stop(self) -> None:
+        """Stop training (the current step finishes), then persist every session and feedback book."""
+        self.workers.stop()
+        self.sessions.persist_all()
+        self.feedback.flush()
+
+
+@dataclasses.dataclass
 class ServerState:
     settings: Settings
-    engine: Any  # server.engines.base.Engine
-    tokenizer: Any
-    model: Any  # the frozen base model (shared by serving and training)
-    adapters: AdapterResolver | None = None  # set by the session layer
-    metrics: Any = None
-    extras: dict = dataclasses.field(default_factory=dict)
+    metrics: Metrics
+    started: float
+    model: Any = None  # the frozen base model, shared by serving and training
+    tokenizer: Any = None
+    engine: Engine | None = None
+    bridge: GenerationBridge | None = None
+    services: Services | None = None
+    adapters: AdapterResolver | None = None  # the session manager when services exist

@@ -5,7 +5,7 @@ completion must never wait behind training, so training yields: it runs its
 micro-steps only while no completion is active.
 
 API (one ``ServingGate`` per engine, ``engine.gate``; also
-``app.state.dynarank.extras["serving_gate"]``):
+the workers get it from the app state):
 
 Serving side (done by ``HFEngine.generate``; other engines do the same)::
 

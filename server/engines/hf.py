@@ -23,8 +23,8 @@ from server.engines.decoding import (
     _DETOK_CONTEXT,
     IncrementalDecoder,
     StopMatcher,
+    TokenizerEngine,
     adapter_context,
-    encode_prompt,
     has_fim,
     sample_token,
 )
@@ -33,7 +33,7 @@ from server.engines.gate import ServingGate
 log = logging.getLogger("dynarank.engine")
 
 
-class HFEngine:
+class HFEngine(TokenizerEngine):
     """``server.engines.base.Engine`` on a transformers causal LM."""
 
     def __init__(self, model, tokenizer, model_name: str, gate: ServingGate | None = None):
@@ -61,15 +61,6 @@ class HFEngine:
     @property
     def device(self):
         return next(self.model.parameters()).device
-
-    def encode(self, request: GenerationRequest) -> list[int]:
-        return encode_prompt(self.tokenizer, request)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _forward(self, ids: list[int], cache, adapter) -> torch.Tensor:
         with self._lock, torch.inference_mode(), adapter_context(self.model, adapter):

@@ -1,0 +1,1 @@
+"""Prometheus metrics and the structured access/event log."""

@@ -31,7 +31,6 @@ Call ``forget_session(session_id)`` when a session ends so its label sets go.
 from __future__ import annotations
 
 import logging
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -135,32 +134,3 @@ def log_event(event: str, **fields) -> None:
     access_log.info(" ".join(parts))
 
 
-class RequestMetrics:
-    """ASGI middleware: latency histogram per route template, and one access log line per request."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = 500
-
-        async def tracking_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        finally:
-            elapsed = time.perf_counter() - start
-            route = scope.get("route")
-            # Route templates keep the label set bounded; unmatched paths share one label.
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_latency.labels(endpoint, scope["method"], str(status)).observe(elapsed)
-            log_event("request", method=scope["method"], path=scope["path"], status=status,
-                      duration_ms=round(elapsed * 1000, 1))

@@ -22,6 +22,7 @@ from server.sessions.session import SESSION_ID_RE, Session, _token_hash
 from server.store import (
     SESSION_PREFIX,
     AdapterStore,
+    adapter_lineage,
     check_name,
     owner_hash,
     write_file_atomic,
@@ -51,51 +52,22 @@ class SessionManager:
 
     # -- adapters ---------------------------------------------------------------
 
-    def _config(self, policy: str | None = None):
-        from adapter_core import AdapterConfig
+    def _new_adapter(self, snapshot=None, policy_state=None):
+        """A trainable adapter and its policy for a session: fresh, or resumed from ``snapshot``."""
+        from adapter_core import new_session_adapter
+        from server.sessions.adapter_config import session_adapter_config
 
-        return AdapterConfig(policy=policy or self.settings.rank_policy, lr=self.settings.adapter_lr)
-
-    def fresh_adapter(self, policy: str | None = None, task: str | None = None):
-        from adapter_core import new_adapter
-
-        return new_adapter(self.model, self._config(policy), task)
-
-    def adapter_from_snapshot(self, snap, policy_state=None):
-        """A trainable adapter resuming from ``snap`` with its policy rebuilt."""
-        from adapter_core import Adapter, inject_adapters, make_policy
-
-        config = self._config(snap.metadata.get("policy"))
-        try:
-            modules = inject_adapters(self.model, config.target_modules)
-            policy = make_policy(config.policy, modules, config.bounds, **config.policy_options)
-        except ValueError:
-            config = self._config()
-            modules = inject_adapters(self.model, config.target_modules)
-            policy = make_policy(config.policy, modules, config.bounds, **config.policy_options)
-        if policy_state:
-            try:
-                policy.load_state_dict(policy_state)
-            except Exception:  # a policy whose state format changed starts fresh
-                log.warning("could not restore policy state; starting it fresh")
-        adapter = Adapter.from_snapshot(snap, {n: modules[n] for n in snap.A if n in modules}, lr=config.lr)
-        return adapter, policy
+        return new_session_adapter(self.model, session_adapter_config(self.settings),
+                                   snapshot=snapshot, policy_state=policy_state)
 
     @staticmethod
     def lineage(owner: str | None, sid: str) -> str:
         """What every published snapshot of a session carries as ``metadata["lineage"]``.
 
+        The session adapter's ``adapter_lineage``, so the snapshot stored under that name has the same one.
         Engines that keep adapter versions apart (vLLM) group versions by it.
         """
-        return f"{owner_hash(owner)}/{SESSION_PREFIX}{sid}"
-
-    @staticmethod
-    def publishable(adapter):
-        """The adapter's current factors as a snapshot at its current version (no bump)."""
-        from adapter_core import AdapterSnapshot
-
-        return AdapterSnapshot.from_tensors(adapter.version, adapter.A, adapter.B, adapter.scale,
-                                            {**adapter.metadata, "step": adapter.step})
+        return adapter_lineage(owner, SESSION_PREFIX + sid)
 
     # -- session lifecycle -------------------------------------------------------
 
@@ -166,14 +138,14 @@ class SessionManager:
         if origin is not None:
             try:
                 snap = self.store.load(owner, origin)
-                adapter, policy = self.adapter_from_snapshot(snap)
+                adapter, policy = self._new_adapter(snap)
             except (KeyError, OSError, ValueError):
                 log.warning("repository adapter %s unreadable; starting fresh", origin)
                 origin = None
         if adapter is None:
-            adapter, policy = self.fresh_adapter()
+            adapter, policy = self._new_adapter()
         adapter.metadata["lineage"] = self.lineage(owner, sid)
-        session = Session(sid, owner, adapter, policy, self.publishable(adapter), repository=repository,
+        session = Session(sid, owner, adapter, policy, adapter.snapshot(bump=False), repository=repository,
                           token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
                           origin=origin)
         session.feedback = FeedbackBook(self.settings.feedback_max_records)
@@ -200,13 +172,13 @@ class SessionManager:
                 policy_state = None
         try:
             snap = self.store.load(owner, name)
-            adapter, policy = self.adapter_from_snapshot(snap, policy_state)
+            adapter, policy = self._new_adapter(snap, policy_state)
         except KeyError:
-            adapter, policy = self.fresh_adapter()
+            adapter, policy = self._new_adapter()
             snap = None
         adapter.metadata["lineage"] = self.lineage(owner, sid)
-        if snap is None or snap.metadata.get("lineage") != adapter.metadata["lineage"]:
-            snap = self.publishable(adapter)  # stored before snapshots carried their lineage
+        if snap is None:  # nothing stored yet: serve the fresh adapter
+            snap = adapter.snapshot(bump=False)
         meta = meta or {}
         session = Session(sid, owner, adapter, policy, snap, repository=meta.get("repository"),
                           token_hashes=meta.get("token_hashes", []), max_queue=self.settings.max_queue_per_session,

@@ -78,6 +78,17 @@ class Session:
         with self.lock:
             return self.snapshot
 
+    def publish(self, snap, loss: float) -> dict:
+        """Swap in a newly trained snapshot (completions starting now use it); returns its summary."""
+        summary = snapshot_summary(snap)
+        with self.lock:
+            self.snapshot = snap
+            self.steps += 1
+            self.last_loss = loss
+            self.history.append({"t": time.time(), "version": snap.version, "loss": loss,
+                                 "ranks": list(summary["ranks"].values()), "mean_rank": summary["mean_rank"]})
+        return summary
+
     def enqueue(self, examples) -> int:
         """Queue training examples; the oldest go first when the queue is full."""
         with self.lock:

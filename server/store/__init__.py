@@ -2,7 +2,7 @@
 
 from server.store.adapters import AdapterStore
 from server.store.files import write_file_atomic, write_json_atomic
-from server.store.names import SESSION_PREFIX, StoreError, check_name, owner_hash
+from server.store.names import SESSION_PREFIX, StoreError, adapter_lineage, check_name, owner_hash
 
-__all__ = ["AdapterStore", "SESSION_PREFIX", "StoreError", "check_name", "owner_hash", "write_file_atomic",
-           "write_json_atomic"]
+__all__ = ["AdapterStore", "SESSION_PREFIX", "StoreError", "adapter_lineage", "check_name", "owner_hash",
+           "write_file_atomic", "write_json_atomic"]

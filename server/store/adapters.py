@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 
 from server.store.files import write_json_atomic
-from server.store.names import NAME_RE, StoreError, check_name, owner_hash
+from server.store.names import (
+    NAME_RE,
+    StoreError,
+    adapter_lineage,
+    check_name,
+    owner_hash,
+)
 
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
@@ -73,14 +79,21 @@ class AdapterStore:
             return {}
 
     def load(self, owner: str | None, name: str, version: int | None = None):
-        """The snapshot of ``version`` (default latest); KeyError if absent."""
+        """The snapshot of ``version`` (default latest); KeyError if absent.
+
+        Its ``metadata["lineage"]`` is ``adapter_lineage(owner, name)``: where it was loaded from, whatever
+        lineage it was saved with (an adapter published from a session is a lineage of its own).
+        """
+        import dataclasses
+
         from adapter_core import load_peft
 
         versions = self.versions(owner, name)
         if not versions or (version is not None and version not in versions):
             raise KeyError(name)
         v = versions[-1] if version is None else version
-        return load_peft(self._dir(owner, name) / f"v{v}")
+        snap = load_peft(self._dir(owner, name) / f"v{v}")
+        return dataclasses.replace(snap, metadata={**snap.metadata, "lineage": adapter_lineage(owner, name)})
 
     def exists(self, owner: str | None, name: str) -> bool:
         try:

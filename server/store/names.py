@@ -23,6 +23,15 @@ def owner_hash(api_key: str | None) -> str:
 
 
 
+def adapter_lineage(owner: str | None, name: str) -> str:
+    """Which adapter a snapshot is a version of: ``metadata["lineage"]`` of every stored and session snapshot.
+
+    Engines that keep adapter versions apart (vLLM) group versions by it.
+    """
+    return f"{owner_hash(owner)}/{name}"
+
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise StoreError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (max 80, no '..')")

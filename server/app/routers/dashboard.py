@@ -11,8 +11,10 @@ URL) and goes out as a Bearer header.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+
+from server.app.deps import AUTH, Owner, ServicesDep
 
 MAX_POINTS = 300
 
@@ -54,18 +56,17 @@ def _acceptance(stats: dict) -> list[dict]:
             for r in stats["by_version"] if r["acceptance_rate"] is not None and r["adapter_version"] is not None]
 
 
-def make_router(ctx, state, owner_dep) -> APIRouter:
-    router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"])
 
-    @router.get("/dashboard", response_class=HTMLResponse)
-    def dashboard():
-        return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
 
-    @router.get("/v1/dashboard/data")
-    def data(owner=Depends(owner_dep)):
-        return dashboard_data(ctx, owner)
+@router.get("/dashboard", response_class=HTMLResponse)
+def dashboard():
+    return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
 
-    return router
+
+@router.get("/v1/dashboard/data", dependencies=AUTH)
+def data(services: ServicesDep, owner: Owner):
+    return dashboard_data(services, owner)
 
 
 PAGE = """<!doctype html>

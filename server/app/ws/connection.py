@@ -15,8 +15,10 @@ import secrets
 import threading
 import uuid
 
-from fastapi import WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from server.app.deps import StateDep
+from server.app.state import ServerState
 from server.app.ws.protocol import (
     CLOSE_UNAUTHORIZED,
     MAX_PREFIX_CHARS,
@@ -25,10 +27,13 @@ from server.app.ws.protocol import (
     validate,
 )
 from server.engines.base import GenerationRequest
+from server.engines.bridge import GenerationFailed
 from server.errors import ClientError
 from server.sessions import SESSION_PREFIX, snapshot_summary
 
 log = logging.getLogger("dynarank.ws")
+
+router = APIRouter()
 
 
 def authenticate(settings, key: str | None) -> tuple[bool, str | None]:
@@ -42,11 +47,11 @@ def authenticate(settings, key: str | None) -> tuple[bool, str | None]:
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, state, ctx):
+    def __init__(self, websocket: WebSocket, state: ServerState):
         self.ws = websocket
         self.state = state
         self.settings = state.settings
-        self.ctx = ctx  # server.app.routers.sessions.SessionContext
+        self.services = state.services
         self.session = None
         self.owner = None
         self.inflight: dict = {}  # completion id -> cancel event
@@ -149,7 +154,7 @@ class Connection:
         if self.session is not None:
             with self.session.lock:
                 self.session.listeners.discard(self._listener)
-            self.ctx.sessions.detach(self.session)
+            self.services.sessions.detach(self.session)
 
     async def ack(self, msg: dict, version) -> None:
         """Acknowledge a document message only when the client asked (gave an id)."""
@@ -162,6 +167,8 @@ class Connection:
     async def hello(self, msg: dict) -> None:
         if self.session is not None:
             raise ClientError("already_ready", "hello was already accepted on this connection")
+        if self.services is None:
+            raise ClientError("model_not_loaded", "no model is loaded: sessions are unavailable")
         if msg.get("protocol", PROTOCOL) != PROTOCOL:
             raise ClientError("unsupported_protocol", f"this server speaks protocol {PROTOCOL}")
         ok, owner = authenticate(self.settings, msg.get("api_key"))
@@ -169,7 +176,7 @@ class Connection:
             raise ClientError("unauthorized", "missing or invalid api_key")
         self.owner = owner
         session, token = await asyncio.to_thread(
-            self.ctx.sessions.attach, self.owner, msg.get("session_id"), msg.get("resume_token"),
+            self.services.sessions.attach, self.owner, msg.get("session_id"), msg.get("resume_token"),
             msg.get("repository"),
         )
         self.session = session
@@ -220,7 +227,7 @@ class Connection:
             if doc is None or doc.text is not text:  # another tab changed it meanwhile
                 raise ClientError("stale_version", f"{path} changed meanwhile; resend against the new version")
             session.edit_doc(path, msg["version"], new_text)
-        self.ctx.workers.wake()
+        self.services.workers.wake()
         await self.ack(msg, msg["version"])
 
     async def on_close(self, msg: dict) -> None:
@@ -229,7 +236,7 @@ class Connection:
                 raise ClientError("unknown_document", f"{msg['path']} is not open")
             version = self.session.docs[msg["path"]].version
             self.session.close_doc(msg["path"])
-        self.ctx.workers.wake()
+        self.services.workers.wake()
         await self.ack(msg, version)
 
     async def on_status(self, msg: dict) -> None:
@@ -241,7 +248,7 @@ class Connection:
         await self.send(status)
 
     async def on_feedback(self, msg: dict) -> None:
-        reply = await asyncio.to_thread(self.ctx.feedback.apply, self.owner, msg["completion_id"], msg["event"],
+        reply = await asyncio.to_thread(self.services.feedback.apply, self.owner, msg["completion_id"], msg["event"],
                                         msg.get("accepted_text"), self.session)
         if "id" in msg:
             await self.send({"type": "ack", "ref": "feedback", "id": msg["id"],
@@ -302,51 +309,38 @@ class Connection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _generate(self, cid, request, snap, cancel, path=None) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = self.loop
-        done = object()
-
-        def produce():
-            try:
-                for chunk in self.state.engine.generate(request, snap, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except Exception as exc:  # reported to the client below
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        thread = threading.Thread(target=produce, name=f"complete-{cid}", daemon=True)
-        thread.start()
+    async def _generate(self, cid, request: GenerationRequest, snap, cancel: threading.Event, path=None) -> None:
+        model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
         parts, finish = [], None
         try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    break
-                if isinstance(item, Exception):
-                    code = "context_length_exceeded" if type(item).__name__ == "ContextLengthError" else "generation_failed"
-                    await self.error(code, str(item), cid)
-                    return
-                if item.text:
-                    parts.append(item.text)
-                    if not cancel.is_set():
-                        await self.send({"type": "completion.delta", "id": cid, "text": item.text})
-                if item.finish_reason:
-                    finish = item.finish_reason
-            if cancel.is_set():
-                finish = "cancelled"
-            completion_id, version = "cmpl-" + secrets.token_hex(12), snap.version if snap is not None else 0
-            model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
-            self.session.feedback.record(completion_id, version=version, model=model, text="".join(parts),
-                                         prompt=request.prompt, path=path)
-            await self.send({
-                "type": "completion.done", "id": cid, "text": "".join(parts), "adapter_version": version,
-                "finish_reason": finish or "stop", "completion_id": completion_id, "model": model,
-            })
+            async with self.state.bridge.generation("/v1/ws", [request], snap, model_name=model,
+                                                    adapter_id=self.session.adapter_name, cancel=cancel) as gen:
+                async for _, chunk in gen.chunks():
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        if not cancel.is_set():
+                            await self.send({"type": "completion.delta", "id": cid, "text": chunk.text})
+                    finish = chunk.finish_reason or finish
+        except ClientError as exc:
+            await self.error(exc.code, exc.message, cid)
+            return
+        except GenerationFailed as exc:
+            log.error("completion %s failed: %s", cid, exc.__cause__ or exc)
+            await self.error("generation_failed", str(exc), cid)
+            return
         finally:
             self.inflight.pop(cid, None)
+        if finish is None and cancel.is_set():
+            finish = "cancelled"
+        completion_id, version = "cmpl-" + secrets.token_hex(12), snap.version if snap is not None else 0
+        self.session.feedback.record(completion_id, version=version, model=model, text="".join(parts),
+                                     prompt=request.prompt, path=path)
+        await self.send({
+            "type": "completion.done", "id": cid, "text": "".join(parts), "adapter_version": version,
+            "finish_reason": finish or "stop", "completion_id": completion_id, "model": model,
+        })
 
 
-async def websocket_endpoint(websocket: WebSocket, state, ctx) -> None:
-    await Connection(websocket, state, ctx).run()
+@router.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket, state: StateDep) -> None:
+    await Connection(websocket, state).run()

