@@ -8,8 +8,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -72,3 +75,10 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> str:
     out = server_output(proc)
     proc.log_file.close()
     return out
+
+
+def client_cli(*args, **kwargs) -> subprocess.Popen:
+    """`python -m ide_client ARGS` from the checkout, output on one pipe."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ide_client", *args], cwd=kwargs.get("cwd", ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -199,11 +199,13 @@ class JobManager:
     def cancel(self, owner: str | None, job_id: str) -> Job:
         job = self.get(owner, job_id)
         with job.lock:
-            if job.status in ACTIVE:
+            active = job.status in ACTIVE
+            if active:
                 job.record["status"] = "cancelled"
                 job.record["finished_at"] = int(time.time())
                 job.examples, job.adapter = [], None
-        self._event(job, "info", "job cancelled")
+        if active:
+            self._event(job, "info", "job cancelled")
         return job
 
     # -- running -----------------------------------------------------------------
@@ -304,14 +306,25 @@ class JobManager:
             job.busy = False
 
     def _finish(self, job: Job) -> None:
-        snap = job.adapter.snapshot(job=job.id)
+        with job.lock:
+            if job.status != "running":
+                return  # cancelled after the last step
+            adapter, name = job.adapter, job.record["adapter_name"]
+        # A re-run under the same name publishes the next version rather than colliding with a stored one.
+        adapter.version = max(self.store.versions(job.owner, name), default=0)
+        snap = adapter.snapshot(job=job.id)
         repo = job.record["repository"]
-        self.store.save(job.owner, job.record["adapter_name"], snap,
+        self.store.save(job.owner, name, snap,
                         info={"kind": "repository", "job": job.id,
                               "repository": {"id": repo.get("id"), "root_name": repo.get("root_name")}})
         with job.lock:
-            job.record.update(status="succeeded", finished_at=int(time.time()),
-                              fine_tuned_model=f"{self.settings.served_name}:{job.record['adapter_name']}",
-                              result={"version": snap.version, "ranks": snap.ranks})
-            job.examples, job.adapter, job.policy = [], None, None
-        self._event(job, "info", f"saved adapter {job.record['adapter_name']} (version {snap.version})")
+            cancelled = job.status != "running"
+            if not cancelled:
+                job.record.update(status="succeeded", finished_at=int(time.time()),
+                                  fine_tuned_model=f"{self.settings.served_name}:{name}",
+                                  result={"version": snap.version, "ranks": snap.ranks})
+                job.examples, job.adapter, job.policy = [], None, None
+        if cancelled:  # the cancel answered while the adapter was being written: take it back
+            self.store.delete_version(job.owner, name, snap.version)
+            return
+        self._event(job, "info", f"saved adapter {name} (version {snap.version})")

@@ -55,6 +55,7 @@ class AdaptationWorkers:
         self._wake.set()
 
     def start(self) -> None:
+        self._stop.clear()  # a stopped pool can be started again
         for i in range(max(1, self.settings.adaptation_workers)):
             t = threading.Thread(target=self._run, name=f"adapt-{i}", daemon=True)
             t.start()

@@ -148,6 +148,16 @@ class AdapterStore:
             shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    def delete_version(self, owner: str | None, name: str, version: int) -> bool:
+        target = self._dir(owner, name) / f"v{int(version)}"
+        if not target.is_dir():
+            return False
+        with self._lock:
+            trash = target.parent / f".deleted-v{int(version)}-{time.time_ns()}"
+            os.rename(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return True
+
     def export_tar(self, owner: str | None, name: str, version: int | None = None) -> bytes:
         """A tar.gz of one version's PEFT directory (``<name>/`` inside)."""
         versions = self.versions(owner, name)

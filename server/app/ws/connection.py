@@ -100,7 +100,7 @@ class Connection:
                 msg = None
                 try:
                     msg = self._decode(frame)
-                    validate(msg)
+                    msg = validate(msg)
                     await self.dispatch(msg)
                 except ClientError as exc:
                     ref = msg.get("id", msg.get("type")) if isinstance(msg, dict) else None

@@ -4,40 +4,16 @@ from __future__ import annotations
 
 from server.errors import ClientError
 
-_STR, _INT, _NUM, _DICT, _LIST = (str,), (int,), (int, float), (dict,), (list,)
-
-
 PROTOCOL = 1
-
-
-
 CLOSE_UNAUTHORIZED = 4401
-
-
-
 MAX_PREFIX_CHARS = 8000
-
-
-
 MAX_SUFFIX_CHARS = 2000
-
-
-
 MAX_PATH_CHARS = 1024
 
-
-
+_STR, _INT, _NUM, _DICT, _LIST = (str,), (int,), (int, float), (dict,), (list,)
 _ID = (str, int)
-
-
-
 _OPT = False
-
-
-
 _REQ = True
-
-
 
 # type -> {field: (accepted types, required)}; "type" itself is implicit.
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -58,9 +34,6 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  "id": (_ID, _OPT)},
     "ping": {"id": (_ID, _OPT)},
 }
-
-
-
 _SUB_SCHEMA = {
     "client": {"name": _STR, "version": _STR},
     "repository": {"id": _STR, "root_name": _STR},
@@ -77,8 +50,17 @@ def _typed(value, types) -> bool:
 
 
 
+def _without_nulls(msg: dict) -> dict:
+    """A copy where a null field (or sub-field) is absent, as JSON clients often send optional ones."""
+    return {k: _without_nulls(v) if isinstance(v, dict) and k in _SUB_SCHEMA else v
+            for k, v in msg.items() if v is not None}
+
+
 def validate(msg) -> dict:
-    """Check one decoded message against SCHEMA; raise ClientError on any mismatch."""
+    """Check one decoded message against SCHEMA; return it with null fields dropped.
+
+    Raises ClientError on any mismatch. The handlers read only the returned copy.
+    """
     if not isinstance(msg, dict):
         raise ClientError("invalid_message", "a message is a JSON object")
     kind = msg.get("type")
@@ -90,8 +72,9 @@ def validate(msg) -> dict:
     extra = sorted(set(msg) - set(spec) - {"type"})
     if extra:
         raise ClientError("unknown_field", f"{kind}: unknown field(s) {', '.join(extra)}")
+    msg = _without_nulls(msg)
     for field, (types, required) in spec.items():
-        if field not in msg or msg[field] is None:
+        if field not in msg:
             if required:
                 raise ClientError("missing_field", f"{kind}: missing field {field!r}")
             continue
@@ -103,9 +86,9 @@ def validate(msg) -> dict:
             if extra:
                 raise ClientError("unknown_field", f"{kind}.{field}: unknown field(s) {', '.join(extra)}")
             for key, value in msg[field].items():
-                if value is not None and not _typed(value, sub[key]):
+                if not _typed(value, sub[key]):
                     raise ClientError("invalid_field", f"{kind}.{field}.{key} has the wrong type")
-    if "path" in msg and msg["path"] is not None and not (0 < len(msg["path"]) <= MAX_PATH_CHARS):
+    if "path" in msg and not (0 < len(msg["path"]) <= MAX_PATH_CHARS):
         raise ClientError("invalid_field", f"{kind}: path must be 1..{MAX_PATH_CHARS} characters")
     if kind == "edit" and (("text" in msg) == ("changes" in msg)):
         raise ClientError("invalid_field", "edit: give exactly one of 'text' or 'changes'")

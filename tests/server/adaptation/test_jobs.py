@@ -289,8 +289,6 @@ def test_cancel_after_success_keeps_the_result(make_jobs):
     assert s.store.versions("k", "geo") == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: JobManager.cancel logs 'job cancelled' even when the job had already "
-                                       "finished and was left as it was")
 def test_cancel_after_success_does_not_claim_it_cancelled(make_jobs):
     s = make_jobs()
     job = create_ready(s, "k", body(steps=1))
@@ -299,8 +297,6 @@ def test_cancel_after_success_does_not_claim_it_cancelled(make_jobs):
     assert all(e["message"] != "job cancelled" for e in job.events)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a cancel that arrives while the finished job's adapter is being "
-                                       "saved answers 'cancelled', then the job ends 'succeeded' anyway")
 def test_cancel_while_saving_is_not_overridden(make_jobs):
     s = make_jobs()
     job = create_ready(s, "k", body(steps=1))
@@ -315,6 +311,19 @@ def test_cancel_while_saving_is_not_overridden(make_jobs):
     run_steps(s, job)
     assert answered == ["cancelled"]
     assert job.status == answered[0]
+    assert not s.store.exists("k", job.record["adapter_name"])  # the version written meanwhile is taken back
+
+
+def test_a_second_job_under_the_same_name_publishes_the_next_version(make_jobs):
+    s = make_jobs()
+    first = create_ready(s, "k", body(name="same", steps=1))
+    run_steps(s, first)
+    second = create_ready(s, "k", body(name="same", steps=2))
+    run_steps(s, second)
+    assert first.record["result"]["version"] == 1 and second.record["result"]["version"] == 2
+    assert s.store.versions("k", "same") == [1, 2]
+    v1, v2 = s.store.load("k", "same", 1), s.store.load("k", "same", 2)
+    assert any(not torch.equal(v1.B[n], v2.B[n]) for n in v1.B)  # the new training, not a copy of v1
 
 
 # -- persistence -------------------------------------------------------------------------

@@ -322,3 +322,16 @@ def test_stop_is_idempotent_and_safe_before_start(make_stack):
     s.workers.stop(timeout=WAIT_S)
     s.workers.stop(timeout=WAIT_S)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_a_stopped_pool_trains_again_after_start(make_stack):
+    s = make_stack()
+    ran = threading.Event()
+    s.workers.start()
+    s.workers.stop(timeout=WAIT_S)
+    s.workers.sources.append(lambda: (lambda: ran.set()) if not ran.is_set() else None)
+    s.workers.start()
+    try:
+        assert ran.wait(WAIT_S)  # the restarted threads take work
+    finally:
+        s.workers.stop(timeout=WAIT_S)

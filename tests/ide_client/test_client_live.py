@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,9 +17,9 @@ import pytest
 from ide_client import API, Adapted, AsyncSession, Backoff, Reconnected, Session
 from ide_client.session import ConnectionLost
 from tests.conftest import build_tiny_model
-from tests.helpers import free_port, start_server, stop_server, wait_for_http
+from tests.helpers import client_cli, free_port, start_server, stop_server, wait_for_http
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 V1 = "def area(width, height):\n    return width * height\n"
 V2 = V1 + "\n\ndef perimeter(width, height):\n    total = 2 * (width + height)\n    return total\n"
 
@@ -206,12 +204,6 @@ class LineReader:
             if needle in line:
                 return line
         raise AssertionError(f"no line with {needle!r} within {timeout}s; got:\n" + "\n".join(self.seen))
-
-
-def client_cli(*args, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ide_client", *args], cwd=kwargs.get("cwd", ROOT), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_watch_picks_up_a_saved_change_and_the_server_adapts(server, tmp_path):

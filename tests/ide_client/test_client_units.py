@@ -16,7 +16,7 @@ from ide_client.repo import find_root, repository_info, source_files
 from ide_client.state import StateFile, default_state_path
 from ide_client.urls import http_base, ws_url
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_urls():

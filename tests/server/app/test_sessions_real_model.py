@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server_sessions_ws import FILE_V1, FILE_V2, Client, Server, run
+from tests.session_server import FILE_V1, FILE_V2, Client, Server, run
 
 
 @pytest.mark.real_model

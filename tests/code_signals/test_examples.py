@@ -10,7 +10,7 @@ import pytest
 
 from code_signals import CodeSignalsError, ExampleBuilder, TokenClass, TrainingExample
 
-EDITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "click_edits.jsonl.gz"
+EDITS = Path(__file__).resolve().parents[3] / "shared" / "data" / "click_edits.jsonl.gz"
 
 
 @pytest.fixture(scope="module")

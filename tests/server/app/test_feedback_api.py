@@ -17,13 +17,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_server_sessions_ws import (  # noqa: F401
+from tests.session_server import (  # noqa: F401
     FILE_V1,
     Client,
     Server,
     adapt_once,
     run,
-    tiny_dir,
 )
 
 K1, K2 = "key-one", "key-two"
@@ -336,7 +335,7 @@ def test_python_client_and_cli_send_feedback(server, tmp_path):
     import asyncio
 
     from ide_client import API, AsyncSession, ProtocolError
-    from tests.test_ide_client_live import client_cli
+    from tests.helpers import client_cli
 
     async def go():
         async with AsyncSession(server.url(""), api_key=K1, reconnect=False) as s:

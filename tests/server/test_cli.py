@@ -19,7 +19,7 @@ from server import cli
 from server.config import Settings
 from tests.helpers import free_port, start_server, stop_server, wait_for_http
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

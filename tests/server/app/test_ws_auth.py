@@ -10,7 +10,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.test_server_sessions_ws import Client, Server, adapt_once, run, save_tiny_model
+from tests.session_server import Client, Server, adapt_once, run, save_tiny_model
 
 KEY_A, KEY_B = "key-alpha-123", "key-bravo-456"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-EXT = Path(__file__).resolve().parents[1] / "ide_client" / "vscode"
+EXT = Path(__file__).resolve().parents[2] / "ide_client" / "vscode"
 
 
 def _npm(*args: str, timeout: int) -> subprocess.CompletedProcess:
