@@ -8,6 +8,7 @@ Only the adaptation worker touches ``session.adapter`` (under ``train_lock``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -47,8 +48,8 @@ class SessionManager:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.RLock()
         self._repo_cache: dict[tuple, object] = {}  # (owner hash, name, version) -> snapshot
+        self._build_locks: dict[tuple[str, str], tuple[threading.Lock, int]] = {}  # per session id: lock, users
         self._rr = 0
-        self.work_available = threading.Condition(threading.Lock())
 
     # -- adapters ---------------------------------------------------------------
 
@@ -105,19 +106,22 @@ class SessionManager:
             if found is None or (session_id is not None and found != session_id):
                 raise ClientError("invalid_resume_token", "resume_token does not name a session of this key")
             session_id = found
-        with self._lock:
-            key = (owner_hash(owner), session_id) if session_id else None
-            session = self._sessions.get(key) if key else None
-            token = None
-            if session is None and session_id:
-                session = self._restore(owner, session_id)
+        token = None
+        with self._building(owner, session_id):
+            session = self._join(owner, session_id) if session_id else None
             if session is None:
-                session_id = session_id or secrets.token_hex(8)
-                token = secrets.token_urlsafe(24)
-                session = self._create(owner, session_id, token, repository)
-            session.connections += 1
-            session.last_used = time.time()
-            self._evict_over_limit(keep=session)
+                # Reading and building the adapter happen outside the manager lock, so other
+                # sessions' lookups go on meanwhile; the build lock keeps this id built once.
+                session = self._restore(owner, session_id) if session_id else None
+                if session is None:
+                    session_id = session_id or secrets.token_hex(8)
+                    token = secrets.token_urlsafe(24)
+                    session = self._create(owner, session_id, token, repository)
+                with self._lock:  # resident and connected at once, so no eviction can take it in between
+                    self._sessions[(owner_hash(owner), session.id)] = session
+                    session.connections += 1
+                    session.last_used = time.time()
+        self._evict_over_limit(keep=session)
         if token is None:
             # Joined or resumed: this tab gets its own token; the others' stay valid.
             token = resume_token or secrets.token_urlsafe(24)
@@ -126,6 +130,36 @@ class SessionManager:
                     session.token_hashes = (session.token_hashes + [_token_hash(token)])[-16:]
             self._write_meta(session)
         return session, token
+
+    def _join(self, owner: str | None, sid: str) -> Session | None:
+        """The resident session, counted as one more connection; None if it is not resident."""
+        with self._lock:
+            session = self._sessions.get((owner_hash(owner), sid))
+            if session is not None:
+                session.connections += 1
+                session.last_used = time.time()
+            return session
+
+    @contextlib.contextmanager
+    def _building(self, owner: str | None, sid: str | None):
+        """Serialize attaches of one session id (a new random id needs no guard)."""
+        if sid is None:
+            yield
+            return
+        key = (owner_hash(owner), sid)
+        with self._lock:
+            lock, users = self._build_locks.get(key, (threading.Lock(), 0))
+            self._build_locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._build_locks[key]
+                if users == 1:
+                    del self._build_locks[key]
+                else:
+                    self._build_locks[key] = (lock, users - 1)
 
     def detach(self, session: Session) -> None:
         with self._lock:
@@ -149,7 +183,6 @@ class SessionManager:
                           token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
                           origin=origin)
         session.feedback = FeedbackBook(self.settings.feedback_max_records)
-        self._sessions[(owner_hash(owner), sid)] = session
         self._write_meta(session)
         log.info("session %s created (origin=%s, version=%d)", sid, origin, session.snapshot.version)
         return session
@@ -189,7 +222,6 @@ class SessionManager:
         session.last_loss = meta.get("last_loss")
         session.history.extend(meta.get("history", []))
         session.feedback = FeedbackBook.from_json(meta.get("feedback"), self.settings.feedback_max_records)
-        self._sessions[(owner_hash(owner), sid)] = session
         log.info("session %s restored at version %d", sid, snap.version)
         return session
 
@@ -232,17 +264,27 @@ class SessionManager:
                     log.exception("persisting session %s failed", session.id)
 
     def _evict_over_limit(self, keep: Session) -> None:
-        idle = sorted((s for s in self._sessions.values() if s.connections == 0 and s is not keep),
-                      key=lambda s: s.last_used)
-        while len(self._sessions) > self.settings.max_sessions and idle:
-            victim = idle.pop(0)
-            # Never evict mid-step, and never wait for a step while holding the
-            # manager lock (every lookup would stall): a training session is not idle.
+        """Persist and drop the least recently used idle sessions beyond ``max_sessions``.
+
+        Victims are chosen under the manager lock; writing them happens outside it.
+        """
+        with self._lock:
+            excess = len(self._sessions) - self.settings.max_sessions
+            idle = sorted((s for s in self._sessions.values() if s.connections == 0 and s is not keep),
+                          key=lambda s: s.last_used)
+        for victim in idle:
+            if excess <= 0:
+                return
+            # Never evict mid-step, and never wait for a step: a training session is not idle.
             if not victim.train_lock.acquire(blocking=False):
                 continue
             try:
                 self.persist(victim)
-                self._sessions.pop((owner_hash(victim.owner), victim.id), None)
+                with self._lock:
+                    if victim.connections:  # a tab joined while it was written: it stays
+                        continue
+                    self._sessions.pop((owner_hash(victim.owner), victim.id), None)
+                excess -= 1
             finally:
                 victim.train_lock.release()
             log.info("session %s evicted (persisted at version %d)", victim.id, victim.snapshot.version)

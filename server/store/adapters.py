@@ -138,23 +138,18 @@ class AdapterStore:
         return None
 
     def delete(self, owner: str | None, name: str) -> bool:
-        d = self._dir(owner, name)
-        if not d.is_dir():
-            return False
-        with self._lock:
-            # Rename first so a concurrent reader never sees a half-deleted adapter.
-            trash = d.parent / f".deleted-{name}-{time.time_ns()}"
-            os.rename(d, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        return True
+        return self._remove(self._dir(owner, name))
 
     def delete_version(self, owner: str | None, name: str, version: int) -> bool:
-        target = self._dir(owner, name) / f"v{int(version)}"
-        if not target.is_dir():
+        return self._remove(self._dir(owner, name) / f"v{int(version)}")
+
+    def _remove(self, path: Path) -> bool:
+        if not path.is_dir():
             return False
         with self._lock:
-            trash = target.parent / f".deleted-v{int(version)}-{time.time_ns()}"
-            os.rename(target, trash)
+            # Rename to a hidden name first so a concurrent reader never sees a half-deleted directory.
+            trash = path.parent / f".deleted-{path.name}-{time.time_ns()}"
+            os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
         return True
 
