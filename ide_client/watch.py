@@ -9,6 +9,7 @@ created later start from an empty baseline.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -85,11 +86,20 @@ class Watcher:
         self.say(f"{stamp()}  edit      {rel} v{version} ({line_delta(before, text)})")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_watch(ctx: Context, root: Path, out=sys.stdout) -> int:
     watcher = Watcher(ctx, root, out)
+    # SIGTERM (service managers, CI) stops it as Ctrl-C does: a job started in the
+    # background has SIGINT ignored, so Ctrl-C alone would leave no clean way to stop it.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         asyncio.run(watcher.run())
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"stopped; session saved in {ctx.state.path}", file=out, flush=True)
     return 0

@@ -224,7 +224,8 @@ def test_watch_picks_up_a_saved_change_and_the_server_adapts(server, tmp_path):
         (repo / "pkg" / "fresh.py").write_text("def twice(x):\n    return 2 * x\n")
         assert "pkg/fresh.py v2" in out.wait_for("edit", 30)
     finally:
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: under nohup or a CI runner the child starts with SIGINT ignored.
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     rest = out.rest()
     assert "stopped; session saved" in rest and "Traceback" not in rest, rest
