@@ -2,8 +2,9 @@
 
 One ``Connection`` per socket. Messages are checked against ``SCHEMA`` before
 anything happens, so a bad message gets an ``error`` reply and changes nothing.
-Generation runs in a thread (the engine is synchronous) so this loop keeps
-reading and a ``cancel`` reaches the engine's cancel event at once.
+A ``complete`` runs as a task through the app's ``GenerationBridge`` (the same
+path as HTTP: admission, errors, metrics), so this loop keeps reading and a
+``cancel`` reaches the engine's cancel event at once.
 """
 
 from __future__ import annotations
@@ -17,15 +18,10 @@ import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from server.app.auth import AuthError, check_api_key
 from server.app.deps import StateDep
 from server.app.state import ServerState
-from server.app.ws.protocol import (
-    CLOSE_UNAUTHORIZED,
-    MAX_PREFIX_CHARS,
-    MAX_SUFFIX_CHARS,
-    PROTOCOL,
-    validate,
-)
+from server.app.ws.protocol import CLOSE_UNAUTHORIZED, MAX_PREFIX_CHARS, MAX_SUFFIX_CHARS, PROTOCOL, validate
 from server.engines.base import GenerationRequest
 from server.engines.bridge import GenerationFailed
 from server.errors import ClientError
@@ -38,8 +34,6 @@ router = APIRouter()
 
 def authenticate(settings, key: str | None) -> tuple[bool, str | None]:
     """(accepted, owner identity); the identity is what the HTTP API hands the resolver."""
-    from server.app.auth import AuthError, check_api_key
-
     try:
         return True, check_api_key(settings, key)
     except AuthError:
