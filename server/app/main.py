@@ -48,7 +48,7 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine: Engine | 
     if engine is None and model is not None:
         engine = build_engine(settings, model, tokenizer)
     state = ServerState(settings=settings, metrics=metrics, started=time.time(), model=model,
-                        tokenizer=tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None),
+                        tokenizer=tokenizer if tokenizer is not None else (engine.tokenizer if engine else None),
                         engine=engine)
     if engine is not None:
         state.bridge = GenerationBridge(engine, metrics, settings.max_inflight_requests)
