@@ -86,20 +86,19 @@ class Watcher:
         self.say(f"{stamp()}  edit      {rel} v{version} ({line_delta(before, text)})")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_watch(ctx: Context, root: Path, out=sys.stdout) -> int:
     watcher = Watcher(ctx, root, out)
-    # SIGTERM (service managers, CI) stops it as Ctrl-C does: a job started in the
-    # background has SIGINT ignored, so Ctrl-C alone would leave no clean way to stop it.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    async def watch_until_stopped():
+        stop = asyncio.Event()
+        # SIGTERM (service managers, CI) stops it as Ctrl-C does: a job started in the
+        # background has SIGINT ignored, so Ctrl-C alone would leave no clean way to stop it.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await watcher.run(stop)
+
     try:
-        asyncio.run(watcher.run())
+        asyncio.run(watch_until_stopped())
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"stopped; session saved in {ctx.state.path}", file=out, flush=True)
     return 0
