@@ -17,6 +17,7 @@ BENCHMARKS = {
     "replay": ("bench.replay", "replay file edits: evaluate each method before it adapts, then adapt"),
     "latency": ("bench.latency", "completion latency of a real server while sessions adapt"),
     "scale": ("bench.scale", "memory and throughput of many concurrent session adapters"),
+    "infill": ("bench.infill", "fill-in-the-middle on real files: raw vs healed and shaped, and the confidence gate"),
 }
 
 

@@ -62,6 +62,8 @@ class CompletionDone:
     finish_reason: str = "stop"
     completion_id: str = ""
     model: str = ""
+    confidence: dict | None = None  # {"mean_logprob", "first_token_prob"}
+    hidden: bool = False  # the session's confidence gate withheld it: show nothing
     type: str = "completion.done"
 
 
@@ -157,13 +159,13 @@ def close_document(path: str) -> dict:
 
 
 def complete(cid, *, prefix=None, suffix=None, path=None, cursor=None, max_tokens=None, temperature=None,
-             top_p=None, stop=None, seed=None) -> dict:
+             top_p=None, stop=None, seed=None, mode=None) -> dict:
     if cursor is not None and not isinstance(cursor, dict):
         line, character = cursor
         cursor = {"line": line, "character": character}
     return _drop_none({"type": "complete", "id": cid, "prefix": prefix, "suffix": suffix, "path": path,
                        "cursor": cursor, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-                       "stop": stop, "seed": seed})
+                       "stop": stop, "seed": seed, "mode": mode})
 
 
 def cancel(cid) -> dict:

@@ -350,14 +350,16 @@ class AsyncSession:
 
     async def complete(self, *, prefix: str | None = None, suffix: str | None = None, path: str | None = None,
                        cursor=None, max_tokens: int | None = None, temperature: float | None = None,
-                       top_p: float | None = None, stop=None, seed: int | None = None) -> Completion:
+                       top_p: float | None = None, stop=None, seed: int | None = None,
+                       mode: str | None = None) -> Completion:
+        """``mode``: "block" (the server's default), "line", or "raw" (no healing or shaping)."""
         cid = f"c{next(self._ids)}"
         completion = Completion(self, cid)
         self._completions[cid] = completion
         try:
             await self._send(m.complete(cid, prefix=prefix, suffix=suffix, path=path, cursor=cursor,
                                         max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                        stop=stop, seed=seed))
+                                        stop=stop, seed=seed, mode=mode))
         except BaseException:
             self._completions.pop(cid, None)
             raise

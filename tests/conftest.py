@@ -34,11 +34,27 @@ def smollm2(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def qwen_coder():
+    """(model, tokenizer) of the default model, Qwen2.5-Coder-0.5B (FIM tokens), fetched on first use."""
+    from server.models import DEFAULT_MODEL
+
+    return load_model(ensure_model(DEFAULT_MODEL, progress=False))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(smollm2_path):
     """A real tokenizer (SmolLM2's) used with the tiny models."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def shared_data_dir():
+    """``shared/data`` beside the checkout (the four edit histories), or None where it is absent."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
 
 
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0):

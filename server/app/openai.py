@@ -64,6 +64,14 @@ class CompletionRequest(Sampling):
     max_tokens: int = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    # Extensions (docs/api.md): code completion as an editor wants it.
+    trim: bool = True  # token healing at the prompt's end, and shaping (fences, suffix repeats, mode)
+    mode: Literal["line", "block"] | None = None  # with trim: stop at the end of the line / of the block
+
+    @property
+    def heal(self) -> bool:
+        # Healing regenerates the prompt's last token, which echo and per-token logprobs would have to show.
+        return self.trim and not self.echo and self.logprobs is None
 
 
 class TextPart(_Strict):

@@ -26,6 +26,9 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: int | None = None  # top-k logprobs per token, None = off
     add_special_tokens: bool = True  # False when the prompt is already fully formatted (chat template)
+    heal: bool = False  # back off the prompt's last token and regenerate it (token healing)
+    trim: bool = False  # shape the text as an editor shows it (decoding.CompletionShaper)
+    mode: str | None = None  # with trim: "line" or "block" (None: only fences and suffix repeats end it)
 
 
 @dataclasses.dataclass
@@ -36,6 +39,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # set on the last chunk: "stop" | "length" | "cancelled"
     top_logprobs: list[dict[str, float]] | None = None  # per token, when request.logprobs > 0
     prompt_tokens: int | None = None  # set on the last chunk
+    confidence: dict | None = None  # on the last chunk: {"mean_logprob", "first_token_prob"}
 
 
 @dataclasses.dataclass

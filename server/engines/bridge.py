@@ -58,6 +58,7 @@ class Choice:
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict] = []
         self.finish_reason: str | None = None
+        self.confidence: dict | None = None
         self.prompt_tokens = 0
         self.first_token_at: float | None = None
 
@@ -71,6 +72,7 @@ class Choice:
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
             self.prompt_tokens = chunk.prompt_tokens or 0
+            self.confidence = chunk.confidence
 
     def tail(self, start: int) -> "Choice":
         """The tokens from ``start`` on, as a choice of their own (logprobs of one streamed event)."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
+import difflib
+import functools
+import math
 from typing import Any
 
 import torch
 
 from code_signals import FIM_TOKENS
-from server.engines.base import GenerationRequest
+from server.engines.base import GenerationChunk, GenerationRequest
 
 _DETOK_CONTEXT = 5  # prompt tokens that seed the incremental decoder (leading-space handling)
 
@@ -118,23 +123,261 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
+@dataclasses.dataclass
+class Prompt:
+    ids: list[int]
+    healed: str = ""  # text backed off the end of the prompt: the completion must begin with it
+
+
+def heal_prefix(tokenizer, text: str) -> tuple[str, str]:
+    """(text without its last token, that token's text), or (text, "") when it cannot be backed off.
+
+    A prompt that ends mid-token (``"    "`` before ``return``, ``self.ite``) pins
+    the model to an unnatural token boundary: Qwen writes ``"):\n" "   " " return"``,
+    never ``"    " "return"``. Backing the last token off and making the first
+    generated tokens reproduce it lets the model choose the boundary itself.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2 or ids[-1] in tokenizer.all_special_ids:  # a lone token is the whole context: keep it
+        return text, ""
+    last = tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False)
+    if not last or "\ufffd" in last or not text.endswith(last):
+        return text, ""
+    return text[: len(text) - len(last)], last
+
+
+def encode_prompt(tokenizer, request: GenerationRequest) -> Prompt:
     """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine."""
-    text = build_prompt(tokenizer, request.prompt, request.suffix)
+    prompt, healed = heal_prefix(tokenizer, request.prompt) if request.heal else (request.prompt, "")
+    text = build_prompt(tokenizer, prompt, request.suffix)
     ids = tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
     if not ids:  # completing at the very start of a document: condition on BOS (or EOS) alone
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start] if start is not None else []
+    return Prompt(ids, healed)
+
+
+def stop_token_ids(tokenizer, model_eos=()) -> set[int]:
+    """Tokens that end a completion: the model's EOS ids and every special token the tokenizer
+    defines (end of text, chat turns, FIM and file markers such as ``<|fim_middle|>``, ``<|file_sep|>``)."""
+    ids = set(model_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids.update(tid for tid, token in tokenizer.added_tokens_decoder.items() if token.special)
     return ids
+
+
+class VocabIndex:
+    """Which tokens may come next while a healed text is reproduced.
+
+    A token fits ``pending`` text when it starts with it (and goes on) or is a
+    prefix of it (the rest follows in later tokens). Special tokens and byte
+    fragments never fit.
+    """
+
+    def __init__(self, tokenizer):
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        self.texts = texts
+        usable = [(text, i) for i, text in enumerate(texts) if text and "\ufffd" not in text and i not in special]
+        self._sorted = sorted(usable)
+        self._keys = [text for text, _ in self._sorted]
+        self._by_text: dict[str, list[int]] = {}
+        for text, i in usable:
+            self._by_text.setdefault(text, []).append(i)
+
+    def allowed(self, pending: str) -> list[int]:
+        start = bisect.bisect_left(self._keys, pending)
+        out = []
+        for text, i in self._sorted[start:]:
+            if not text.startswith(pending):
+                break
+            out.append(i)
+        for k in range(1, len(pending)):
+            out += self._by_text.get(pending[:k], [])
+        return out
+
+
+class CompletionShaper:
+    """Shapes a completion the way an editor shows it, a line at a time.
+
+    - A Markdown fence ends it (chat-tuned models wrap code and then explain it).
+    - A line that repeats the suffix's next non-blank line ends it: the text is already there.
+    - ``mode="line"``: only the first line with content.
+    - ``mode="block"``: ends at the first line, after some content, indented at or
+      below the cursor's line (the statement and its nested block are done).
+    - Blank lines and the newline after the last line are never left dangling.
+    - At a cursor after indentation, the first line adds no more leading whitespace.
+
+    Text is held back until its line is complete, so nothing shown is taken back.
+    """
+
+    def __init__(self, mode: str | None, prefix: str, suffix: str | None):
+        self.mode = mode
+        cursor_line = prefix.rsplit("\n", 1)[-1]
+        self.base_indent = _indent(cursor_line)
+        self.at_line_start = not cursor_line.strip()
+        # After indentation the user already has, more leading whitespace would double it.
+        self.strip_first = self.at_line_start and cursor_line != ""
+        later = (suffix or "").split("\n")[1:]  # the cursor line's own rest is not a line to repeat
+        self.suffix_line = next((line.strip() for line in later if line.strip()), None)
+        self.buffer = ""  # the line being generated
+        self.held = ""  # newlines and blank lines waiting for more content
+        self.lines = 0
+        self.content = False
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """Append generated text; return what is now safe to show."""
+        out = []
+        self.buffer += delta
+        while not self.stopped and "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            out.append(self._line(line))
+            if not self.stopped:
+                self.held += "\n"
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The generation ended: the last, unfinished line."""
+        if self.stopped:
+            return ""
+        text = self._line(self.buffer)
+        self.buffer, self.stopped = "", True
+        return text
+
+    def _line(self, line: str) -> str:
+        whole_line = self.lines > 0 or self.at_line_start
+        if self.lines == 0 and self.strip_first:
+            line = line.lstrip(" \t")
+        self.lines += 1
+        stripped = line.strip()
+        if not stripped:
+            self.held += line
+            return ""
+        if (stripped.startswith("```")
+                or (whole_line and self.suffix_line is not None and _repeats(stripped, self.suffix_line))
+                or (self.mode == "block" and self.content and _indent(line) <= self.base_indent)):
+            self.stopped = True
+            return ""
+        out, self.held = self.held + line, ""
+        self.content = True
+        if self.mode == "line":
+            self.stopped = True
+        return out
+
+
+def _indent(line: str) -> int:
+    line = line.expandtabs(4)
+    return len(line) - len(line.lstrip())
+
+
+def _repeats(line: str, suffix_line: str) -> bool:
+    """Whether a generated line begins to reproduce the suffix's line (exactly, or nearly for a long one)."""
+    head = line[: len(suffix_line)]
+    if head == suffix_line:
+        return True
+    return len(suffix_line) >= 8 and difflib.SequenceMatcher(None, head, suffix_line).ratio() >= 0.85
+
+
+class TokenStream:
+    """Sampled tokens -> ``GenerationChunk``s, identically in every engine.
+
+    Detokenizes incrementally, reproduces and then drops the healed text (so the
+    completion starts at the user's cursor), ends at stop tokens and stop
+    sequences, and shapes the text when the request asks for it.
+    """
+
+    def __init__(self, tokenizer, request: GenerationRequest, prompt: Prompt, stop_ids: set[int],
+                 vocab: "VocabIndex | None" = None):
+        self.request = request
+        # Usage counts the prompt as the client sent it: the healed token is still part of it.
+        self.n_prompt = len(prompt.ids) + (1 if prompt.healed else 0)
+        self.want_logprobs = request.logprobs is not None
+        self.stop_ids = stop_ids
+        self.vocab = vocab
+        self.pending = prompt.healed  # healed text the next tokens must still reproduce
+        self.skip = len(prompt.healed)  # characters of output that are the healed text
+        self.decoder = IncrementalDecoder(tokenizer, prompt.ids[-_DETOK_CONTEXT:])
+        self.stops = StopMatcher(request.stop)
+        self.shaper = CompletionShaper(request.mode, request.prompt, request.suffix) if request.trim else None
+        self.logprob_sum = 0.0
+        self.first_token_logprob: float | None = None
+        self.tokens = 0
+
+    def allowed(self) -> list[int] | None:
+        """The tokens the next sample may take (while healing), or None for any."""
+        return self.vocab.allowed(self.pending) if self.pending else None
+
+    def push(self, token: int, logprob: float | None = None, lps=None, tops=None) -> GenerationChunk:
+        """One sampled token as a chunk; the chunk has ``finish_reason`` when the completion ends here."""
+        if token in self.stop_ids:
+            return self.finish("stop")
+        if self.pending:
+            piece = self.vocab.texts[token]
+            self.pending = "" if piece.startswith(self.pending) else self.pending[len(piece):]
+        if logprob is not None:
+            self.logprob_sum += logprob
+            if self.first_token_logprob is None:
+                self.first_token_logprob = logprob
+        self.tokens += 1
+        text = self._text(self.decoder.push(token))
+        if self.stops.stopped:  # a stop sequence: the text before it is the whole completion
+            if self.shaper is not None:
+                text += self.shaper.flush()
+            return self._chunk(text, [token], lps, tops, "stop")
+        if self.shaper is not None and self.shaper.stopped:
+            return self._chunk(text, [token], lps, tops, "stop")
+        return self._chunk(text, [token], lps, tops)
+
+    def finish(self, reason: str) -> GenerationChunk:
+        """The last chunk: what was held back, and why it ended."""
+        text = "" if reason == "cancelled" else self._flush()
+        return self._chunk(text, [], [] if self.want_logprobs else None, None, reason)
+
+    def _text(self, delta: str) -> str:
+        if self.skip:
+            cut = min(self.skip, len(delta))
+            delta, self.skip = delta[cut:], self.skip - cut
+        text = self.stops.feed(delta)
+        return self.shaper.feed(text) if self.shaper is not None else text
+
+    def _flush(self) -> str:
+        text = self.stops.flush()
+        if self.shaper is None:
+            return text
+        return self.shaper.feed(text) + self.shaper.flush()
+
+    def confidence(self) -> dict | None:
+        """Mean token log-probability and the first token's probability (when the engine gave logprobs)."""
+        if self.first_token_logprob is None:
+            return None
+        return {"mean_logprob": round(self.logprob_sum / self.tokens, 6),
+                "first_token_prob": round(math.exp(self.first_token_logprob), 6)}
+
+    def _chunk(self, text, token_ids, lps, tops, reason=None) -> GenerationChunk:
+        if reason is None:
+            return GenerationChunk(text=text, token_ids=token_ids, logprobs=lps, top_logprobs=tops)
+        return GenerationChunk(text=text, token_ids=token_ids, logprobs=lps, top_logprobs=tops, finish_reason=reason,
+                               prompt_tokens=self.n_prompt, confidence=self.confidence())
 
 
 class TokenizerEngine:
     """The tokenizer-backed half of ``Engine`` every in-tree engine shares."""
 
     tokenizer: Any
+    stop_ids: set[int]  # set by the engine: stop_token_ids(tokenizer, the model's EOS ids)
 
-    def encode(self, request: GenerationRequest) -> list[int]:
+    def encode(self, request: GenerationRequest) -> Prompt:
         return encode_prompt(self.tokenizer, request)
+
+    @functools.cached_property
+    def vocab(self) -> VocabIndex:
+        """Built on first use (a second or so for a 150k vocabulary): only healed requests need it."""
+        return VocabIndex(self.tokenizer)
+
+    def token_stream(self, request: GenerationRequest, prompt: Prompt) -> TokenStream:
+        return TokenStream(self.tokenizer, request, prompt, self.stop_ids, self.vocab if prompt.healed else None)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

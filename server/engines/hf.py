@@ -20,13 +20,11 @@ from transformers import DynamicCache
 
 from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
 from server.engines.decoding import (
-    _DETOK_CONTEXT,
-    IncrementalDecoder,
-    StopMatcher,
     TokenizerEngine,
     adapter_context,
     has_fim,
     sample_token,
+    stop_token_ids,
 )
 from server.engines.gate import ServingGate
 
@@ -43,7 +41,7 @@ class HFEngine(TokenizerEngine):
         self.gate = gate or ServingGate()
         self.fim = has_fim(tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
-        self.eos_ids = self._eos_ids()
+        self.stop_ids = stop_token_ids(tokenizer, self._eos_ids())
         self._lock = threading.Lock()
         # transformers 5 renamed `past_key_values` to `cache`; accept either.
         params = inspect.signature(model.forward).parameters
@@ -72,9 +70,9 @@ class HFEngine(TokenizerEngine):
     def generate(
         self, request: GenerationRequest, adapter=None, cancel: threading.Event | None = None
     ) -> Iterator[GenerationChunk]:
-        prompt_ids = self.encode(request)
-        n_prompt = len(prompt_ids)
-        if not prompt_ids:
+        prompt = self.encode(request)
+        n_prompt = len(prompt.ids)
+        if not prompt.ids:
             raise ValueError("the prompt is empty after tokenization")
         budget = request.max_tokens
         if self.max_context:
@@ -84,10 +82,9 @@ class HFEngine(TokenizerEngine):
                 )
             budget = min(budget, self.max_context - n_prompt)
         with self.gate.serving():
-            yield from self._decode_loop(request, prompt_ids, budget, adapter, cancel)
+            yield from self._decode_loop(request, prompt, budget, adapter, cancel)
 
-    def _decode_loop(self, request, prompt_ids, budget, adapter, cancel) -> Iterator[GenerationChunk]:
-        n_prompt = len(prompt_ids)
+    def _decode_loop(self, request, prompt, budget, adapter, cancel) -> Iterator[GenerationChunk]:
         generator = None
         if request.temperature > 0:
             generator = torch.Generator()
@@ -96,39 +93,30 @@ class HFEngine(TokenizerEngine):
             else:
                 generator.seed()
         top_k = request.logprobs or 0
-        want_logprobs = request.logprobs is not None
-        decoder = IncrementalDecoder(self.tokenizer, prompt_ids[-_DETOK_CONTEXT:])
-        stops = StopMatcher(request.stop)
+        stream = self.token_stream(request, prompt)
         cache = DynamicCache(config=self.model.config)
-
-        def final(reason: str, token_ids=(), lps=None, tops=None, text=""):
-            return GenerationChunk(text=text, token_ids=list(token_ids), logprobs=lps, finish_reason=reason,
-                                   top_logprobs=tops, prompt_tokens=n_prompt)
-
-        next_input = prompt_ids
-        for step in range(budget):
+        next_input = prompt.ids
+        for _ in range(budget):
             if cancel is not None and cancel.is_set():
-                yield final("cancelled", lps=[] if want_logprobs else None)
+                yield stream.finish("cancelled")
                 return
             logits = self._forward(next_input, cache, adapter)
+            allowed = stream.allowed()
+            if allowed is not None:  # healing: only tokens that reproduce the backed-off text
+                masked = torch.full_like(logits, float("-inf"))
+                masked[allowed] = logits[allowed]
+                logits = masked
             token = sample_token(logits, request.temperature, request.top_p, generator)
-            if token in self.eos_ids:
-                yield final("stop", text=stops.flush(), lps=[] if want_logprobs else None)
-                return
+            logp = torch.log_softmax(logits, -1)
             lps = tops = None
-            if want_logprobs:
-                logp = torch.log_softmax(logits, -1)
+            if request.logprobs is not None:
                 lps = [float(logp[token])]
                 if top_k > 0:
                     values, ids = torch.topk(logp, min(top_k, logp.numel()))
                     tops = [{self.token_text(int(i)): float(v) for v, i in zip(values, ids)}]
-            text = stops.feed(decoder.push(token))
-            if stops.stopped:
-                yield final("stop", [token], lps, tops, text)
+            chunk = stream.push(token, float(logp[token]), lps, tops)
+            yield chunk
+            if chunk.finish_reason:
                 return
-            if step == budget - 1:
-                yield final("length", [token], lps, tops, text + stops.flush())
-                return
-            yield GenerationChunk(text=text, token_ids=[token], logprobs=lps, top_logprobs=tops)
             next_input = [token]
-        yield final("length", lps=[] if want_logprobs else None)
+        yield stream.finish("length")

@@ -22,12 +22,13 @@ import threading
 import time
 
 from server.errors import ClientError
+from server.feedback.gate import ConfidenceGate
 
 log = logging.getLogger("dynarank.feedback")
 
 EVENTS = ("shown", "accepted", "partially_accepted", "rejected")
 OUTCOMES = ("accepted", "partially_accepted", "rejected")
-COUNTS = ("completions", "shown", "accepted", "partially_accepted", "rejected")
+COUNTS = ("completions", "shown", "accepted", "partially_accepted", "rejected", "hidden")
 MAX_TEXT = 4096  # chars of a completion kept for validation and training
 ANCHOR = 64  # chars of context before the cursor kept to find the text again
 MAX_VERSIONS = 500  # per-version rows kept per book (totals are kept apart)
@@ -64,6 +65,7 @@ class Record:
     accepted_text: str | None = None
     check_at: float | None = None  # wall time of the "kept in the document?" check
     kept: bool | None = None
+    confidence: dict | None = None  # the completion's {"mean_logprob", "first_token_prob"}: the gate learns from it
 
     @property
     def outcome(self) -> str | None:
@@ -79,6 +81,7 @@ class FeedbackBook:
         self.by_version: dict[str, collections.Counter] = {}
         self.totals: collections.Counter = collections.Counter()
         self.trained = 0  # training examples built from kept accepted completions
+        self.gate = ConfidenceGate()  # which suggestions are worth showing, learned from this book's outcomes
         self.lock = threading.Lock()
 
     def _count(self, version, what: str) -> None:
@@ -90,13 +93,18 @@ class FeedbackBook:
             oldest = min(self.by_version, key=lambda k: -1 if k == "base" else int(k))
             self.by_version.pop(oldest)
 
-    def record(self, cid: str, *, version, model: str, text: str, prompt: str = "", path: str | None = None) -> None:
-        rec = Record(cid, version, model, text[:MAX_TEXT], prompt[-ANCHOR:], path, time.time())
+    def record(self, cid: str, *, version, model: str, text: str, prompt: str = "", path: str | None = None,
+               confidence: dict | None = None, hidden: bool = False) -> None:
+        """Remember a returned completion; ``hidden`` ones were withheld by the gate (no feedback will come)."""
+        rec = Record(cid, version, model, text[:MAX_TEXT], prompt[-ANCHOR:], path, time.time(),
+                     confidence=confidence)
         with self.lock:
             self.records[cid] = rec
             while len(self.records) > self.max_records:
                 self.records.popitem(last=False)
             self._count(version, "completions")
+            if hidden:
+                self._count(version, "hidden")
 
     def get(self, cid: str) -> Record | None:
         with self.lock:
@@ -125,6 +133,8 @@ class FeedbackBook:
                 raise ClientError("invalid_feedback", "partially_accepted needs accepted_text, "
                                                         "a non-empty prefix of the completion")
             rec.events.append(event)
+            if event in OUTCOMES:
+                self.gate.update(rec.confidence, accepted=event != "rejected")
             if event in ("accepted", "partially_accepted"):
                 rec.accepted_text = accepted_text or rec.text
                 rec.check_at = time.time() + check_after_s
@@ -147,7 +157,8 @@ class FeedbackBook:
             rows = [{"adapter_version": None if k == "base" else int(k), **summary(c)}
                     for k, c in self.by_version.items()]
             rows.sort(key=lambda r: -1 if r["adapter_version"] is None else r["adapter_version"])
-            return {**summary(self.totals), "trained_examples": self.trained, "by_version": rows}
+            return {**summary(self.totals), "trained_examples": self.trained, "gate": self.gate.to_json(),
+                    "by_version": rows}
 
     # -- persistence ---------------------------------------------------------------
 
@@ -155,7 +166,7 @@ class FeedbackBook:
         with self.lock:
             return {"records": [dataclasses.asdict(r) for r in self.records.values()],
                     "by_version": {k: dict(c) for k, c in self.by_version.items()},
-                    "totals": dict(self.totals), "trained": self.trained}
+                    "totals": dict(self.totals), "trained": self.trained, "gate": self.gate.to_json()}
 
     @classmethod
     def from_json(cls, data: dict | None, max_records: int = 256) -> FeedbackBook:
@@ -172,6 +183,7 @@ class FeedbackBook:
         book.by_version = {k: collections.Counter(v) for k, v in (data.get("by_version") or {}).items()}
         book.totals = collections.Counter(data.get("totals") or {})
         book.trained = int(data.get("trained", 0))
+        book.gate = ConfidenceGate.from_json(data.get("gate"))
         return book
 
 

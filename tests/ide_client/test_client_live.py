@@ -123,7 +123,8 @@ def test_blocking_session_joins_the_same_session(server):
 def test_cancel_stops_generation(server):
     async def go():
         async with AsyncSession(server.url) as s:
-            completion = await s.complete(prefix="def main():\n", max_tokens=400, temperature=1.0, seed=1)
+            completion = await s.complete(prefix="def main():\n", max_tokens=400, temperature=1.0, seed=1,
+                                          mode="raw")  # token by token: shaped text waits for whole lines
             first = await completion.__aiter__().__anext__()
             assert first is not None
             t0 = time.monotonic()
@@ -148,7 +149,7 @@ def test_reconnect_and_resume_after_server_restart(tiny_dir, tmp_path):
         await s.edit("shapes.py", text=V2)
         before = await adapted_after(s, 0)
         # A completion in flight when the server goes away fails with ConnectionLost.
-        pending = await s.complete(prefix="def main():\n", max_tokens=400, temperature=1.0, seed=2)
+        pending = await s.complete(prefix="def main():\n", max_tokens=400, temperature=1.0, seed=2, mode="raw")
         await asyncio.to_thread(srv.stop)  # graceful: the server persists the session's adapter
         with pytest.raises(ConnectionLost):
             await pending.result(timeout=30)

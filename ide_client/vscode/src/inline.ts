@@ -40,7 +40,10 @@ export class InlineProvider implements vscode.InlineCompletionItemProvider {
     const listener = token.onCancellationRequested(() => handle.cancel());
     try {
       const done = await handle.done;
-      if (token.isCancellationRequested || done.finish_reason === "cancelled" || !done.text.trim()) return [];
+      // hidden: the session's confidence gate judged it not worth the user's attention.
+      if (token.isCancellationRequested || done.finish_reason === "cancelled" || done.hidden || !done.text.trim()) {
+        return [];
+      }
       const item = new vscode.InlineCompletionItem(done.text, new vscode.Range(position, position));
       if (this.feedback && done.completion_id) {
         item.command = { title: "dynarank: suggestion accepted", command: ACCEPT_COMMAND, arguments: [done.completion_id] };

@@ -21,6 +21,8 @@ export interface CompletionDelta { type: "completion.delta"; id: string; text: s
 export interface CompletionDone {
   type: "completion.done"; id: string; text: string; adapter_version: number;
   finish_reason: "stop" | "length" | "cancelled" | string; completion_id: string; model?: string;
+  confidence?: { mean_logprob: number; first_token_prob: number } | null;
+  hidden?: boolean;
 }
 /** Reply to open/edit/close/feedback messages that carried an id. */
 export interface Ack {
@@ -84,6 +86,8 @@ export function close(path: string) {
 export interface CompleteOptions {
   prefix?: string; suffix?: string; path?: string; cursor?: Position;
   max_tokens?: number; temperature?: number; top_p?: number; stop?: string | string[]; seed?: number;
+  /** "block" (the server's default), "line", or "raw" (no healing or shaping: deltas token by token). */
+  mode?: "block" | "line" | "raw";
 }
 
 export function complete(id: string, o: CompleteOptions) {

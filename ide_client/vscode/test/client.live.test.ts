@@ -66,7 +66,9 @@ test("cancel stops generation", { timeout: 60_000 }, async () => {
   await c.connect();
   let first!: () => void;
   const gotDelta = new Promise<void>((r) => (first = r));
-  const handle = c.complete({ prefix: "def main():\n", max_tokens: 400, temperature: 1.0, seed: 1 }, () => first());
+  // raw: deltas token by token (shaped completions arrive a line at a time)
+  const handle = c.complete({ prefix: "def main():\n", max_tokens: 400, temperature: 1.0, seed: 1, mode: "raw" },
+                            () => first());
   await gotDelta;
   const t0 = Date.now();
   handle.cancel();

@@ -41,7 +41,8 @@ async def completions(body: openai.CompletionRequest, request: Request, state: S
     stops = body.stops()
     requests = [
         GenerationRequest(prompt=p, suffix=body.suffix, max_tokens=body.max_tokens, temperature=body.temperature,
-                          top_p=body.top_p, stop=stops, seed=body.seed_of(j), logprobs=body.logprobs)
+                          top_p=body.top_p, stop=stops, seed=body.seed_of(j), logprobs=body.logprobs,
+                          heal=body.heal, trim=body.trim, mode=body.mode)
         for p in prompts for j in range(body.n)
     ]
     prompt_ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts] \
@@ -62,7 +63,7 @@ async def completions(body: openai.CompletionRequest, request: Request, state: S
                 ids = prompt_ids[c.index // body.n] if (body.echo and prompt_ids) else None
                 logprobs = legacy_logprobs(engine, c, ids, 0)
             choices.append({"text": prompt_of(c) + text if body.echo else text, "index": c.index,
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})
+                            "logprobs": logprobs, "finish_reason": c.finish_reason, "confidence": c.confidence})
         return {**base, "choices": choices, "usage": gen.usage(body.n)}
 
     async def events():
@@ -83,7 +84,7 @@ async def completions(body: openai.CompletionRequest, request: Request, state: S
                 lp = legacy_logprobs(engine, part, None, text_len.get(choice.index, 0))
             text_len[choice.index] = text_len.get(choice.index, 0) + len(text)
             yield {**base, "choices": [{"text": text, "index": choice.index, "logprobs": lp,
-                                        "finish_reason": chunk.finish_reason}]}
+                                        "finish_reason": chunk.finish_reason, "confidence": chunk.confidence}]}
 
     return await openai.respond(request, gen, stream=body.stream, body=json_body, events=events,
                          usage=(lambda: {**base, "choices": [], "usage": gen.usage(body.n)})

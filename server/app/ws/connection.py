@@ -289,12 +289,14 @@ class Connection:
         temperature = float(msg.get("temperature", 0.0))
         if not 0.0 <= temperature <= 2.0:
             raise ClientError("invalid_field", "temperature must be in [0, 2]")
+        mode = msg.get("mode", "block")  # an editor shows one block at the cursor
         stop = msg.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         request = GenerationRequest(
             prompt=prefix[-MAX_PREFIX_CHARS:], suffix=(suffix[:MAX_SUFFIX_CHARS] if suffix else None),
             max_tokens=max_tokens, temperature=temperature, top_p=float(msg.get("top_p", 1.0)),
-            stop=stop, seed=msg.get("seed"),
+            stop=stop, seed=msg.get("seed"), heal=mode != "raw", trim=mode != "raw",
+            mode=None if mode == "raw" else mode,
         )
         snap = self.session.current()  # read once: this completion keeps its version
         cancel = threading.Event()
@@ -305,7 +307,7 @@ class Connection:
 
     async def _generate(self, cid, request: GenerationRequest, snap, cancel: threading.Event, path=None) -> None:
         model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
-        parts, finish = [], None
+        parts, finish, confidence = [], None, None
         try:
             async with self.state.bridge.generation("/v1/ws", [request], snap, model_name=model,
                                                     adapter_id=self.session.adapter_name, cancel=cancel) as gen:
@@ -315,6 +317,7 @@ class Connection:
                         if not cancel.is_set():
                             await self.send({"type": "completion.delta", "id": cid, "text": chunk.text})
                     finish = chunk.finish_reason or finish
+                    confidence = chunk.confidence or confidence
         except ClientError as exc:
             await self.error(exc.code, exc.message, cid)
             return
@@ -327,11 +330,15 @@ class Connection:
         if finish is None and cancel.is_set():
             finish = "cancelled"
         completion_id, version = "cmpl-" + secrets.token_hex(12), snap.version if snap is not None else 0
-        self.session.feedback.record(completion_id, version=version, model=model, text="".join(parts),
-                                     prompt=request.prompt, path=path)
+        book = self.session.feedback
+        # The session's gate: a suggestion unlikely to be accepted is marked hidden (the client shows nothing).
+        hidden = request.trim and "".join(parts).strip() != "" and not book.gate.should_show(confidence)
+        book.record(completion_id, version=version, model=model, text="".join(parts), prompt=request.prompt,
+                    path=path, confidence=confidence, hidden=hidden)
         await self.send({
             "type": "completion.done", "id": cid, "text": "".join(parts), "adapter_version": version,
             "finish_reason": finish or "stop", "completion_id": completion_id, "model": model,
+            "confidence": confidence, "hidden": hidden,
         })
 
 

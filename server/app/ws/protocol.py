@@ -9,6 +9,7 @@ CLOSE_UNAUTHORIZED = 4401
 MAX_PREFIX_CHARS = 8000
 MAX_SUFFIX_CHARS = 2000
 MAX_PATH_CHARS = 1024
+COMPLETION_MODES = ("block", "line", "raw")  # raw: the model's text as generated (no healing, no shaping)
 
 _STR, _INT, _NUM, _DICT, _LIST = (str,), (int,), (int, float), (dict,), (list,)
 _ID = (str, int)
@@ -27,7 +28,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "close": {"path": (_STR, _REQ), "id": (_ID, _OPT)},
     "complete": {"id": (_ID, _REQ), "path": (_STR, _OPT), "prefix": (_STR, _OPT), "suffix": (_STR, _OPT),
                  "cursor": (_DICT, _OPT), "max_tokens": (_INT, _OPT), "temperature": (_NUM, _OPT),
-                 "top_p": (_NUM, _OPT), "stop": ((str, list), _OPT), "seed": (_INT, _OPT)},
+                 "top_p": (_NUM, _OPT), "stop": ((str, list), _OPT), "seed": (_INT, _OPT), "mode": (_STR, _OPT)},
     "cancel": {"id": (_ID, _REQ)},
     "status": {"id": (_ID, _OPT)},
     "feedback": {"completion_id": (_STR, _REQ), "event": (_STR, _REQ), "accepted_text": (_STR, _OPT),
@@ -96,6 +97,8 @@ def validate(msg) -> dict:
         raise ClientError("missing_field", "complete: 'cursor' needs 'path' of an open document")
     if kind == "complete" and "cursor" in msg and set(msg["cursor"]) != {"line", "character"}:
         raise ClientError("invalid_field", "complete: cursor needs line and character")
+    if kind == "complete" and msg.get("mode", "block") not in COMPLETION_MODES:
+        raise ClientError("invalid_field", f"complete: mode must be one of {', '.join(COMPLETION_MODES)}")
     if kind == "complete" and isinstance(msg.get("stop"), list) and not all(isinstance(s, str) for s in msg["stop"]):
         raise ClientError("invalid_field", "complete: stop must be a string or a list of strings")
     return msg

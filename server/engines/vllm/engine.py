@@ -42,13 +42,7 @@ from pathlib import Path
 from typing import Iterator
 
 from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
-from server.engines.decoding import (
-    _DETOK_CONTEXT,
-    IncrementalDecoder,
-    StopMatcher,
-    TokenizerEngine,
-    has_fim,
-)
+from server.engines.decoding import TokenizerEngine, has_fim, stop_token_ids
 from server.engines.gate import ServingGate
 from server.engines.vllm.options import (
     DEFAULT_ALLOWED_RANKS,
@@ -94,7 +88,7 @@ class VLLMEngine(TokenizerEngine):
         self.model_name = model_name
         self.gate = gate or ServingGate()
         self.fim = has_fim(tokenizer)
-        self.eos_ids = model_eos_ids(model_path, tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, model_eos_ids(model_path, tokenizer))
         self.max_lora_rank = int(max_lora_rank) if max_lora_rank else choose_max_lora_rank(r_max)
         if self.max_lora_rank not in DEFAULT_ALLOWED_RANKS + allowed_lora_ranks():
             raise ValueError(f"max_lora_rank must be one of {allowed_lora_ranks()}, got {self.max_lora_rank}")
@@ -198,64 +192,71 @@ class VLLMEngine(TokenizerEngine):
 
     def generate(self, request: GenerationRequest, adapter=None,
                  cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
-        prompt_ids = self.encode(request)
-        n_prompt = len(prompt_ids)
-        if not prompt_ids:
+        prompt = self.encode(request)
+        n_prompt = len(prompt.ids)
+        if not prompt.ids:
             raise ValueError("the prompt is empty after tokenization")
         if n_prompt >= self.max_context:
             raise ContextLengthError(
                 f"the prompt has {n_prompt} tokens; this model's context is {self.max_context} tokens")
         budget = min(request.max_tokens, self.max_context - n_prompt)
+        stream = self.token_stream(request, prompt)
         version = self.acquire(adapter, cancel) if adapter is not None else None
         try:
             if adapter is not None and version is None:  # cancelled while waiting for the first load
-                yield GenerationChunk(text="", token_ids=[], logprobs=[] if request.logprobs is not None else None,
-                                      finish_reason="cancelled", prompt_tokens=n_prompt)
+                yield stream.finish("cancelled")
                 return
             with self.gate.serving():
-                yield from self._stream(request, prompt_ids, budget, version, cancel)
+                yield from self._stream(request, prompt.ids, budget, version, cancel, stream)
         finally:
             if version is not None:
                 self.release(version)
 
     # -- generation -----------------------------------------------------------------
 
-    def sampling_params(self, request: GenerationRequest, budget: int):
+    def sampling_params(self, request: GenerationRequest, budget: int, allowed: list[int] | None = None):
         greedy = request.temperature <= 0
+        # The sampled token's own logprob always comes back (logprobs=0): it is the completion's confidence.
         return self._v["SamplingParams"](
             n=1, max_tokens=max(1, budget), temperature=0.0 if greedy else float(request.temperature),
             top_p=1.0 if greedy else float(request.top_p),
-            seed=request.seed, stop_token_ids=sorted(self.eos_ids), logprobs=request.logprobs,
-            detokenize=False, skip_special_tokens=False, output_kind=self._v["RequestOutputKind"].DELTA,
+            seed=request.seed, stop_token_ids=sorted(self.stop_ids), logprobs=request.logprobs or 0,
+            allowed_token_ids=allowed, detokenize=False, skip_special_tokens=False,
+            output_kind=self._v["RequestOutputKind"].DELTA,
         )
 
-    def _stream(self, request, prompt_ids, budget, version, cancel) -> Iterator[GenerationChunk]:
-        n_prompt = len(prompt_ids)
-        want_logprobs = request.logprobs is not None
-        top_k = request.logprobs or 0
-        decoder = IncrementalDecoder(self.tokenizer, prompt_ids[-_DETOK_CONTEXT:])
-        stops = StopMatcher(request.stop)
-
-        def final(reason: str, token_ids=(), lps=None, tops=None, text=""):
-            return GenerationChunk(text=text, token_ids=list(token_ids), logprobs=lps, finish_reason=reason,
-                                   top_logprobs=tops, prompt_tokens=n_prompt)
-
+    def _stream(self, request, prompt_ids, budget, version, cancel, stream) -> Iterator[GenerationChunk]:
+        lora = version.lora if version is not None else None
+        prompt_ids = list(prompt_ids)
+        # Healing: one constrained token at a time until the backed-off text is reproduced.
+        while budget > 0 and (allowed := stream.allowed()) is not None:
+            chunks = list(self._run(request, prompt_ids, self.sampling_params(request, 1, allowed), lora, cancel,
+                                    stream, stop_at_length=False))
+            yield from chunks
+            if chunks and chunks[-1].finish_reason:
+                return
+            prompt_ids += [tid for c in chunks for tid in c.token_ids]
+            budget -= 1
         if budget <= 0:
-            yield final("length", lps=[] if want_logprobs else None)
+            yield stream.finish("length")
             return
+        yield from self._run(request, prompt_ids, self.sampling_params(request, budget), lora, cancel, stream)
+
+    def _run(self, request, prompt_ids, params, lora, cancel, stream, stop_at_length: bool = True
+             ) -> Iterator[GenerationChunk]:
+        """One vLLM request: its tokens through ``stream``; ends with the stream's last chunk when
+        the completion ends (or, with ``stop_at_length`` False, returns when vLLM's request does)."""
+        top_k = request.logprobs or 0
         out: queue.SimpleQueue = queue.SimpleQueue()
         rid = uuid.uuid4().hex
-        params = self.sampling_params(request, budget)
-        lora = version.lora if version is not None else None
         future = asyncio.run_coroutine_threadsafe(self._pump(rid, prompt_ids, params, lora, out), self._loop)
         finished = False
-        step = 0
         try:
             while True:
                 if cancel is not None and cancel.is_set():
                     finished = True
                     self._abort(rid)
-                    yield final("cancelled", lps=[] if want_logprobs else None)
+                    yield stream.finish("cancelled")
                     return
                 try:
                     kind, payload = out.get(timeout=0.02)
@@ -266,42 +267,31 @@ class VLLMEngine(TokenizerEngine):
                     raise RuntimeError(f"vLLM generation failed: {payload}") from payload
                 if kind == "end":
                     finished = True
-                    reason = "stop" if payload == "stop" else "length"
-                    yield final(reason, text=stops.flush(), lps=[] if want_logprobs else None)
+                    if stop_at_length or payload == "stop":
+                        yield stream.finish("stop" if payload == "stop" else "length")
                     return
                 token_ids, logprobs = payload
                 for i, token in enumerate(token_ids):
                     if cancel is not None and cancel.is_set():
                         finished = True
                         self._abort(rid)
-                        yield final("cancelled", lps=[] if want_logprobs else None)
+                        yield stream.finish("cancelled")
                         return
-                    if token in self.eos_ids:
-                        finished = True
-                        self._abort(rid)
-                        yield final("stop", text=stops.flush(), lps=[] if want_logprobs else None)
-                        return
+                    entry = logprobs[i] if logprobs is not None and i < len(logprobs) else {}
+                    own = entry.get(token)
                     lps = tops = None
-                    if want_logprobs:
-                        entry = logprobs[i] if logprobs is not None and i < len(logprobs) else {}
-                        lp = entry.get(token)
-                        lps = [float(lp.logprob) if lp is not None else float("nan")]
+                    if request.logprobs is not None:
+                        lps = [float(own.logprob) if own is not None else float("nan")]
                         if top_k > 0:
                             ranked = sorted((v.rank, tid, v.logprob) for tid, v in entry.items()
                                             if v.rank is not None and v.rank <= top_k)
                             tops = [{self.token_text(tid): float(logprob) for _, tid, logprob in ranked}]
-                    text = stops.feed(decoder.push(token))
-                    if stops.stopped:
+                    chunk = stream.push(token, float(own.logprob) if own is not None else None, lps, tops)
+                    yield chunk
+                    if chunk.finish_reason:
                         finished = True
                         self._abort(rid)
-                        yield final("stop", [token], lps, tops, text)
                         return
-                    if step == budget - 1:
-                        finished = True
-                        yield final("length", [token], lps, tops, text + stops.flush())
-                        return
-                    yield GenerationChunk(text=text, token_ids=[token], logprobs=lps, top_logprobs=tops)
-                    step += 1
         finally:
             if not finished:  # the consumer closed the iterator (client went away): stop vLLM too
                 self._abort(rid)

@@ -135,6 +135,8 @@ class RemoteAsyncLLM:
             body["seed"] = params["seed"]
         if params.get("logprobs") is not None:
             body["logprobs"] = params["logprobs"]
+        if params.get("allowed_token_ids"):  # token healing (vLLM's extra sampling parameter)
+            body["allowed_token_ids"] = params["allowed_token_ids"]
         task = asyncio.current_task()
         if task is not None:
             self._tasks[request_id] = task

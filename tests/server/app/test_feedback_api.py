@@ -141,7 +141,9 @@ def test_scripted_acceptance_stats(server):
             assert feedback(server, b["id"], event).json()["session_id"] is None
 
         s = stats(server, sid)
-        rows = {row["adapter_version"]: row for row in s["feedback"]["by_version"]}
+        # "hidden" (the confidence gate's count) depends on the tiny model's confidences: left out here.
+        rows = {row["adapter_version"]: {k: v for k, v in row.items() if k != "hidden"}
+                for row in s["feedback"]["by_version"]}
         assert rows[0] == {"adapter_version": 0, "completions": 4, "shown": 2, "accepted": 1,
                            "partially_accepted": 0, "rejected": 2, "acceptance_rate": 0.333333}
         assert rows[version] == {"adapter_version": version, "completions": 4, "shown": 0, "accepted": 2,

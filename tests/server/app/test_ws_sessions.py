@@ -110,7 +110,7 @@ def test_cancel_stops_generation(server):
         c = await Client.connect(server.port)
         await c.hello()
         await c.send({"type": "complete", "id": "long", "prefix": "def main():\n", "max_tokens": 400,
-                      "temperature": 1.0, "seed": 1})
+                      "temperature": 1.0, "seed": 1, "mode": "raw"})  # raw: deltas token by token
         first = await c.wait_for_any(("completion.delta", "completion.done"), "long")
         assert first["type"] == "completion.delta"
         t0 = time.monotonic()

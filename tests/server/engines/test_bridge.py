@@ -50,7 +50,7 @@ def test_http_and_websocket_give_the_same_tokens_and_metrics(app):
         tokens_after_ws = _metric(app, "dynarank_generated_tokens_total")
 
         r = client.post("/v1/completions", json={"model": ready["model"], "prompt": PROMPT, "max_tokens": 8,
-                                                  "temperature": 0})
+                                                  "temperature": 0, "mode": "block"})  # the websocket's default
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
 

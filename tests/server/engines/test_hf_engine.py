@@ -121,7 +121,7 @@ def test_engine_uses_fim_prompt(fim_tokenizer):
 
     eng = HFEngine(build_tiny_model("qwen2", len(fim_tokenizer)), fim_tokenizer, "tiny-fim")
     assert eng.fim
-    ids = eng.encode(GenerationRequest(prompt="a = ", suffix="\nprint(a)"))
+    ids = eng.encode(GenerationRequest(prompt="a = ", suffix="\nprint(a)")).ids
     assert ids[0] == fim_tokenizer.convert_tokens_to_ids("<|fim_prefix|>")
     assert ids[-1] == fim_tokenizer.convert_tokens_to_ids("<|fim_middle|>")
     chunks = list(eng.generate(GenerationRequest(prompt="a = ", suffix="\nprint(a)", max_tokens=3)))

@@ -118,6 +118,22 @@ def test_greedy_parity_heterogeneous_adapter(engines, hf_model):
     assert n >= PARITY_TOKENS, (n, h_ids, v_ids)
 
 
+@pytest.mark.parametrize("prompt, mode", [
+    ("def add(a, b):\n    ", "block"),  # healed indentation
+    ("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def size(self):\n"
+     "        return len(self.ite", "line"),  # healed mid-identifier
+])
+def test_healing_and_shaping_match_hf(engines, prompt, mode):
+    hf, vllm = engines
+    request = GenerationRequest(prompt=prompt, max_tokens=MAX_TOKENS, heal=True, trim=True, mode=mode)
+    h_ids, h_text, h_last = run(hf, request)
+    v_ids, v_text, v_last = run(vllm, request)
+    assert h_text and not h_text[0].isspace(), h_text  # starts at the cursor
+    assert v_text == h_text and v_last.finish_reason == h_last.finish_reason
+    assert v_last.confidence is not None and h_last.confidence is not None
+    assert abs(v_last.confidence["first_token_prob"] - h_last.confidence["first_token_prob"]) < 1e-2
+
+
 def test_stop_logprobs_and_cancel_match_hf(engines):
     hf, vllm = engines
     request = GenerationRequest(prompt=PROMPTS[0], max_tokens=24, stop=("return",), logprobs=2)

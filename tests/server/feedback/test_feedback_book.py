@@ -34,7 +34,7 @@ def test_rates_per_version_and_totals():
     stats = book.stats()
     rows = {r["adapter_version"]: r for r in stats["by_version"]}
     assert rows[0] == {"adapter_version": 0, "completions": 3, "shown": 2, "accepted": 1, "partially_accepted": 0,
-                       "rejected": 1, "acceptance_rate": 0.5}
+                       "rejected": 1, "hidden": 0, "acceptance_rate": 0.5}
     assert rows[1]["acceptance_rate"] == 0.5 and rows[None]["acceptance_rate"] == 1.0
     assert stats["completions"] == 6 and stats["acceptance_rate"] == 0.6
     assert rate({}) is None

@@ -83,9 +83,19 @@ def test_every_optional_field_with_a_valid_value_is_accepted(kind):
     for field, (types, required) in SCHEMA[kind].items():
         if not required and field not in msg and not (kind == "edit" and field in ("text", "changes")):
             msg[field] = sample(types)
-    if kind == "complete":  # a cursor needs a path and both coordinates
+    if kind == "complete":  # a cursor needs a path and both coordinates; mode names a known mode
         msg["cursor"] = {"line": 0, "character": 3}
+        msg["mode"] = "line"
     validate(msg)
+
+
+@pytest.mark.parametrize("mode", ["block", "line", "raw"])
+def test_completion_modes(mode):
+    validate({"type": "complete", "id": "c1", "prefix": "x", "mode": mode})
+
+
+def test_unknown_completion_mode_is_rejected():
+    rejects({"type": "complete", "id": "c1", "prefix": "x", "mode": "paragraph"}, "invalid_field")
 
 
 @pytest.mark.parametrize("kind, field", fields(lambda types, required: required))

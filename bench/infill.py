@@ -1,0 +1,269 @@
+"""Fill-in-the-middle on real files: raw generation vs. healing + stopping + shaping, and the confidence gate.
+
+Points come from the files of the edit histories (Python, Go, TypeScript): a
+*line* point masks one line after its indentation; a *block* point masks the
+body of a block (the lines under a header ending in ``:`` or ``{``) after the
+first line's indentation. Each point is completed twice through the server's
+own ``/v1/completions`` (in process, the default model, greedy): raw
+(``trim: false``) and as an editor gets it (``trim: true`` with ``mode`` line or
+block). Scores: exact match (whitespace at the ends ignored) and chrF against the
+masked text, completion length, and time.
+
+The gate: the shaped completions of each history are replayed in order as one
+session would see them. A suggestion is "accepted" when it matches exactly (the
+accept proxy). With the gate off every suggestion is shown; with it on,
+``server.feedback.gate.ConfidenceGate`` decides before each one, and learns only
+from the ones it showed. Writes docs/bench_infill.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HISTORIES = {"click": "python", "starlette": "python", "cobra": "go", "zustand": "typescript"}
+CONTEXT_BEFORE, CONTEXT_AFTER = 1500, 600  # characters of prefix and suffix sent, as an editor would
+MAX_TOKENS = {"line": 24, "block": 64}
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def line_points(text: str) -> list[dict]:
+    lines = text.split("\n")
+    out, offset = [], 0
+    for line in lines:
+        body = line.strip()
+        if 8 <= len(body) <= 100 and not body.startswith(("#", "//", "*", "/*")):
+            start = offset + _indent(line)
+            out.append({"prefix": text[:start], "reference": body, "suffix": text[offset + len(line):]})
+        offset += len(line) + 1
+    return out
+
+
+def block_points(text: str) -> list[dict]:
+    lines = text.split("\n")
+    starts, offset = [], 0
+    for line in lines:
+        starts.append(offset)
+        offset += len(line) + 1
+    out = []
+    for i, header in enumerate(lines[:-1]):
+        if not header.rstrip().endswith((":", "{")):
+            continue
+        base, j = _indent(header), i + 1
+        while j < len(lines) and (not lines[j].strip() or _indent(lines[j]) > base):
+            j += 1
+        while j > i + 1 and not lines[j - 1].strip():
+            j -= 1
+        body = lines[i + 1:j]
+        if not 2 <= len(body) <= 8 or not body[0].strip():
+            continue
+        start = starts[i + 1] + _indent(body[0])
+        end = starts[j - 1] + len(lines[j - 1])
+        out.append({"prefix": text[:start], "reference": text[start:end], "suffix": text[end:]})
+    return out
+
+
+def sample_points(data: Path, per_kind: int, seed: int) -> list[dict]:
+    """``per_kind`` line and block points per history, from file versions spread over the history."""
+    rng = random.Random(seed)
+    points = []
+    for name, language in HISTORIES.items():
+        with gzip.open(data / f"{name}_edits.jsonl.gz", "rt") as f:
+            texts = [json.loads(line)["after"] for line in f]
+        files = texts[::10]
+        for kind, finder in (("line", line_points), ("block", block_points)):
+            found = [p for text in files for p in finder(text)]
+            for point in rng.sample(found, min(per_kind, len(found))):
+                points.append({**point, "history": name, "language": language, "kind": kind,
+                               "prefix": point["prefix"][-CONTEXT_BEFORE:],
+                               "suffix": point["suffix"][:CONTEXT_AFTER]})
+    return points
+
+
+def complete(client, model: str, point: dict, shaped: bool) -> dict:
+    body = {"model": model, "prompt": point["prefix"], "suffix": point["suffix"], "temperature": 0,
+            "max_tokens": MAX_TOKENS[point["kind"]], "trim": shaped}
+    if shaped:
+        body["mode"] = point["kind"]
+    t0 = time.perf_counter()
+    response = client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    out = response.json()
+    choice = out["choices"][0]
+    return {"text": choice["text"], "confidence": choice.get("confidence"),
+            "tokens": out["usage"]["completion_tokens"], "seconds": time.perf_counter() - t0}
+
+
+def score(point: dict, result: dict) -> dict:
+    from sacrebleu.metrics import CHRF
+
+    text, reference = result["text"], point["reference"]
+    return {"exact": text.strip() == reference.strip(),
+            "chrf": CHRF().sentence_score(text.strip(), [reference.strip()]).score,
+            "chars": len(text.strip()), "ref_chars": len(reference.strip())}
+
+
+def gate_replay(rows: list[dict]) -> dict:
+    """Shown share and precision of the shaped completions, gate off vs on (one session per history)."""
+    from server.feedback.gate import ConfidenceGate
+
+    shown_on = hits_on = 0
+    for history in HISTORIES:
+        gate = ConfidenceGate()
+        for row in (r for r in rows if r["history"] == history):
+            shaped = row["shaped"]
+            if not shaped["text"].strip():
+                continue  # nothing to suggest
+            if gate.should_show(shaped["confidence"]):
+                shown_on += 1
+                hits_on += shaped["exact"]
+                gate.update(shaped["confidence"], shaped["exact"])
+    candidates = [r for r in rows if r["shaped"]["text"].strip()]
+    hits_off = sum(r["shaped"]["exact"] for r in candidates)
+    return {"candidates": len(candidates), "shown_off": len(candidates), "precision_off": _ratio(hits_off, len(candidates)),
+            "shown_on": shown_on, "precision_on": _ratio(hits_on, shown_on),
+            "fewer_shown": 1 - _ratio(shown_on, len(candidates)) if candidates else None}
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    table = []
+    groups = sorted({(r["language"], r["kind"]) for r in rows})
+    for language, kind in groups + [("all", "line"), ("all", "block")]:
+        sel = [r for r in rows if r["kind"] == kind and language in ("all", r["language"])]
+        if not sel:
+            continue
+        row = {"language": language, "kind": kind, "points": len(sel)}
+        for variant in ("raw", "shaped"):
+            row[f"{variant}_em"] = 100 * statistics.mean(r[variant]["exact"] for r in sel)
+            row[f"{variant}_chrf"] = statistics.mean(r[variant]["chrf"] for r in sel)
+            row[f"{variant}_chars"] = statistics.median(r[variant]["chars"] for r in sel)
+            row[f"{variant}_s"] = statistics.median(r[variant]["seconds"] for r in sel)
+        row["ref_chars"] = statistics.median(r["shaped"]["ref_chars"] for r in sel)
+        row["em_gain"] = row["shaped_em"] - row["raw_em"]
+        table.append(row)
+    return table
+
+
+COLUMNS = [("language", "language"), ("kind", "kind"), ("points", "points"),
+           ("raw_em", "raw EM %"), ("shaped_em", "shaped EM %"), ("em_gain", "EM gain"),
+           ("raw_chrf", "raw chrF"), ("shaped_chrf", "shaped chrF"),
+           ("ref_chars", "ref chars (median)"), ("raw_chars", "raw chars"), ("shaped_chars", "shaped chars"),
+           ("raw_s", "raw s"), ("shaped_s", "shaped s")]
+
+
+def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], gate: dict) -> str:
+    from bench.report import fmt, machine, markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(table, COLUMNS)
+    gate_table = markdown_table([
+        {"language": "gate off", "shown": gate["shown_off"], "precision": gate["precision_off"]},
+        {"language": "gate on", "shown": gate["shown_on"], "precision": gate["precision_on"]},
+    ], [("language", "all histories"), ("shown", "suggestions shown"), ("precision", "precision (exact)")])
+    lines = [
+        "# Infilling benchmark",
+        "",
+        f"Command: `{config['command']}`",
+        "",
+        f"Model `{config['model']}`, greedy, through `/v1/completions` in process. {config['per_kind']} line and "
+        f"{config['per_kind']} block points per history ({', '.join(HISTORIES)}), seed {config['seed']}; "
+        f"prefix {CONTEXT_BEFORE} and suffix {CONTEXT_AFTER} characters; at most {MAX_TOKENS['line']} tokens "
+        f"(line) and {MAX_TOKENS['block']} (block). Machine: {machine()}. Wall time {fmt(config['wall_s'])} s.",
+        "",
+        "raw: `trim: false` (the model's text as generated, what the server returned before). shaped: "
+        "`trim: true` with `mode` line or block (token healing, special-token and suffix-aware stops, "
+        "fences, shaping). EM: exact match with the masked text, ends' whitespace ignored; chrF: "
+        "sacrebleu sentence chrF; chars: median completion length; s: median seconds per completion.",
+        "",
+        text,
+        "",
+        "## The confidence gate",
+        "",
+        f"The shaped completions that are not empty ({gate['candidates']}), replayed per history as one "
+        "session; a suggestion is accepted when it matches exactly. With the gate on, "
+        "`ConfidenceGate` (logistic model of the confidence, learned online from the shown suggestions' "
+        "outcomes; show when p(accept) > 0.25) decides before each one.",
+        "",
+        gate_table,
+        "",
+        f"Fewer suggestions shown with the gate: {fmt(100 * gate['fewer_shown'] if gate['fewer_shown'] is not None else None)} %.",
+        "",
+    ]
+    (out / "bench_infill.md").write_text("\n".join(lines))
+    (out / "bench_infill.json").write_text(json.dumps({"config": config, "table": table, "gate": gate,
+                                                       "points": rows}, indent=1, default=str))
+    return text + "\n\n" + gate_table
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m bench.infill", description=__doc__.split("\n\n")[0])
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--data", type=Path, default=DATA, help="folder of the edit histories (default: shared/data)")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="embedded model name or model directory")
+    p.add_argument("--per-kind", type=int, default=25, help="line points and block points per history")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_infill.md/.json")
+    p.add_argument("--progress", type=Path, default=None, help="append one line per point to this file")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import tempfile
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+    from server.models import load_model, resolve_model
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    points = sample_points(args.data, args.per_kind, args.seed)
+    model, tokenizer = load_model(resolve_model(args.model, progress=True))
+    settings = Settings(model=args.model, data_dir=Path(tempfile.mkdtemp(prefix="dynarank-infill-")),
+                        max_tokens_limit=max(MAX_TOKENS.values()))
+    rows = []
+    with TestClient(create_app(settings, model=model, tokenizer=tokenizer)) as client:
+        for i, point in enumerate(points):
+            row = {k: point[k] for k in ("history", "language", "kind")}
+            for variant, shaped in (("raw", False), ("shaped", True)):
+                result = complete(client, settings.served_name, point, shaped)
+                row[variant] = {**result, **score(point, result)}
+            rows.append(row)
+            if args.progress:
+                with open(args.progress, "a") as f:
+                    f.write(f"{i + 1}/{len(points)} {row['history']} {row['kind']} raw={row['raw']['exact']} "
+                            f"shaped={row['shaped']['exact']} {time.time() - t0:.0f}s\n")
+    table, gate = summarize(rows), gate_replay(rows)
+    config = {"command": "dynarank bench infill " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "infill"]
+                                                              else sys.argv[1:]),
+              "model": args.model, "per_kind": args.per_kind, "seed": args.seed, "wall_s": time.time() - t0}
+    print(write_report(args.out, config, rows, table, gate))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

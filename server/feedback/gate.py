@@ -1,0 +1,64 @@
+"""Knowing when to stay silent: a per-session gate on a completion's confidence.
+
+A suggestion costs the user attention. Following Cursor's write-up of their Tab
+model, a shown suggestion is worth about +0.75 when accepted and -0.25 when
+rejected, so it is worth showing when ``p(accept) > 0.25``. The gate estimates
+``p(accept)`` with a logistic model of the completion's confidence (mean token
+log-probability and the log-probability of its first token), learned online from
+the session's own accept/reject feedback. It shows everything until the session
+has given ``MIN_OUTCOMES`` outcomes, then becomes selective.
+Suggestions never shown get no feedback, so a hidden one never teaches the gate.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+ACCEPT_REWARD, REJECT_COST = 0.75, 0.25
+SHOW_ABOVE = REJECT_COST / (ACCEPT_REWARD + REJECT_COST)  # p(accept) where showing breaks even: 0.25
+LEARNING_RATE = 0.1  # one outcome moves the gate a little: it takes several to hide a kind of suggestion
+MIN_OUTCOMES = 10  # the gate shows everything until the session has given this many outcomes
+FLOOR = -10.0  # log-probabilities below this carry no more information
+
+
+def features(confidence: dict) -> tuple[float, float, float]:
+    """Bias, mean token log-probability and first-token log-probability, scaled to about unit size."""
+    first = max(math.log(max(confidence["first_token_prob"], 1e-12)), FLOOR)
+    return 1.0, max(confidence["mean_logprob"], FLOOR) / 2, first / 4
+
+
+class ConfidenceGate:
+    def __init__(self, weights: list[float] | None = None):
+        self.weights = list(weights) if weights else [0.0, 0.0, 0.0]
+        self.updates = 0
+        self._lock = threading.Lock()
+
+    def p_accept(self, confidence: dict) -> float:
+        z = sum(w * x for w, x in zip(self.weights, features(confidence)))
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+    def should_show(self, confidence: dict | None) -> bool:
+        """Show unless the expected reward of showing is negative (no confidence, or too few outcomes yet: show)."""
+        if confidence is None or self.updates < MIN_OUTCOMES:
+            return True
+        return self.p_accept(confidence) > SHOW_ABOVE
+
+    def update(self, confidence: dict | None, accepted: bool) -> None:
+        """One step of logistic regression on a shown suggestion's outcome."""
+        if confidence is None:
+            return
+        with self._lock:
+            x = features(confidence)
+            error = (1.0 if accepted else 0.0) - self.p_accept(confidence)
+            self.weights = [w + LEARNING_RATE * error * xi for w, xi in zip(self.weights, x)]
+            self.updates += 1
+
+    def to_json(self) -> dict:
+        return {"weights": self.weights, "updates": self.updates}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "ConfidenceGate":
+        gate = cls((data or {}).get("weights"))
+        gate.updates = int((data or {}).get("updates", 0))
+        return gate

@@ -1,0 +1,45 @@
+"""The confidence gate: shows everything at first, then learns from the session's own outcomes."""
+
+from __future__ import annotations
+
+import random
+
+from server.feedback import FeedbackBook
+from server.feedback.gate import MIN_OUTCOMES, SHOW_ABOVE, ConfidenceGate
+
+SURE = {"mean_logprob": -0.05, "first_token_prob": 0.95}
+UNSURE = {"mean_logprob": -2.5, "first_token_prob": 0.1}
+
+
+def test_a_new_gate_shows_everything_until_it_has_seen_enough_outcomes():
+    gate = ConfidenceGate()
+    assert gate.should_show(SURE) and gate.should_show(UNSURE) and gate.should_show(None)
+    for _ in range(MIN_OUTCOMES - 1):
+        gate.update(UNSURE, accepted=False)
+    assert gate.p_accept(UNSURE) < 0.5 and gate.should_show(UNSURE)  # learning, but not enough outcomes yet
+    for _ in range(10):
+        gate.update(UNSURE, accepted=False)
+    assert gate.p_accept(UNSURE) < SHOW_ABOVE and not gate.should_show(UNSURE)
+
+
+def test_it_learns_to_hide_what_gets_rejected_and_keep_what_gets_accepted():
+    gate, rng = ConfidenceGate(), random.Random(0)
+    for _ in range(200):
+        confident = rng.random() < 0.5
+        confidence = SURE if confident else UNSURE
+        gate.update(confidence, accepted=confident and rng.random() < 0.8)
+    assert gate.should_show(SURE) and not gate.should_show(UNSURE)
+    assert gate.p_accept(SURE) > 0.6 and gate.p_accept(UNSURE) < SHOW_ABOVE
+
+
+def test_the_gate_is_saved_with_its_book_and_learns_from_feedback():
+    book = FeedbackBook()
+    book.record("c1", version=1, model="m", text="x = 1", confidence=UNSURE)
+    book.record("c2", version=1, model="m", text="y = 2", confidence=UNSURE, hidden=True)
+    before = list(book.gate.weights)
+    book.apply("c1", "rejected")
+    assert book.gate.weights != before and book.gate.updates == 1
+    stats = book.stats()
+    assert stats["hidden"] == 1 and stats["completions"] == 2 and stats["gate"]["updates"] == 1
+    again = FeedbackBook.from_json(book.to_json())
+    assert again.gate.weights == book.gate.weights and again.stats()["hidden"] == 1
