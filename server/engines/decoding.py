@@ -187,12 +187,11 @@ class VocabIndex:
             self._by_text.setdefault(text, []).append(i)
 
     def allowed(self, pending: str) -> list[int]:
-        start = bisect.bisect_left(self._keys, pending)
         out = []
-        for text, i in self._sorted[start:]:
-            if not text.startswith(pending):
+        for j in range(bisect.bisect_left(self._keys, pending), len(self._keys)):
+            if not self._keys[j].startswith(pending):
                 break
-            out.append(i)
+            out.append(self._sorted[j][1])
         for k in range(1, len(pending)):
             out += self._by_text.get(pending[:k], [])
         return out
