@@ -224,6 +224,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def command_line(args) -> str:
+    """The options that shape the results (not where progress or output went, paths of this machine)."""
+    return (f"dynarank bench infill --model {args.model} --per-kind {args.per_kind} --seed {args.seed} "
+            f"--threads {args.threads}")
+
+
 def run(args) -> int:
     import tempfile
 
@@ -253,9 +259,8 @@ def run(args) -> int:
                     f.write(f"{i + 1}/{len(points)} {row['history']} {row['kind']} raw={row['raw']['exact']} "
                             f"shaped={row['shaped']['exact']} {time.time() - t0:.0f}s\n")
     table, gate = summarize(rows), gate_replay(rows)
-    config = {"command": "dynarank bench infill " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "infill"]
-                                                              else sys.argv[1:]),
-              "model": args.model, "per_kind": args.per_kind, "seed": args.seed, "wall_s": time.time() - t0}
+    config = {"command": command_line(args), "model": args.model, "per_kind": args.per_kind, "seed": args.seed,
+              "wall_s": time.time() - t0}
     print(write_report(args.out, config, rows, table, gate))
     return 0
 
