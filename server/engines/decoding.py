@@ -203,8 +203,11 @@ class CompletionShaper:
     - A Markdown fence ends it (chat-tuned models wrap code and then explain it).
     - A line that repeats the suffix's next non-blank line ends it: the text is already there.
     - ``mode="line"``: only the first line with content.
-    - ``mode="block"``: ends at the first line, after some content, indented at or
-      below the cursor's line (the statement and its nested block are done).
+    - ``mode="block"``: at a cursor inside a line, ends at the first later line
+      indented at or below that line (the statement and its nested block are done);
+      at a cursor in a line's indentation, ends where the code dedents below the
+      cursor (the rest of the block), or at the next top-level line for a cursor
+      at column 0.
     - Blank lines and the newline after the last line are never left dangling.
     - At a cursor after indentation, the first line adds no more leading whitespace.
 
@@ -245,6 +248,11 @@ class CompletionShaper:
         self.buffer, self.stopped = "", True
         return text
 
+    def _block_ends(self, indent: int) -> bool:
+        if self.at_line_start and self.base_indent > 0:
+            return indent < self.base_indent  # the rest of the block the cursor is in
+        return indent <= self.base_indent  # the statement at the cursor (or one top-level item)
+
     def _line(self, line: str) -> str:
         whole_line = self.lines > 0 or self.at_line_start
         if self.lines == 0 and self.strip_first:
@@ -256,7 +264,7 @@ class CompletionShaper:
             return ""
         if (stripped.startswith("```")
                 or (whole_line and self.suffix_line is not None and _repeats(stripped, self.suffix_line))
-                or (self.mode == "block" and self.content and _indent(line) <= self.base_indent)):
+                or (self.mode == "block" and self.content and self._block_ends(_indent(line)))):
             self.stopped = True
             return ""
         out, self.held = self.held + line, ""

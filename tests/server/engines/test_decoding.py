@@ -70,11 +70,19 @@ def shape(text: str, mode=None, prefix="", suffix=None, pieces=3) -> str:
     return out + shaper.flush()
 
 
-def test_block_mode_ends_when_indentation_returns_to_the_cursor_line():
+def test_block_mode_from_the_indentation_completes_the_rest_of_the_block():
     prefix = "def add(a, b):\n    "
     assert shape("return a + b\n\ndef subtract(a, b):\n    return a - b\n", "block", prefix) == "return a + b"
+    body = "total = a + b\n    if total:\n        return total\n    return 0\n\nprint(1)"
+    assert shape(body, "block", prefix) == "total = a + b\n    if total:\n        return total\n    return 0"
+    # At column 0 the block is one top-level item.
+    assert shape("def f():\n    return 1\n\ndef g():\n", "block", "x = 1\n") == "def f():\n    return 1"
+
+
+def test_block_mode_inside_a_line_ends_with_the_statement():
     body = "\n    total = a + b\n    if total:\n        return total\n\nprint(1)"
     assert shape(body, "block", "def add(a, b):") == "\n    total = a + b\n    if total:\n        return total"
+    assert shape("a, b)\n    y = 2\n", "block", "    x = f(") == "a, b)"
 
 
 def test_line_mode_keeps_the_first_line_with_content():
