@@ -131,9 +131,14 @@ def gate_replay(rows: list[dict]) -> dict:
                 gate.update(shaped["confidence"], shaped["exact"])
     candidates = [r for r in rows if r["shaped"]["text"].strip()]
     hits_off = sum(r["shaped"]["exact"] for r in candidates)
-    return {"candidates": len(candidates), "shown_off": len(candidates), "precision_off": _ratio(hits_off, len(candidates)),
+    return {"candidates": len(candidates), "shown_off": len(candidates),
+            "precision_off": _ratio(hits_off, len(candidates)),
             "shown_on": shown_on, "precision_on": _ratio(hits_on, shown_on),
             "fewer_shown": 1 - _ratio(shown_on, len(candidates)) if candidates else None}
+
+
+def _percent(share):
+    return None if share is None else 100 * share
 
 
 def _ratio(a, b):
@@ -201,7 +206,7 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], g
         "",
         gate_table,
         "",
-        f"Fewer suggestions shown with the gate: {fmt(100 * gate['fewer_shown'] if gate['fewer_shown'] is not None else None)} %.",
+        f"Fewer suggestions shown with the gate: {fmt(_percent(gate['fewer_shown']))} %.",
         "",
     ]
     (out / "bench_infill.md").write_text("\n".join(lines))

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynarank", description="Self-hosted code assistant that learns from your edits.")
+    parser = argparse.ArgumentParser(prog="dynarank",
+                                     description="Self-hosted code assistant that learns from your edits.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     models = sub.add_parser("models", help="list or fetch embedded models")
@@ -142,7 +143,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         elif get_origin(annotation) is Literal:
             kwargs["choices"] = get_args(annotation)
         else:
-            kwargs.update(type=annotation if annotation in (int, float, Path) else str, metavar=_metavar(name, annotation))
+            kwargs.update(type=annotation if annotation in (int, float, Path) else str,
+                          metavar=_metavar(name, annotation))
         group.add_argument(*serve_flags(name), **kwargs)
     p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                    help="file with one API key per line (added to --api-key)")

@@ -17,7 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.models import DEFAULT_MODEL, EMBEDDED_MODELS, dynarank_home
 
-# The names in server.engines.ENGINES (a higher layer, so not imported here; tests/server/test_cli.py checks they agree).
+# The names in server.engines.ENGINES (a higher layer, so not imported here;
+# tests/server/test_cli.py checks they agree).
 EngineName = Literal["hf", "vllm"]
 ENGINE_NAMES: tuple[str, ...] = get_args(EngineName)
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's levels

@@ -117,7 +117,8 @@ class FeedbackBook:
         if accepted_text is not None and not isinstance(accepted_text, str):
             raise ClientError("invalid_feedback", "accepted_text must be a string")
         if accepted_text is not None and event not in ("accepted", "partially_accepted"):
-            raise ClientError("invalid_feedback", f"accepted_text goes with accepted or partially_accepted, not {event}")
+            raise ClientError("invalid_feedback",
+                              f"accepted_text goes with accepted or partially_accepted, not {event}")
         with self.lock:
             rec = self.records.get(cid)
             if rec is None:

@@ -243,7 +243,8 @@ class SessionManager:
     def persist(self, session: Session, *, force: bool = False) -> None:
         """Write the session's published snapshot (if newer than the stored one) and its metadata."""
         snap = session.current()
-        if force or snap.version != session.persisted_version or not self.store.exists(session.owner, session.adapter_name):
+        stale = snap.version != session.persisted_version
+        if force or stale or not self.store.exists(session.owner, session.adapter_name):
             self.store.save(session.owner, session.adapter_name, snap,
                             info={"kind": "session", "repository": session.repository, "session_id": session.id})
             session.persisted_version = snap.version

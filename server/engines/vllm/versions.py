@@ -281,7 +281,8 @@ class AdapterVersions:
         head = loaded[-1] if loaded else None
         doomed = [o for o in loaded if o.inflight == 0 and (o is not head or o.dead)]
         # Over capacity: drop idle heads of other lineages, least recently used first.
-        heads = [vs[-1] for vs in ([o for o in l if o.state == "loaded"] for l in self._lineages.values()) if vs]
+        loaded = ([o for o in lineage if o.state == "loaded"] for lineage in self._lineages.values())
+        heads = [vs[-1] for vs in loaded if vs]
         excess = len(heads) - (self.max_cpu_loras - 1)
         if excess > 0:
             for o in sorted((h for h in heads if h.inflight == 0 and h not in doomed), key=lambda h: h.last_used):
