@@ -1,6 +1,7 @@
 // Extension entry: one session per window, shared by the inline provider, the
 // document tracker and the status bar. Session credentials live in
-// workspaceState (per server URL); the API key in context.secrets.
+// workspaceState (per server URL); the API key in context.secrets. Connection
+// events and errors go to the "dynarank" output channel.
 
 import * as vscode from "vscode";
 import { DynarankClient } from "./client";
@@ -9,7 +10,8 @@ import { ACCEPT_COMMAND, FeedbackTracker } from "./feedback";
 import { InlineProvider } from "./inline";
 import type { Adapted, Ready, Status } from "./protocol";
 import { adapterName, repositoryInfo } from "./repository";
-import { StatusView } from "./statusbar";
+import { readSettings } from "./settings";
+import { StatusView, TOGGLE_COMMAND } from "./statusbar";
 import { DocumentTracker } from "./tracker";
 
 const SECRET_KEY = "dynarank.apiKey";
@@ -21,10 +23,15 @@ interface Saved { sessionId?: string; resumeToken?: string }
 export class Extension implements vscode.Disposable {
   client?: DynarankClient;
   readonly status = new StatusView();
+  readonly output = vscode.window.createOutputChannel("dynarank");
   readonly tracker = new DocumentTracker(() => this.client);
   private disposables: vscode.Disposable[] = [];
 
   constructor(private context: vscode.ExtensionContext, private makeClient: ClientFactory) {}
+
+  log(message: string): void {
+    this.output.appendLine(`[${new Date().toISOString()}] ${message}`);
+  }
 
   get serverUrl(): string {
     return vscode.workspace.getConfiguration("dynarank").get<string>("serverUrl") ?? "http://127.0.0.1:8000";
@@ -40,7 +47,8 @@ export class Extension implements vscode.Disposable {
 
   async start(fresh = false): Promise<void> {
     this.client?.close();
-    this.status.update({ state: "connecting", version: undefined, meanRank: undefined, loss: undefined });
+    this.status.update({ state: "connecting", version: undefined, meanRank: undefined, loss: undefined, enabled: readSettings().enable });
+    this.log(`connecting to ${this.serverUrl}${fresh ? " (fresh session)" : ""}`);
     const saved: Saved = fresh ? {} : this.context.workspaceState.get<Saved>(this.stateKey()) ?? {};
     const root = this.root();
     const client = this.makeClient({
@@ -53,39 +61,66 @@ export class Extension implements vscode.Disposable {
       void this.context.workspaceState.update(this.stateKey(), { sessionId: ready.session_id, resumeToken: ready.resume_token });
       this.status.update({ state: "ready", sessionId: ready.session_id, version: ready.adapter_version, meanRank: ready.mean_rank });
     };
-    client.on("reconnected", onReady);
+    client.on("reconnected", (ready: Ready, attempt: number) => {
+      this.log(`reconnected (attempt ${attempt}), session ${ready.session_id}, adapter v${ready.adapter_version}`);
+      onReady(ready);
+    });
     client.on("adapted", (a: Adapted) => this.status.update({ version: a.version, meanRank: a.mean_rank, loss: a.loss }));
     client.on("status", (s: Status) => this.status.update({ version: s.version, queue: s.queue_depth }));
-    client.on("disconnected", () => this.status.update({ state: "offline" }));
+    client.on("disconnected", () => {
+      this.log("disconnected; reconnecting");
+      this.status.update({ state: "offline" });
+    });
+    client.on("server-error", (e: { code: string; message: string; ref?: string }) =>
+      this.log(`server error ${e.code}${e.ref ? ` (${e.ref})` : ""}: ${e.message}`));
     client.on("fatal", (err: Error) => {
+      this.log(`connection failed for good: ${err.message}`);
       this.status.update({ state: "offline" });
       void vscode.window.showErrorMessage(`dynarank: ${err.message}`);
     });
     try {
-      onReady(await client.connect());
+      const ready = await client.connect();
+      this.log(`connected, session ${ready.session_id}, adapter v${ready.adapter_version}`);
+      onReady(ready);
       this.tracker.openAll();
     } catch (err) {
+      this.log(`cannot reach ${this.serverUrl}: ${(err as Error).message}`);
       this.status.update({ state: "offline" });
       void vscode.window.showWarningMessage(`dynarank: cannot reach ${this.serverUrl}: ${(err as Error).message}`);
     }
   }
 
   register(): void {
-    const maxTokens = () => vscode.workspace.getConfiguration("dynarank").get<number>("maxTokens") ?? 48;
     // Feedback is best effort: a refused or unsent event must never disturb typing.
     const feedback = new FeedbackTracker((id, event) => { this.client?.feedback(id, event).catch(() => undefined); });
     this.disposables.push(
       { dispose: () => feedback.dispose() },
-      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, new InlineProvider(() => this.client, maxTokens, feedback)),
+      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" },
+        new InlineProvider(() => this.client, readSettings, feedback, (m) => this.log(m))),
       vscode.commands.registerCommand(ACCEPT_COMMAND, (completionId: string) => feedback.accepted(completionId)),
       vscode.window.onDidChangeActiveTextEditor(() => feedback.dismiss()),
       vscode.commands.registerCommand("dynarank.resetSession", () => this.start(true)),
       vscode.commands.registerCommand("dynarank.fineTuneRepository", () => this.fineTune()),
       vscode.commands.registerCommand("dynarank.setApiKey", () => this.setApiKey()),
+      vscode.commands.registerCommand(TOGGLE_COMMAND, () => this.toggle()),
       vscode.workspace.onDidChangeConfiguration((e) => {
         if (e.affectsConfiguration("dynarank.serverUrl")) void this.start();
+        if (e.affectsConfiguration("dynarank.enable")) this.status.update({ enabled: readSettings().enable });
       }),
     );
+  }
+
+  /** Flips `dynarank.enable` in the user settings; the status bar follows the setting. */
+  async toggle(): Promise<boolean> {
+    const enable = !readSettings().enable;
+    const config = vscode.workspace.getConfiguration("dynarank");
+    // A workspace value would override the user setting, so change it where it is set.
+    const target = config.inspect("enable")?.workspaceValue !== undefined
+      ? vscode.ConfigurationTarget.Workspace : vscode.ConfigurationTarget.Global;
+    await config.update("enable", enable, target);
+    this.status.update({ enabled: enable });
+    this.log(`inline completions ${enable ? "enabled" : "disabled"}`);
+    return enable;
   }
 
   async setApiKey(): Promise<void> {
@@ -118,6 +153,7 @@ export class Extension implements vscode.Disposable {
         if (job.status === "succeeded") {
           void vscode.window.showInformationMessage(`dynarank: ${job.fine_tuned_model} is ready; new sessions here start from it`);
         } else {
+          this.log(`fine-tuning ${job.id} ${job.status}: ${job.error?.message ?? ""}`);
           void vscode.window.showErrorMessage(`dynarank: fine-tuning ${job.status}: ${job.error?.message ?? ""}`);
         }
         return job.status;
@@ -129,6 +165,7 @@ export class Extension implements vscode.Disposable {
     this.client?.close();
     this.tracker.dispose();
     this.status.dispose();
+    this.output.dispose();
     for (const d of this.disposables) d.dispose();
   }
 }

@@ -1,10 +1,12 @@
-// Inline completions from the session's adapter. VS Code cancels the token when
+// Inline completions from the session's adapter. Each request waits the debounce
+// first, so a burst of keystrokes sends one request. VS Code cancels the token when
 // the user types on; the cancel goes to the server so generation stops there too.
 // Each suggestion shown carries a command that reports its acceptance (feedback.ts).
 
 import * as vscode from "vscode";
 import { ACCEPT_COMMAND, type FeedbackTracker } from "./feedback";
 import type { CompleteOptions, CompletionDone } from "./protocol";
+import { languageEnabled, type Settings } from "./settings";
 import { documentPath } from "./tracker";
 
 export interface Completer {
@@ -15,18 +17,34 @@ export interface Completer {
   };
 }
 
+/** Resolves after `ms`, or as soon as the token is cancelled. */
+function debounce(ms: number, token: vscode.CancellationToken): Promise<void> {
+  if (ms <= 0 || token.isCancellationRequested) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { clearTimeout(timer); sub.dispose(); resolve(); };
+    const timer = setTimeout(done, ms);
+    const sub = token.onCancellationRequested(done);
+  });
+}
+
 export class InlineProvider implements vscode.InlineCompletionItemProvider {
-  constructor(private completer: () => Completer | undefined, private maxTokens: () => number,
-              private feedback?: FeedbackTracker) {}
+  private latest = 0; // only the newest request may send, even if VS Code did not cancel the older one
+
+  constructor(private completer: () => Completer | undefined, private settings: () => Settings,
+              private feedback?: FeedbackTracker, private log?: (message: string) => void) {}
 
   async provideInlineCompletionItems(
     document: vscode.TextDocument, position: vscode.Position,
     _context: vscode.InlineCompletionContext, token: vscode.CancellationToken,
   ): Promise<vscode.InlineCompletionItem[]> {
+    const settings = this.settings();
+    if (!settings.enable || !languageEnabled(settings.languages, document.languageId)) return [];
+    const request = ++this.latest;
+    this.feedback?.dismiss(); // a new request replaces whatever suggestion was showing
+    await debounce(settings.debounceMs, token);
     const client = this.completer();
     const path = documentPath(document);
-    this.feedback?.dismiss(); // a new request replaces whatever suggestion was showing
-    if (!client?.connected || path === undefined || token.isCancellationRequested) return [];
+    if (!client?.connected || path === undefined || token.isCancellationRequested || request !== this.latest) return [];
     // The server completes from its mirror of the document, which the tracker keeps current.
     const options: CompleteOptions = client.documents.has(path)
       ? { path, cursor: { line: position.line, character: position.character } }
@@ -36,7 +54,7 @@ export class InlineProvider implements vscode.InlineCompletionItemProvider {
       options.suffix = document.getText(); // the cursor is at offset 0
       if (!options.suffix) return [];
     }
-    const handle = client.complete({ ...options, max_tokens: this.maxTokens() });
+    const handle = client.complete({ ...options, max_tokens: settings.maxTokens, mode: settings.completionMode });
     const listener = token.onCancellationRequested(() => handle.cancel());
     try {
       const done = await handle.done;
@@ -50,8 +68,10 @@ export class InlineProvider implements vscode.InlineCompletionItemProvider {
         this.feedback.shown(done.completion_id);
       }
       return [item];
-    } catch {
-      return []; // a lost connection or a server error: no suggestion, the status bar tells why
+    } catch (err) {
+      // A lost connection or a server error: no suggestion; the output channel says why.
+      this.log?.(`completion failed: ${(err as Error).message}`);
+      return [];
     } finally {
       listener.dispose();
     }

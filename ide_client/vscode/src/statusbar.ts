@@ -1,6 +1,9 @@
-// The status bar item: adapter version and current mean rank of the session.
+// The status bar item: adapter version and current mean rank of the session, or
+// "off" when completions are disabled. Clicking it runs the toggle command.
 
 import * as vscode from "vscode";
+
+export const TOGGLE_COMMAND = "dynarank.toggle";
 
 export interface SessionView {
   state: "connecting" | "ready" | "offline";
@@ -9,9 +12,12 @@ export interface SessionView {
   loss?: number;
   queue?: number;
   sessionId?: string;
+  /** Inline completions on (the `dynarank.enable` setting); undefined counts as on. */
+  enabled?: boolean;
 }
 
 export function statusText(v: SessionView): string {
+  if (v.enabled === false) return "$(circle-slash) dynarank off";
   if (v.state === "connecting") return "$(sync~spin) dynarank";
   if (v.state === "offline") return "$(debug-disconnect) dynarank offline";
   const rank = v.meanRank !== undefined ? ` r\u0304 ${v.meanRank.toFixed(1)}` : "";
@@ -24,6 +30,7 @@ export function statusTooltip(v: SessionView): string {
   if (v.meanRank !== undefined) lines.push(`mean LoRA rank ${v.meanRank.toFixed(2)}`);
   if (v.loss !== undefined) lines.push(`last adaptation loss ${v.loss.toFixed(4)}`);
   if (v.queue !== undefined) lines.push(`queued training examples ${v.queue}`);
+  lines.push(v.enabled === false ? "Click to enable inline completions" : "Click to disable inline completions");
   return lines.join("\n");
 }
 
@@ -33,6 +40,7 @@ export class StatusView implements vscode.Disposable {
 
   constructor() {
     this.item = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+    this.item.command = TOGGLE_COMMAND;
     this.render();
     this.item.show();
   }

@@ -64,15 +64,23 @@ export const events = {
 export const registered = { commands: new Map<string, (...a: unknown[]) => unknown>(), providers: [] as unknown[] };
 export const messages: string[] = [];
 export const settings: Record<string, unknown> = { serverUrl: "http://127.0.0.1:1", maxTokens: 8 };
-export const statusItems: Array<{ text: string; tooltip: string; shown: boolean; disposed: boolean }> = [];
+export const statusItems: Array<{ text: string; tooltip: string; command?: string; shown: boolean; disposed: boolean }> = [];
+/** Lines appended to output channels, by channel name. */
+export const output = new Map<string, string[]>();
 
 export const vscode = {
   Position, Range, InlineCompletionItem, CancellationTokenSource,
   StatusBarAlignment: { Left: 1, Right: 2 },
   ProgressLocation: { Notification: 15 },
+  ConfigurationTarget: { Global: 1, Workspace: 2, WorkspaceFolder: 3 },
   window: {
+    createOutputChannel: (name: string) => {
+      const lines: string[] = [];
+      output.set(name, lines);
+      return { name, appendLine: (l: string) => lines.push(l), show: () => undefined, dispose: () => undefined };
+    },
     createStatusBarItem: () => {
-      const item = { text: "", tooltip: "", shown: false, disposed: false,
+      const item = { text: "", tooltip: "", command: undefined as string | undefined, shown: false, disposed: false,
         show() { item.shown = true; }, dispose() { item.disposed = true; } };
       statusItems.push(item);
       return item;
@@ -91,7 +99,14 @@ export const vscode = {
     getWorkspaceFolder: (uri: { fsPath: string }) =>
       uri.fsPath.startsWith(workspaceRoot + "/") ? { uri: { fsPath: workspaceRoot } } : undefined,
     asRelativePath: (uri: { fsPath: string }) => uri.fsPath.slice(workspaceRoot.length + 1),
-    getConfiguration: () => ({ get: (k: string) => settings[k] }),
+    getConfiguration: () => ({
+      get: (k: string) => settings[k],
+      inspect: (k: string) => ({ key: `dynarank.${k}`, globalValue: settings[k] }),
+      update: async (k: string, v: unknown) => {
+        settings[k] = v;
+        events.config.fire({ affectsConfiguration: (s: string) => s === "dynarank" || s === `dynarank.${k}` });
+      },
+    }),
     onDidOpenTextDocument: events.open.event,
     onDidChangeTextDocument: events.change.event,
     onDidCloseTextDocument: events.close.event,

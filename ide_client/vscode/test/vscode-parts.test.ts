@@ -5,10 +5,11 @@ import assert from "node:assert/strict";
 import { EventEmitter } from "node:events";
 import { beforeEach, test } from "node:test";
 import {
-  CancellationTokenSource, FakeDocument, Position, events, fakeContext, fileUri, messages, registered, settings, statusItems, vscode,
+  CancellationTokenSource, FakeDocument, Position, events, fakeContext, fileUri, messages, output, registered, settings, statusItems, vscode,
 } from "./fake-vscode";
 import { activate, deactivate } from "../src/extension";
 import { InlineProvider } from "../src/inline";
+import { DEFAULTS, type Settings } from "../src/settings";
 import { statusText } from "../src/statusbar";
 import { DocumentTracker, toRangeChanges } from "../src/tracker";
 import { repositoryInfo } from "../src/repository";
@@ -40,6 +41,10 @@ class FakeClient extends EventEmitter {
     return { id, done, cancel: () => { this.cancelled.push(id); this.reply = { text: "", finish_reason: "cancelled" }; release(); } };
   }
 }
+
+/** Provider settings for tests: no debounce unless a test asks for one. */
+const opts = (patch: Partial<Settings> = {}) => () => ({ ...DEFAULTS, maxTokens: 8, debounceMs: 0, ...patch });
+const noToken = () => new CancellationTokenSource().token as never;
 
 beforeEach(() => {
   messages.length = 0;
@@ -87,25 +92,27 @@ test("a change to a document the session has not seen opens it", () => {
 test("inline provider completes at the cursor from the session's mirror", async () => {
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, () => 8);
+  const provider = new InlineProvider(() => client as never, opts());
   const doc = new FakeDocument(fileUri("m.py"), "def add(a, b):\n    ");
   const items = await provider.provideInlineCompletionItems(doc as never, new Position(1, 4) as never, {} as never, new CancellationTokenSource().token as never);
   assert.equal(items.length, 1);
   assert.equal((items[0] as unknown as { insertText: string }).insertText, "return a + b");
-  assert.deepEqual(client.calls[0], ["complete", { path: "m.py", cursor: { line: 1, character: 4 }, max_tokens: 8 }]);
+  assert.deepEqual(client.calls[0], ["complete", { path: "m.py", cursor: { line: 1, character: 4 }, max_tokens: 8, mode: "block" }]);
   // Not in the mirror yet: the prefix is sent instead.
   const other = new FakeDocument(fileUri("n.py"), "import os\nos.");
   await provider.provideInlineCompletionItems(other as never, new Position(1, 3) as never, {} as never, new CancellationTokenSource().token as never);
-  assert.deepEqual(client.calls[1], ["complete", { prefix: "import os\nos.", max_tokens: 8 }]);
+  assert.deepEqual(client.calls[1], ["complete", { prefix: "import os\nos.", max_tokens: 8, mode: "block" }]);
 });
 
 test("inline provider cancels on the server when VS Code cancels, and is quiet offline", async () => {
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, () => 8);
+  const provider = new InlineProvider(() => client as never, opts());
   const doc = new FakeDocument(fileUri("m.py"), "x = ");
   const source = new CancellationTokenSource();
   const pending = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, source.token as never);
+  await new Promise((r) => setImmediate(r)); // past the (zero) debounce: the request is out
+  assert.equal(client.calls.length, 1);
   source.cancel();
   assert.deepEqual(await pending, []);
   assert.equal(client.cancelled.length, 1);
@@ -160,7 +167,7 @@ test("feedback: shown with the item, accepted by its command, rejected when repl
   const tracker = new FeedbackTracker((id, event) => sent.push(`${id}:${event}`), 20);
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, () => 8, tracker);
+  const provider = new InlineProvider(() => client as never, opts(), tracker);
   const doc = new FakeDocument(fileUri("m.py"), "x = ");
   const ask = () => provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, new CancellationTokenSource().token as never);
   const [item] = (await ask()) as unknown as Array<{ command: { command: string; arguments: string[] } }>;
@@ -173,9 +180,98 @@ test("feedback: shown with the item, accepted by its command, rejected when repl
   // Empty prefix (line 1, column 1) of a document the server does not mirror: the suffix goes instead.
   const fresh = new FakeDocument(fileUri("new.py"), "print(1)\n");
   await provider.provideInlineCompletionItems(fresh as never, new Position(0, 0) as never, {} as never, new CancellationTokenSource().token as never);
-  assert.deepEqual(client.calls.at(-1), ["complete", { prefix: "", suffix: "print(1)\n", max_tokens: 8 }]);
+  assert.deepEqual(client.calls.at(-1), ["complete", { prefix: "", suffix: "print(1)\n", max_tokens: 8, mode: "block" }]);
   tracker.dismiss();
   await new Promise((r) => setTimeout(r, 40));
   assert.equal(sent.at(-1), "x:rejected");
   tracker.dispose();
+});
+
+test("debounce: a keystroke within the window cancels the pending request before it is sent", async () => {
+  const client = new FakeClient();
+  client.documents.set("m.py", {});
+  const provider = new InlineProvider(() => client as never, opts({ debounceMs: 30 }));
+  const doc = new FakeDocument(fileUri("m.py"), "x = ");
+  const first = new CancellationTokenSource();
+  const pending = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, first.token as never);
+  await new Promise((r) => setTimeout(r, 5));
+  first.cancel(); // VS Code cancels the older request when the user types on
+  const second = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, noToken());
+  assert.deepEqual(await pending, []);
+  assert.equal(client.calls.length, 0, "nothing is sent during the debounce");
+  assert.equal((await second).length, 1);
+  assert.equal(client.calls.filter((c) => c[0] === "complete").length, 1);
+  assert.deepEqual(client.cancelled, [], "the first never reached the server, so there is nothing to cancel");
+  // Without a cancel from VS Code, the newer request still wins.
+  const a = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, noToken());
+  const b = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, noToken());
+  assert.deepEqual(await a, []);
+  assert.equal((await b).length, 1);
+  assert.equal(client.calls.filter((c) => c[0] === "complete").length, 2);
+});
+
+test("disabled, or a disabled language: no request; completion mode is sent", async () => {
+  const client = new FakeClient();
+  client.documents.set("m.py", {});
+  client.documents.set("notes.md", {});
+  let current: Partial<Settings> = { enable: false };
+  const provider = new InlineProvider(() => client as never, () => opts(current)());
+  const py = new FakeDocument(fileUri("m.py"), "x = ");
+  const md = new FakeDocument(fileUri("notes.md"), "# x", "markdown");
+  const ask = (doc: FakeDocument) => provider.provideInlineCompletionItems(doc as never, new Position(0, 3) as never, {} as never, noToken());
+  assert.deepEqual(await ask(py), []);
+  assert.deepEqual(client.calls, [], "disabled: nothing sent");
+  current = {};
+  assert.deepEqual(await ask(md), [], "markdown is off by default");
+  assert.equal(client.calls.length, 0);
+  current = { languages: { "*": false, markdown: true }, completionMode: "line" };
+  assert.deepEqual(await ask(py), [], "\"*\" covers languages not listed");
+  assert.equal((await ask(md)).length, 1);
+  assert.deepEqual(client.calls, [["complete", { path: "notes.md", cursor: { line: 0, character: 3 }, max_tokens: 8, mode: "line" }]]);
+});
+
+test("toggle command flips dynarank.enable and the status bar; errors reach the output channel", async () => {
+  const context = fakeContext();
+  const clients: FakeClient[] = [];
+  await activate(context as never, () => {
+    const c = new FakeClient();
+    clients.push(c);
+    return c as never;
+  });
+  try {
+    const item = statusItems.at(-1)!;
+    assert.equal(item.command, "dynarank.toggle", "clicking the status bar toggles");
+    assert.match(item.text, /v3/);
+    const log = output.get("dynarank")!;
+    assert.ok(log.some((l) => /connected, session s1, adapter v3/.test(l)), log.join("\n"));
+
+    const provider = registered.providers.at(-1) as InlineProvider;
+    clients[0].documents.set("m.py", {});
+    const doc = new FakeDocument(fileUri("m.py"), "x = ");
+    const ask = () => provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, noToken());
+
+    await registered.commands.get("dynarank.toggle")!();
+    assert.equal(settings.enable, false);
+    assert.match(item.text, /dynarank off/);
+    assert.deepEqual(await ask(), []);
+    assert.ok(!clients[0].calls.some((c) => c[0] === "complete"), "disabled: no completion request");
+
+    await registered.commands.get("dynarank.toggle")!();
+    assert.equal(settings.enable, true);
+    assert.match(item.text, /v3/);
+
+    // A failed request and a pushed server error are logged.
+    settings.debounceMs = 0;
+    clients[0].complete = () => ({ id: "c", done: Promise.reject(new Error("boom")), cancel: () => undefined }) as never;
+    assert.deepEqual(await ask(), []);
+    clients[0].emit("server-error", { type: "error", code: "unknown_document", message: "no such document", ref: "edit" });
+    clients[0].emit("disconnected");
+    assert.ok(log.some((l) => /completion failed: boom/.test(l)), log.join("\n"));
+    assert.ok(log.some((l) => /server error unknown_document \(edit\): no such document/.test(l)));
+    assert.ok(log.some((l) => /disconnected; reconnecting/.test(l)));
+  } finally {
+    delete settings.enable;
+    delete settings.debounceMs;
+    deactivate();
+  }
 });
