@@ -297,7 +297,6 @@ class TokenStream:
 
     def __init__(self, tokenizer, request: GenerationRequest, prompt: Prompt, stop_ids: set[int],
                  vocab: "VocabIndex | None" = None):
-        self.request = request
         # Usage counts the prompt as the client sent it: the healed token is still part of it.
         self.n_prompt = len(prompt.ids) + (1 if prompt.healed else 0)
         self.want_logprobs = request.logprobs is not None

@@ -49,7 +49,8 @@ class HFEngine(TokenizerEngine):
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+        # The model's own EOS ids; stop_token_ids adds the tokenizer's.
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
             value = getattr(source, "eos_token_id", None)
             if value is None:
                 continue

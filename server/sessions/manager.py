@@ -117,10 +117,7 @@ class SessionManager:
                     session_id = session_id or secrets.token_hex(8)
                     token = secrets.token_urlsafe(24)
                     session = self._create(owner, session_id, token, repository)
-                with self._lock:  # resident and connected at once, so no eviction can take it in between
-                    self._sessions[(owner_hash(owner), session.id)] = session
-                    session.connections += 1
-                    session.last_used = time.time()
+                session = self._join(owner, session.id, new=session)
         self._evict_over_limit(keep=session)
         if token is None:
             # Joined or resumed: this tab gets its own token; the others' stay valid.
@@ -131,9 +128,15 @@ class SessionManager:
             self._write_meta(session)
         return session, token
 
-    def _join(self, owner: str | None, sid: str) -> Session | None:
-        """The resident session, counted as one more connection; None if it is not resident."""
+    def _join(self, owner: str | None, sid: str, new: Session | None = None) -> Session | None:
+        """The resident session (``new`` is made resident first), counted as one more connection.
+
+        Resident and connected in one step under the lock, so no eviction can take a new one in between.
+        None if the session is not resident and no ``new`` one is given.
+        """
         with self._lock:
+            if new is not None:
+                self._sessions[(owner_hash(owner), sid)] = new
             session = self._sessions.get((owner_hash(owner), sid))
             if session is not None:
                 session.connections += 1

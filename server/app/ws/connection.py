@@ -332,11 +332,12 @@ class Connection:
         completion_id, version = "cmpl-" + secrets.token_hex(12), snap.version if snap is not None else 0
         book = self.session.feedback
         # The session's gate: a suggestion unlikely to be accepted is marked hidden (the client shows nothing).
-        hidden = request.trim and "".join(parts).strip() != "" and not book.gate.should_show(confidence)
-        book.record(completion_id, version=version, model=model, text="".join(parts), prompt=request.prompt,
+        text = "".join(parts)
+        hidden = request.trim and text.strip() != "" and not book.gate.should_show(confidence)
+        book.record(completion_id, version=version, model=model, text=text, prompt=request.prompt,
                     path=path, confidence=confidence, hidden=hidden)
         await self.send({
-            "type": "completion.done", "id": cid, "text": "".join(parts), "adapter_version": version,
+            "type": "completion.done", "id": cid, "text": text, "adapter_version": version,
             "finish_reason": finish or "stop", "completion_id": completion_id, "model": model,
             "confidence": confidence, "hidden": hidden,
         })

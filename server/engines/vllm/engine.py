@@ -55,8 +55,8 @@ from server.engines.vllm.versions import AdapterVersion, AdapterVersions
 log = logging.getLogger("dynarank.engine.vllm")
 
 
-def model_eos_ids(model_path, tokenizer) -> set[int]:
-    """EOS ids as the hf engine collects them: generation_config, config, tokenizer."""
+def model_eos_ids(model_path) -> set[int]:
+    """The model's own EOS ids, from generation_config and config (stop_token_ids adds the tokenizer's)."""
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         try:
@@ -65,8 +65,6 @@ def model_eos_ids(model_path, tokenizer) -> set[int]:
             continue
         if value is not None:
             ids.update(value if isinstance(value, (list, tuple)) else [value])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
     return ids
 
 
@@ -88,7 +86,7 @@ class VLLMEngine(TokenizerEngine):
         self.model_name = model_name
         self.gate = gate or ServingGate()
         self.fim = has_fim(tokenizer)
-        self.stop_ids = stop_token_ids(tokenizer, model_eos_ids(model_path, tokenizer))
+        self.stop_ids = stop_token_ids(tokenizer, model_eos_ids(model_path))
         self.max_lora_rank = int(max_lora_rank) if max_lora_rank else choose_max_lora_rank(r_max)
         if self.max_lora_rank not in DEFAULT_ALLOWED_RANKS + allowed_lora_ranks():
             raise ValueError(f"max_lora_rank must be one of {allowed_lora_ranks()}, got {self.max_lora_rank}")
