@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from adapter_core import use_adapter
 from code_signals import FIM_TOKENS
 from server.engines.base import GenerationChunk, GenerationRequest
 
@@ -22,10 +23,6 @@ def adapter_context(model, adapter):
     """Bind an adapter snapshot (or a per-row list) for the forwards inside the block."""
     if adapter is None:
         return contextlib.nullcontext()
-    try:
-        from adapter_core import use_adapter
-    except ImportError:  # the package may not re-export it
-        from adapter_core.layer import use_adapter
     return use_adapter(model, adapter)
 
 
