@@ -8,8 +8,28 @@ import torch
 from torch import nn
 
 from adapter_core.policies.base import ModuleInfo
-from adapter_core.resize import resize_factors
+from adapter_core.resize import grow_factors, resize_factors
 from adapter_core.snapshot import AdapterSnapshot
+
+# rsLoRA (Kalajdzievski 2023): scale = lora_alpha / sqrt(r), so a larger rank does not
+# mean a larger update. This alpha gives 2.0 at r = 8, the constant scale used before.
+RS_ALPHA = 2.0 * math.sqrt(8)
+
+
+def rank_scale(lora_alpha: float, rank: int) -> float:
+    return lora_alpha / math.sqrt(rank)
+
+
+def _padded_state(state: dict, shape: torch.Size, dim: int, extra: int) -> dict:
+    """AdamW state of a parameter that grew by ``extra`` along ``dim``: moments padded with zeros."""
+    padded = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == shape:
+            pad_shape = list(shape)
+            pad_shape[dim] = extra
+            value = torch.cat([value, value.new_zeros(pad_shape)], dim=dim)
+        padded[key] = value
+    return padded
 
 
 class Adapter:
@@ -18,11 +38,11 @@ class Adapter:
     Bind it with ``use_adapter(model, adapter)`` to train; publish with
     :meth:`snapshot`. Only the thread that trains should touch it.
 
-    Optimizer state across a resize: the moments of a resized module's A and B are
-    reset (the next step starts them fresh, with Adam's bias correction). A
-    rotation could carry the first moment over, but Adam's second moment is
-    element-wise and has no meaningful image under a rotation; resetting is
-    exact about what it does. Modules whose rank did not change keep their moments.
+    Optimizer state across a resize: growing appends directions (``grow_factors``) and
+    keeps the module's AdamW moments, with zeros for the new entries. Shrinking
+    truncates in the SVD basis, a rotation: Adam's second moment is element-wise and
+    has no meaningful image under it, so only the module that shrank starts its
+    moments afresh. Modules whose rank did not change are untouched.
     """
 
     def __init__(
@@ -51,8 +71,12 @@ class Adapter:
     # -- construction ------------------------------------------------------------
 
     @classmethod
-    def new(cls, modules: dict[str, ModuleInfo], ranks: dict[str, int], *, scale: float = 2.0, seed: int = 0, **kw):
-        """Fresh adapter: A as PEFT initialises it (kaiming-uniform), B zero, so it starts as the base model."""
+    def new(cls, modules: dict[str, ModuleInfo], ranks: dict[str, int], *, lora_alpha: float = RS_ALPHA,
+            seed: int = 0, **kw):
+        """Fresh adapter: A as PEFT initialises it (kaiming-uniform), B zero, so it starts as the base model.
+
+        Each module's scale is rsLoRA's ``lora_alpha / sqrt(r)`` at its initial rank.
+        """
         gen = torch.Generator().manual_seed(seed)
         A, B = {}, {}
         for name, r in ranks.items():
@@ -60,18 +84,21 @@ class Adapter:
             bound = 1 / math.sqrt(info.in_features)
             A[name] = (torch.rand(r, info.in_features, generator=gen) * 2 - 1) * bound
             B[name] = torch.zeros(info.out_features, r)
-        return cls(modules, A, B, {n: scale for n in ranks}, seed=seed, **kw)
+        return cls(modules, A, B, {n: rank_scale(lora_alpha, r) for n, r in ranks.items()}, seed=seed, **kw)
 
     @classmethod
     def from_snapshot(cls, snap: AdapterSnapshot, modules: dict[str, ModuleInfo] | None = None, **kw) -> "Adapter":
-        """Resume training from a published snapshot (fresh optimizer state, same version)."""
+        """Resume training from a published snapshot: same version and step (so step-indexed
+        schedules go on where they were), fresh optimizer state."""
         if modules is None:
             modules = {
                 n: ModuleInfo(n, a.shape[1], snap.B[n].shape[0], -1) for n, a in snap.A.items()
             }
         kw.setdefault("version", snap.version)
         kw.setdefault("metadata", dict(snap.metadata))
-        return cls(modules, dict(snap.A), dict(snap.B), dict(snap.scale), **kw)
+        adapter = cls(modules, dict(snap.A), dict(snap.B), dict(snap.scale), **kw)
+        adapter.step = int(snap.metadata.get("step", 0))
+        return adapter
 
     # -- reading -----------------------------------------------------------------
 
@@ -118,7 +145,7 @@ class Adapter:
             p.grad = None
 
     def resize(self, new_ranks: dict[str, int]) -> list[str]:
-        """Reshape the modules whose rank changes (SVD, eqs. 13-15); reset their moments.
+        """Reshape the modules whose rank changes: grow by appending, shrink by SVD (eqs. 13-15).
 
         The Parameter objects stay the same (the optimizer keeps referring to
         them); only their data and optimizer state change. Returns the names resized.
@@ -126,13 +153,18 @@ class Adapter:
         changed = []
         with torch.no_grad():
             for name, r in new_ranks.items():
-                if name not in self.A or r == self.A[name].shape[0]:
+                old_r = self.A[name].shape[0] if name in self.A else r
+                if r == old_r:
                     continue
-                a, b = resize_factors(self.A[name], self.B[name], r, generator=self.generator)
-                for p, data in ((self.A[name], a), (self.B[name], b)):
+                grow = r > old_r
+                resize = grow_factors if grow else resize_factors
+                a, b = resize(self.A[name], self.B[name], r, generator=self.generator)
+                for p, data, dim in ((self.A[name], a, 0), (self.B[name], b, 1)):
+                    state = self.optimizer.state.pop(p, None)
+                    if grow and state:
+                        self.optimizer.state[p] = _padded_state(state, p.shape, dim, r - old_r)
                     p.data = data
                     p.grad = None
-                    self.optimizer.state.pop(p, None)
                 changed.append(name)
         return changed
 

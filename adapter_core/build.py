@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from adapter_core.adapter import Adapter
 from adapter_core.config import AdapterConfig
 from adapter_core.inject import inject_adapters
-from adapter_core.policies import ModuleInfo, RankPolicy, make_policy
+from adapter_core.policies import ModuleInfo, RankBounds, RankPolicy, make_policy
 from adapter_core.resize import fit_to_budget
 from adapter_core.snapshot import AdapterSnapshot
 
 log = logging.getLogger("dynarank.adapter_core")
+
+
+def session_bounds(config: AdapterConfig, modules: dict[str, ModuleInfo]) -> RankBounds:
+    """``config.bounds`` with the budget in parameters: ``rank_budget`` times the parameters of one rank
+    on every module, unless ``bounds.budget`` already sets it."""
+    if config.bounds.budget is not None or config.rank_budget is None:
+        return config.bounds
+    per_rank = sum(m.params_per_rank() for m in modules.values())
+    return dataclasses.replace(config.bounds, budget=int(config.rank_budget * per_rank))
 
 
 def _make_policy(config: AdapterConfig, modules: dict[str, ModuleInfo], name: str | None = None) -> RankPolicy:
@@ -20,7 +30,7 @@ def _make_policy(config: AdapterConfig, modules: dict[str, ModuleInfo], name: st
     options = dict(config.policy_options) if name == config.policy else {}
     if name == "fixed":
         options.setdefault("rank", config.r_init)
-    return make_policy(name, modules, config.bounds, **options)
+    return make_policy(name, modules, session_bounds(config, modules), **options)
 
 
 def new_adapter(model, config: AdapterConfig | None = None, task: str | None = None) -> tuple[Adapter, RankPolicy]:
@@ -31,9 +41,9 @@ def new_adapter(model, config: AdapterConfig | None = None, task: str | None = N
     config = config or AdapterConfig()
     modules = inject_adapters(model, config.target_modules)
     policy = _make_policy(config, modules)
-    ranks = fit_to_budget(policy.initial_ranks(task), modules, config.bounds)
+    ranks = fit_to_budget(policy.initial_ranks(task), modules, policy.bounds)
     adapter = Adapter.new(
-        modules, ranks, scale=config.scale, seed=config.seed, lr=config.lr,
+        modules, ranks, lora_alpha=config.lora_alpha, seed=config.seed, lr=config.lr,
         weight_decay=config.weight_decay, metadata={"policy": config.policy, "task": task},
     )
     return adapter, policy

@@ -73,6 +73,23 @@ def fresh_rows(n: int, in_features: int, *, against: torch.Tensor | None = None,
     return rows
 
 
+def grow_factors(A: torch.Tensor, B: torch.Tensor, new_r: int, *, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append ``new_r - r`` directions to ``A (r x in)``, ``B (out x r)``; the existing ones stay bit-identical.
+
+    The new A rows are small random rows (a fresh PEFT row's norm) orthogonal to the
+    existing rows, the new B columns are zero: ``B' A' == B A``, and the optimizer
+    moments of the existing entries stay valid (``Adapter.resize`` pads them with zeros).
+    """
+    r = A.shape[0]
+    if new_r <= r:
+        raise ValueError(f"grow_factors needs new_r > {r}, got {new_r}")
+    basis = torch.linalg.qr(A.detach().to(torch.float64).cpu().T)[0].T if r else None  # orthonormal rows
+    rows = fresh_rows(new_r - r, A.shape[1], against=basis, generator=generator)
+    A_new = torch.cat([A.detach(), rows.to(dtype=A.dtype, device=A.device)])
+    B_new = torch.cat([B.detach(), B.new_zeros(B.shape[0], new_r - r)], dim=1)
+    return A_new, B_new
+
+
 def resize_factors(A: torch.Tensor, B: torch.Tensor, new_r: int, *, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reshape ``A (r x in)``, ``B (out x r)`` to rank ``new_r`` (DynamicRank eqs. 13-15).
 

@@ -22,6 +22,9 @@ from adapter_core.layer import use_adapter
 from adapter_core.policies.base import RankPolicy, StepObservation
 from adapter_core.resize import fit_to_budget
 
+# Largest step-size multiplier an example weight may ask for (see _weighted_loss).
+MAX_STEP_WEIGHT = 4.0
+
 
 @dataclasses.dataclass
 class StepStats:
@@ -48,6 +51,27 @@ def _targets(batch, weights_key="loss_weights"):
         w = w * batch["attention_mask"][:, 1:].float()
     sel = w > 0
     return sel, ids[:, 1:][sel], w[sel]
+
+
+def _weighted_loss(nll, token_weights, sel, example_weights=None) -> tuple[torch.Tensor, float]:
+    """(loss, step weight) of a batch whose rows are examples.
+
+    Each row's loss is the token-weighted mean NLL of its targets; the rows are averaged
+    with their example weights (default 1). Adam divides out any uniform factor of
+    the loss, so an example's absolute weight acts on the step size instead: the step
+    is the batch's mean example weight times the learning rate (capped at
+    MAX_STEP_WEIGHT). An example at weight 3 thus moves the adapter about as far as
+    three steps on it would.
+    """
+    n_rows = sel.shape[0]
+    rows = sel.nonzero()[:, 0]
+    num = nll.new_zeros(n_rows).index_add(0, rows, nll * token_weights)
+    den = nll.new_zeros(n_rows).index_add(0, rows, token_weights.to(nll.dtype))
+    has_targets = den > 0
+    omega = torch.ones(n_rows) if example_weights is None else example_weights.detach().float().reshape(n_rows)
+    omega = omega[has_targets].to(nll.dtype)
+    loss = (omega * num[has_targets] / den[has_targets]).sum() / omega.sum()
+    return loss, min(MAX_STEP_WEIGHT, float(omega.mean()))
 
 
 def _selected_nll(model, hidden, sel, targets):
@@ -105,7 +129,7 @@ def train_step(
     with use_adapter(model, adapter), eager_attention(eager):
         out = model.model(inputs_embeds=emb, attention_mask=mask, use_cache=False, output_attentions=want_importance)
         nll = _selected_nll(model, out.last_hidden_state, sel, targets)
-        loss = (nll * weights).sum() / weights.sum()
+        loss, step_weight = _weighted_loss(nll, weights, sel, batch.get("example_weights"))
     timings["forward"] = time.perf_counter() - t0
 
     # -- backward ----------------------------------------------------------------
@@ -136,7 +160,10 @@ def train_step(
     for p, g in zip(params, param_grads):
         p.grad = g
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    base_lr = adapter.lr
+    adapter.lr = base_lr * step_weight
     adapter.optimizer.step()
+    adapter.lr = base_lr
     adapter.zero_grad()
     timings["backward"] = time.perf_counter() - t0
 

@@ -16,9 +16,10 @@ from .edits import (
     is_whitespace_only,
 )
 from .errors import CodeSignalsError
-from .examples import FIM_TOKENS, ExampleBuilder, TrainingExample
+from .examples import ExampleBuilder, TrainingExample
 from .languages import LANGUAGES, detect_language, has_grammar
 from .lexical import classify_lexical
+from .prompts import FIM_TOKENS
 from .walker import (
     RepoFile,
     RepoScan,

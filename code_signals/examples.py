@@ -1,15 +1,18 @@
 """Training examples from edits and from whole files.
 
 An example is one token sequence: context tokens (loss weight 0) followed by
-target tokens (weighted by class). With `context_after=True` and a tokenizer that
-has the FIM tokens, it is `<|fim_prefix|> before <|fim_suffix|> after
-<|fim_middle|> target`; without them the text after the edit is left out (a
-causal model cannot use it for the targets).
+target tokens (weighted by class). An edit's context is exactly the prompt the
+serving engine builds for a completion where the edit starts
+(`code_signals.prompts`): `<|fim_prefix|> before <|fim_suffix|> after
+<|fim_middle|>` for a share of the edits with text after them (`fim_ratio`) when
+the tokenizer has FIM tokens, the text before otherwise, with its last token
+backed off (token healing) and moved to the targets.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,10 +22,10 @@ from .classify import classify
 from .edits import NEW_CODE, changed_regions, classify_edit_type, is_whitespace_only
 from .errors import CodeSignalsError
 from .languages import detect_language
+from .prompts import FIM_TOKENS, completion_prompt_ids
 from .walker import chunk_ranges
 from .weights import resolve_table
 
-FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 # Documents up to this size are classified whole (right parse context); larger
 # ones only around each edit.
 CLASSIFY_WHOLE_CHARS = 300_000
@@ -42,6 +45,11 @@ class TrainingExample:
     target_start: int = 0  # character range of the targets in the document
     target_end: int = 0
     fim: bool = False
+    weight: float = 1.0  # example weight: accepted completions count more than plain edits
+    # The completion request whose prompt the context is (edit examples): prefix
+    # text[a:b] (the cursor at b), suffix text[c:d] or None for a prefix-only prompt.
+    prefix_range: tuple[int, int] | None = None
+    suffix_range: tuple[int, int] | None = None
     in_error: list[bool] = field(
         default_factory=list
     )  # token lies in a parse-error region
@@ -57,8 +65,11 @@ class ExampleBuilder:
     max_tokens: length cap of one example (context + targets + FIM markers);
     targets take at most 3/4 of it, the rest is context.
     max_examples: cap per edit (the largest changed regions are kept).
-    context_after: also show the text after the edit (FIM) when the tokenizer
-    has FIM tokens.
+    fim_ratio: the share of edit examples laid out fill-in-the-middle, with the
+    text after the edit as suffix, when there is such text and the tokenizer has
+    FIM tokens (the rest are prefix-only). Both are prompts the engine serves:
+    FIM for a cursor inside a document, prefix-only at its end or over plain
+    `/v1/completions`. Default 0: prefix-only.
     weights: overrides for DEFAULT_WEIGHTS.
     """
 
@@ -67,7 +78,7 @@ class ExampleBuilder:
         tokenizer,
         max_tokens: int = 256,
         max_examples: int = 4,
-        context_after: bool = False,
+        fim_ratio: float = 0.0,
         weights: Mapping | None = None,
     ):
         if max_tokens < 16:
@@ -83,17 +94,15 @@ class ExampleBuilder:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.max_examples = max_examples
-        self.context_after = context_after
+        if not 0 <= fim_ratio <= 1:
+            raise CodeSignalsError(f"fim_ratio must be in [0, 1], got {fim_ratio}")
+        self.fim_ratio = fim_ratio
         self.weights = resolve_table(weights)
         vocab = tokenizer.get_vocab()
         ids = [vocab.get(t) for t in FIM_TOKENS]
         self.fim_ids: tuple[int, int, int] | None = (
             tuple(ids) if None not in ids else None
         )
-
-    @property
-    def uses_fim(self) -> bool:
-        return self.context_after and self.fim_ids is not None
 
     # ------------------------------------------------------------ edits
 
@@ -134,102 +143,57 @@ class ExampleBuilder:
     def _edit_example(self, text, start, end, whole, lang) -> TrainingExample | None:
         # Finish the word the edit ends in: the model should not learn to stop mid-name.
         end = _WORD_TAIL.match(text, end).end()
-        if end - start > self.max_tokens * _CHARS_PER_TOKEN:
-            end = start + self.max_tokens * _CHARS_PER_TOKEN
-        lo = max(0, start - self.max_tokens * _CHARS_PER_TOKEN)
-        hi = (
-            min(len(text), end + self.max_tokens * _CHARS_PER_TOKEN)
-            if self.uses_fim
-            else end
-        )
-        spans = whole if whole is not None else _shift(classify(text[lo:hi], lang), lo)
-        if self.uses_fim:
-            return self._fim_example(text, lo, start, end, hi, spans, lang)
-        return self._causal_example(text, lo, start, end, spans, lang)
+        window = self.max_tokens * _CHARS_PER_TOKEN
+        end = min(end, start + window)
+        lo = max(0, start - window)
+        hi = min(len(text), end + window) if self._wants_fim(text, start, end) else None
+        spans = whole if whole is not None else _shift(classify(text[lo : hi or end], lang), lo)
+        return self._served_example(text, lo, start, end, hi, spans, lang)
 
-    def _causal_example(
-        self, text, lo, start, end, spans, lang
-    ) -> TrainingExample | None:
-        ids, classes, errors, offsets = self._encode(text, lo, end, spans)
-        first_target = next(
-            (i for i, (_, e) in enumerate(offsets) if e > start), len(ids)
-        )
-        n_targets = min(len(ids) - first_target, self.max_tokens * 3 // 4)
-        if n_targets <= 0:
-            return None
-        n_context = min(first_target, self.max_tokens - n_targets)
-        keep = slice(first_target - n_context, first_target + n_targets)
-        weights = [0.0] * n_context + [
-            self.weights[c] for c in classes[first_target : first_target + n_targets]
-        ]
-        target_end = offsets[first_target + n_targets - 1][1]
-        return TrainingExample(
-            input_ids=ids[keep],
-            loss_weights=weights,
-            token_classes=[int(c) for c in classes[keep]],
-            edit_type=NEW_CODE,
-            path=None,
-            language=lang,
-            target_text=text[offsets[first_target][0] : target_end],
-            target_start=offsets[first_target][0],
-            target_end=target_end,
-            in_error=errors[keep],
-        )
+    def _wants_fim(self, text: str, start: int, end: int) -> bool:
+        """FIM for a share ``fim_ratio`` of the edits that have text after them, when the model
+        has FIM tokens. The choice hashes the position, so a replay builds the same examples."""
+        if self.fim_ids is None or self.fim_ratio <= 0 or not text[end:].strip():
+            return False
+        return zlib.crc32(f"{start}:{end}:{len(text)}".encode()) % 10_000 < self.fim_ratio * 10_000
 
-    def _fim_example(
-        self, text, lo, start, end, hi, spans, lang
-    ) -> TrainingExample | None:
-        mid_ids, mid_cls, mid_err, mid_offsets = self._encode(text, start, end, spans)
-        budget = self.max_tokens - 3
-        n_mid = min(len(mid_ids), budget * 3 // 4)
-        if n_mid <= 0:
-            return None
-        pre_ids, pre_cls, pre_err, _ = self._encode(text, lo, start, spans)
-        suf_ids, suf_cls, suf_err, _ = self._encode(text, end, hi, spans)
+    def _served_example(self, text, lo, start, end, hi, spans, lang) -> TrainingExample | None:
+        """Context: the prompt the engine builds for a completion at ``start`` (prefix
+        ``text[lo:start]``, suffix ``text[end:hi]`` when ``hi`` is given, last prefix token
+        healed: code_signals.prompts). Targets: the healed text and the edit."""
+        fim = hi is not None
+        budget = self.max_tokens - (3 if fim else 0)
+        n_mid = min(len(self._encode(text, start, end, spans)[0]) + 1, budget * 3 // 4)
         room = budget - n_mid
+        pre_ids, _, _, pre_offsets = self._encode(text, lo, start, spans)
+        suf_ids, _, _, suf_offsets = self._encode(text, end, hi, spans) if fim else ([], [], [], [])
         n_suf = min(len(suf_ids), max(room // 3, room - len(pre_ids)))
         n_pre = min(len(pre_ids), room - n_suf)
-        p, s, m = self.fim_ids
-        other = TokenClass.OTHER
-        ids = [
-            p,
-            *pre_ids[len(pre_ids) - n_pre :],
-            s,
-            *suf_ids[:n_suf],
-            m,
-            *mid_ids[:n_mid],
-        ]
-        classes = [
-            other,
-            *pre_cls[len(pre_cls) - n_pre :],
-            other,
-            *suf_cls[:n_suf],
-            other,
-            *mid_cls[:n_mid],
-        ]
-        errors = [
-            False,
-            *pre_err[len(pre_err) - n_pre :],
-            False,
-            *suf_err[:n_suf],
-            False,
-            *mid_err[:n_mid],
-        ]
-        n_context = len(ids) - n_mid
-        weights = [0.0] * n_context + [self.weights[c] for c in mid_cls[:n_mid]]
+        # Cut the windows at token boundaries so the prompt fits its share of the budget.
+        lo = pre_offsets[len(pre_ids) - n_pre][0] if n_pre else start
+        hi = suf_offsets[n_suf - 1][1] if n_suf else end
+        context, healed = completion_prompt_ids(self.tokenizer, text[lo:start], text[end:hi] if fim else None)
+        target_start = start - len(healed)
+        mid_ids, mid_cls, mid_err, mid_offsets = self._encode(text, target_start, end, spans)
+        n_mid = min(len(mid_ids), self.max_tokens - len(context), budget * 3 // 4)
+        if n_mid <= 0 or not context:
+            return None
         target_end = mid_offsets[n_mid - 1][1]
         return TrainingExample(
-            input_ids=ids,
-            loss_weights=weights,
-            token_classes=[int(c) for c in classes],
+            input_ids=context + mid_ids[:n_mid],
+            loss_weights=[0.0] * len(context) + [self.weights[c] for c in mid_cls[:n_mid]],
+            # Context tokens only condition; their classes are not used.
+            token_classes=[int(TokenClass.OTHER)] * len(context) + [int(c) for c in mid_cls[:n_mid]],
             edit_type=NEW_CODE,
             path=None,
             language=lang,
-            target_text=text[start:target_end],
-            target_start=start,
+            target_text=text[target_start:target_end],
+            target_start=target_start,
             target_end=target_end,
-            fim=True,
-            in_error=errors,
+            fim=fim,
+            in_error=[False] * len(context) + mid_err[:n_mid],
+            prefix_range=(lo, start),
+            suffix_range=(end, hi) if fim else None,
         )
 
     # ------------------------------------------------------------ files

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field("info", description="uvicorn log level")
     # -- sessions and adaptation (server/sessions/, server/adaptation/) --
     rank_policy: str = Field("dynamicrank", min_length=1, description="rank policy of session adapters")
+    rank_budget: float = Field(8.0, ge=0, allow_inf_nan=False,
+                               description="LoRA parameters per session, as a mean rank: the parameters a fixed "
+                                           "adapter of this rank has on the same modules (0: no cap)")
     max_sessions: int = Field(64, ge=1, description="sessions kept in memory (beyond it, idle sessions are saved "
                                                      "and evicted, least recently used first)")
     max_queue_per_session: int = Field(32, ge=1, description="training examples queued per session (the oldest drop "

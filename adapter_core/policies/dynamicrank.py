@@ -282,8 +282,10 @@ class DynamicRankPolicy(RankPolicy):
         self.share = {n: g[n] / mean_g for n in self.modules}  # 1 = an average module
 
         for n in self.modules:
-            # Eq. 8 per module: r' = r + lambda * S, scaled by the module's gradient share.
-            self.base[n] += self.lam * self.signal * self.share[n]
+            # Eq. 8 per module: r' = r + lambda * S, scaled by the module's gradient share taken
+            # relative to the average module (share - 1). As printed the term is never negative and
+            # ranks only drift up; centred, rank moves from weak modules to strong ones.
+            self.base[n] += self.lam * self.signal * (self.share[n] - 1)
 
             # Shrink modules whose importance stays low; hysteresis avoids flapping.
             prev = self.importance_ema.get(n, 1.0)
@@ -317,7 +319,25 @@ class DynamicRankPolicy(RankPolicy):
             n: min(self.bounds.r_max, max(self.bounds.r_min, math.floor(self.base[n] * self.multiplier[n] + 1e-6)))
             for n in self.modules
         }
+        ranks = self._fit_budget(ranks)
         self.last_proposal = ranks
+        return ranks
+
+    def _fit_budget(self, ranks: dict[str, int]) -> dict[str, int]:
+        """Over the parameter budget, the least important modules (lowest gradient-share EMA) give
+        up rank one at a time until the important ones' growth fits: reallocation, not a cap on all."""
+        budget = self.bounds.budget
+        if budget is None:
+            return ranks
+        used = sum(r * self.modules[n].params_per_rank() for n, r in ranks.items())
+        by_importance = sorted(self.modules, key=lambda n: self.importance_ema.get(n, 1.0))
+        while used > budget:
+            donor = next((n for n in by_importance if ranks[n] > self.bounds.r_min), None)
+            if donor is None:
+                break  # everything at r_min: the mechanism reports the impossible budget
+            ranks[donor] -= 1
+            used -= self.modules[donor].params_per_rank()
+            self.base[donor] = min(self.base[donor], ranks[donor] / self.multiplier[donor])
         return ranks
 
     # -- controller (eqs. 11-12) ------------------------------------------------------------

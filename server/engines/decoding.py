@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from adapter_core import use_adapter
-from code_signals import FIM_TOKENS
+from code_signals.prompts import completion_prompt_ids
 from server.engines.base import GenerationChunk, GenerationRequest
 
 _DETOK_CONTEXT = 5  # prompt tokens that seed the incremental decoder (leading-space handling)
@@ -24,19 +24,6 @@ def adapter_context(model, adapter):
     if adapter is None:
         return contextlib.nullcontext()
     return use_adapter(model, adapter)
-
-
-def has_fim(tokenizer) -> bool:
-    vocab = tokenizer.get_vocab()
-    return all(t in vocab for t in FIM_TOKENS)
-
-
-def build_prompt(tokenizer, prompt: str, suffix: str | None) -> str:
-    """The text to tokenize: a FIM prompt when a suffix is given and the model knows FIM."""
-    if suffix is None or not has_fim(tokenizer):
-        return prompt
-    pre, suf, mid = FIM_TOKENS
-    return f"{pre}{prompt}{suf}{suffix}{mid}"
 
 
 class IncrementalDecoder:
@@ -126,31 +113,11 @@ class Prompt:
     healed: str = ""  # text backed off the end of the prompt: the completion must begin with it
 
 
-def heal_prefix(tokenizer, text: str) -> tuple[str, str]:
-    """(text without its last token, that token's text), or (text, "") when it cannot be backed off.
-
-    A prompt that ends mid-token (``"    "`` before ``return``, ``self.ite``) pins
-    the model to an unnatural token boundary: Qwen writes ``"):\n" "   " " return"``,
-    never ``"    " "return"``. Backing the last token off and making the first
-    generated tokens reproduce it lets the model choose the boundary itself.
-    """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < 2 or ids[-1] in tokenizer.all_special_ids:  # a lone token is the whole context: keep it
-        return text, ""
-    last = tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False)
-    if not last or "\ufffd" in last or not text.endswith(last):
-        return text, ""
-    return text[: len(text) - len(last)], last
-
-
 def encode_prompt(tokenizer, request: GenerationRequest) -> Prompt:
     """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine."""
-    prompt, healed = heal_prefix(tokenizer, request.prompt) if request.heal else (request.prompt, "")
-    text = build_prompt(tokenizer, prompt, request.suffix)
-    ids = tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]
-    if not ids:  # completing at the very start of a document: condition on BOS (or EOS) alone
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start] if start is not None else []
+    ids, healed = completion_prompt_ids(
+        tokenizer, request.prompt, request.suffix, heal=request.heal, add_special_tokens=request.add_special_tokens
+    )
     return Prompt(ids, healed)
 
 

@@ -18,11 +18,11 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
+from code_signals.prompts import has_fim
 from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
 from server.engines.decoding import (
     TokenizerEngine,
     adapter_context,
-    has_fim,
     sample_token,
     stop_token_ids,
 )

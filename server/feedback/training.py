@@ -20,9 +20,14 @@ def find_kept(rec: Record, docs: dict) -> tuple[str, str, str, str | None] | Non
     text = rec.accepted_text
     if not text or not text.strip():
         return None
+    from code_signals.privacy import PrivacyFilter
+
+    privacy = PrivacyFilter()  # a document the privacy rules refuse never trains (docs/privacy.md)
     paths = ([rec.path] if rec.path in docs else []) + [p for p in docs if p != rec.path]
     for path in paths:
         doc = docs[path]
+        if privacy.reason(path, doc.text) is not None:
+            continue
         i = doc.text.find(rec.anchor + text) if rec.anchor else -1
         i = i + len(rec.anchor) if i >= 0 else doc.text.rfind(text)
         if i >= 0:
@@ -32,8 +37,8 @@ def find_kept(rec: Record, docs: dict) -> tuple[str, str, str, str | None] | Non
 
 
 def weighted(examples, weight: float):
-    """Copies with every target weight scaled (context tokens stay at 0)."""
-    return [dataclasses.replace(ex, loss_weights=[w * weight for w in ex.loss_weights]) for ex in examples]
+    """Copies whose example weight is multiplied by ``weight`` (see adapter_core.train: a larger step)."""
+    return [dataclasses.replace(ex, weight=ex.weight * weight) for ex in examples]
 
 
 

@@ -14,7 +14,7 @@ def _trained_like_snapshot(model, seed=0):
     """A snapshot with non-zero B and different ranks per module."""
     modules = inject_adapters(model)
     ranks = {n: 2 + (i % 5) for i, n in enumerate(modules)}
-    ad = Adapter.new(modules, ranks, seed=seed, scale=1.7)
+    ad = Adapter.new(modules, ranks, seed=seed, lora_alpha=1.7)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for b in ad.B.values():
@@ -48,7 +48,7 @@ def test_roundtrip_through_peft(tiny_model, tmp_path):
     assert back.version == snap.version and back.ranks == snap.ranks and back.metadata["note"] == "test"
     for n in snap.modules:
         torch.testing.assert_close(back.delta(n), snap.delta(n))
-        assert back.scale[n] == pytest.approx(1.7)
+        assert back.scale[n] == pytest.approx(snap.scale[n])
 
 
 def test_load_plain_peft_dir(tiny_llama, tmp_path):

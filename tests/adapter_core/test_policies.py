@@ -213,7 +213,7 @@ def _tokens_obs(step, cls_value, ranks, **kw):
 
 
 def test_dynamicrank_grows_on_important_keyword_tokens():
-    policy = make_policy("dynamicrank", MODULES, RankBounds(), use_loss_landscape=False)
+    policy = make_policy("dynamicrank", MODULES, RankBounds(), use_loss_landscape=False, lam=4.0)
     ranks = {"l0.q": 8, "l1.q": 8}
     scale = {"l0.q": 3.0, "l1.q": 1.0}  # gradient shares 1.5 and 0.5
     obs = _tokens_obs(0, 1, ranks, grad_scale=scale)  # class 1 = KEYWORD
@@ -221,9 +221,9 @@ def test_dynamicrank_grows_on_important_keyword_tokens():
     proposal = policy.propose(obs)
     share = policy.share
     assert share["l0.q"] > 1 > share["l1.q"]
-    # eq. 8: S = 1, r' = floor(8 + lam * S * share)
-    assert proposal == {"l0.q": math.floor(8 + share["l0.q"]), "l1.q": math.floor(8 + share["l1.q"])}
-    assert proposal["l0.q"] > 8
+    # eq. 8, centred on the average module: S = 1, r' = floor(8 + lam * S * (share - 1))
+    assert proposal == {n: math.floor(8 + 4.0 * (share[n] - 1)) for n in ranks}
+    assert proposal["l0.q"] > 8 > proposal["l1.q"]
 
 
 def test_dynamicrank_keeps_rank_without_important_tokens():

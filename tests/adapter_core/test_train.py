@@ -53,9 +53,9 @@ def _loss_and_grads(model, adapter, batch):
     adapter.zero_grad()
     with use_adapter(model, adapter):
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none")
-    w = batch["loss_weights"][:, 1:].flatten()
-    return (nll * w).sum() / w.sum()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    w = batch["loss_weights"][:, 1:]
+    return ((nll * w).sum(1) / w.sum(1)).mean()  # each row (example) its weighted mean, rows averaged
 
 
 def test_gathered_logits_give_full_loss(tiny_model):

@@ -60,11 +60,12 @@ def test_targets_are_the_changed_tokens(tokenizer):
         before, after, path="geo.py"
     )
     targets = [i for i, w in zip(ex.input_ids, ex.loss_weights) if w > 0]
-    assert tokenizer.decode(targets).strip() == "/ 2"
+    # The prompt's last token (" h") is healed as the engine does: it moves to the targets.
+    assert tokenizer.decode(targets) == ex.target_text == " h / 2"
     assert tokenizer.decode(ex.input_ids).startswith("def area")
     assert ex.edit_type == "bug_fix"
     assert not ex.fim  # SmolLM2 has no FIM tokens, so no FIM even when asked
-    (ex2,) = ExampleBuilder(tokenizer, max_tokens=64, context_after=True).from_edit(
+    (ex2,) = ExampleBuilder(tokenizer, max_tokens=64, fim_ratio=1.0).from_edit(
         before, after, path="geo.py"
     )
     assert not ex2.fim and ex2.input_ids == ex.input_ids
@@ -131,7 +132,7 @@ def test_fim_examples_use_qwen_fim_tokens():
     )
     before = "def area(w, h):\n    return 0\n\nprint(area(2, 3))\n"
     after = "def area(w, h):\n    return w * h\n\nprint(area(2, 3))\n"
-    builder = ExampleBuilder(qwen, max_tokens=64, context_after=True)
+    builder = ExampleBuilder(qwen, max_tokens=64, fim_ratio=1.0)
     (ex,) = builder.from_edit(before, after, path="geo.py")
     assert ex.fim
     ids = qwen.convert_tokens_to_ids(
@@ -142,7 +143,8 @@ def test_fim_examples_use_qwen_fim_tokens():
     )
     middle = ex.input_ids.index(ids[2])
     assert all(w == 0 for w in ex.loss_weights[: middle + 1])
-    assert qwen.decode(ex.input_ids[middle + 1 :]) == "w * h"
+    # The healed last prompt token leads the targets, as the engine regenerates it.
+    assert qwen.decode(ex.input_ids[middle + 1 :]) == ex.target_text == " w * h"
     assert "print(area" in qwen.decode(
         ex.input_ids[:middle]
     )  # the text after the edit is there

@@ -41,8 +41,9 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from code_signals.prompts import has_fim
 from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
-from server.engines.decoding import TokenizerEngine, has_fim, stop_token_ids
+from server.engines.decoding import TokenizerEngine, stop_token_ids
 from server.engines.gate import ServingGate
 from server.engines.vllm.options import (
     DEFAULT_ALLOWED_RANKS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from code_signals.prompts import heal_prefix
 from server.engines.base import GenerationRequest
 from server.engines.decoding import (
     CompletionShaper,
@@ -11,7 +12,6 @@ from server.engines.decoding import (
     TokenStream,
     VocabIndex,
     encode_prompt,
-    heal_prefix,
     stop_token_ids,
 )
 

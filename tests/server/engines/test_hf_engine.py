@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from code_signals.prompts import FIM_TOKENS, build_prompt
 from server.engines.base import GenerationRequest
-from server.engines.decoding import FIM_TOKENS, IncrementalDecoder, StopMatcher, build_prompt
+from server.engines.decoding import IncrementalDecoder, StopMatcher
 from server.engines.gate import ServingGate
 from server.engines.hf import HFEngine
 

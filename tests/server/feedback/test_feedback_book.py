@@ -121,7 +121,7 @@ def test_kept_accepted_text_becomes_weighted_example():
     assert settle_feedback(session, builder, SETTINGS, now=1e12) == 1
     before, after, path = builder.calls[0]
     assert after == doc.text and before == doc.text.replace("width * height", "") and path == "a.py"
-    assert session.queue[0].loss_weights == [0.0, 3.0, 1.5]
+    assert session.queue[0].weight == 3.0 and session.queue[0].loss_weights == [0.0, 1.0, 0.5]
     assert book.stats()["trained_examples"] == 1 and book.records["c0"].kept is True
     assert settle_feedback(session, builder, SETTINGS, now=1e12) == 0  # checked once
 
