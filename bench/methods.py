@@ -17,8 +17,9 @@ import time
 METHODS: dict[str, tuple[str | None, dict, dict]] = {
     "base": (None, {}, {}),
     "fixed8": ("fixed", {"r_init": 8}, {}),
-    "fixed32": ("fixed", {"r_init": 32}, {}),
-    "fixed64": ("fixed", {"r_init": 64}, {}),
+    # Wider fixed ranks need a budget of their own (the session default is what rank 8 uses).
+    "fixed32": ("fixed", {"r_init": 32, "rank_budget": 32}, {}),
+    "fixed64": ("fixed", {"r_init": 64, "rank_budget": 64}, {}),
     "adalora": ("peft-adalora", {}, {}),
     "adalora-emu": ("adalora", {}, {}),
     "lalora": ("lalora", {}, {}),
