@@ -1,18 +1,21 @@
 // Extension entry: one session per window, shared by the inline provider, the
 // document tracker and the status bar. Session credentials live in
-// workspaceState (per server URL); the API key in context.secrets. Connection
+// workspaceState (per server URL); the API key comes from the environment
+// variable `dynarank.apiKeyEnvVar` names, else from context.secrets. Connection
 // events and errors go to the "dynarank" output channel.
 
 import * as vscode from "vscode";
 import { DynarankClient } from "./client";
 import { Http, TERMINAL } from "./http";
+import { dashboardUrl, MENU_COMMAND, type MenuAction, type MenuItem, menuItems, type MenuStats } from "./menu";
+import { loadRules, PrivacyFilter } from "./privacy";
 import { ACCEPT_COMMAND, FeedbackTracker } from "./feedback";
 import { InlineProvider } from "./inline";
 import type { Adapted, Ready, Status } from "./protocol";
 import { adapterName, repositoryInfo } from "./repository";
 import { readSettings } from "./settings";
 import { StatusView, TOGGLE_COMMAND } from "./statusbar";
-import { DocumentTracker } from "./tracker";
+import { DocumentTracker, SendPolicy } from "./tracker";
 
 const SECRET_KEY = "dynarank.apiKey";
 
@@ -24,10 +27,22 @@ export class Extension implements vscode.Disposable {
   client?: DynarankClient;
   readonly status = new StatusView();
   readonly output = vscode.window.createOutputChannel("dynarank");
-  readonly tracker = new DocumentTracker(() => this.client);
+  readonly tracker: DocumentTracker;
   private disposables: vscode.Disposable[] = [];
 
-  constructor(private context: vscode.ExtensionContext, private makeClient: ClientFactory) {}
+  constructor(private context: vscode.ExtensionContext, private makeClient: ClientFactory) {
+    this.tracker = new DocumentTracker(() => this.client, new SendPolicy(this.privacyFilter()), (m) => this.log(m));
+  }
+
+  /** The shipped privacy rules; without them no document is sent (the policy fails closed). */
+  private privacyFilter(): PrivacyFilter | undefined {
+    try {
+      return new PrivacyFilter(loadRules());
+    } catch (err) {
+      this.log(`privacy rules unreadable, no documents will be sent: ${(err as Error).message}`);
+      return undefined;
+    }
+  }
 
   log(message: string): void {
     this.output.appendLine(`[${new Date().toISOString()}] ${message}`);
@@ -41,6 +56,15 @@ export class Extension implements vscode.Disposable {
     return `dynarank.session:${this.serverUrl}`;
   }
 
+  /** The variable named by `dynarank.apiKeyEnvVar` when it is set and not empty, else the key stored by "Set API key". */
+  async apiKey(): Promise<{ key?: string; source: string }> {
+    const name = vscode.workspace.getConfiguration("dynarank").get<string>("apiKeyEnvVar")?.trim();
+    if (name && process.env[name]) return { key: process.env[name], source: `$${name}` };
+    const stored = await this.context.secrets.get(SECRET_KEY);
+    if (stored) return { key: stored, source: name ? `secret storage ($${name} is not set)` : "secret storage" };
+    return { source: name ? `none ($${name} is not set)` : "none" };
+  }
+
   private root(): string | undefined {
     return vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
   }
@@ -51,8 +75,10 @@ export class Extension implements vscode.Disposable {
     this.log(`connecting to ${this.serverUrl}${fresh ? " (fresh session)" : ""}`);
     const saved: Saved = fresh ? {} : this.context.workspaceState.get<Saved>(this.stateKey()) ?? {};
     const root = this.root();
+    const apiKey = await this.apiKey();
+    this.log(`API key: ${apiKey.source}`);
     const client = this.makeClient({
-      server: this.serverUrl, apiKey: await this.context.secrets.get(SECRET_KEY),
+      server: this.serverUrl, apiKey: apiKey.key,
       sessionId: saved.sessionId, resumeToken: saved.resumeToken,
       repository: root ? repositoryInfo(root) : undefined,
     });
@@ -93,18 +119,21 @@ export class Extension implements vscode.Disposable {
   register(): void {
     // Feedback is best effort: a refused or unsent event must never disturb typing.
     const feedback = new FeedbackTracker((id, event) => { this.client?.feedback(id, event).catch(() => undefined); });
+    const provider = new InlineProvider(() => this.client, readSettings, this.tracker.policy, { feedback, log: (m) => this.log(m) });
     this.disposables.push(
       { dispose: () => feedback.dispose() },
-      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" },
-        new InlineProvider(() => this.client, readSettings, feedback, (m) => this.log(m))),
+      { dispose: () => provider.followUp.cancel() },
+      vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, provider),
+      vscode.workspace.onDidChangeTextDocument((e) => provider.followUp.cancelFor(e.document)),
       vscode.commands.registerCommand(ACCEPT_COMMAND, (completionId: string) => feedback.accepted(completionId)),
       vscode.window.onDidChangeActiveTextEditor(() => feedback.dismiss()),
       vscode.commands.registerCommand("dynarank.resetSession", () => this.start(true)),
       vscode.commands.registerCommand("dynarank.fineTuneRepository", () => this.fineTune()),
       vscode.commands.registerCommand("dynarank.setApiKey", () => this.setApiKey()),
       vscode.commands.registerCommand(TOGGLE_COMMAND, () => this.toggle()),
+      vscode.commands.registerCommand(MENU_COMMAND, () => this.showMenu()),
       vscode.workspace.onDidChangeConfiguration((e) => {
-        if (e.affectsConfiguration("dynarank.serverUrl")) void this.start();
+        if (e.affectsConfiguration("dynarank.serverUrl") || e.affectsConfiguration("dynarank.apiKeyEnvVar")) void this.start();
         if (e.affectsConfiguration("dynarank.enable")) this.status.update({ enabled: readSettings().enable });
       }),
     );
@@ -123,6 +152,34 @@ export class Extension implements vscode.Disposable {
     return enable;
   }
 
+  /** The status-bar menu; returns the action chosen, after running it. */
+  async showMenu(): Promise<MenuAction | undefined> {
+    const picked = await vscode.window.showQuickPick<MenuItem>(this.menuStats().then(menuItems),
+      { title: "dynarank", placeHolder: "Session numbers and actions" });
+    switch (picked?.action) {
+      case "toggle": await this.toggle(); break;
+      case "reset": await this.start(true); break;
+      case "fineTune": await this.fineTune(); break;
+      case "dashboard": await vscode.env.openExternal(vscode.Uri.parse(dashboardUrl(this.serverUrl, (await this.apiKey()).key))); break;
+    }
+    return picked?.action;
+  }
+
+  /** What the status bar knows, plus the acceptance rate, which only the HTTP stats route has. */
+  async menuStats(): Promise<MenuStats> {
+    const stats: MenuStats = { ...this.status.view, serverUrl: this.serverUrl };
+    if (stats.state !== "ready" || !stats.sessionId) return stats;
+    try {
+      const remote = await new Http(this.serverUrl, (await this.apiKey()).key).sessionStats(stats.sessionId);
+      const f = remote.feedback;
+      return { ...stats, version: remote.adapter_version, acceptanceRate: f.acceptance_rate,
+               decided: f.accepted + f.partially_accepted + f.rejected };
+    } catch (err) {
+      this.log(`session stats: ${(err as Error).message}`);
+      return { ...stats, statsError: (err as Error).message };
+    }
+  }
+
   async setApiKey(): Promise<void> {
     const key = await vscode.window.showInputBox({ prompt: "dynarank API key", password: true, ignoreFocusOut: true });
     if (key === undefined) return;
@@ -136,7 +193,7 @@ export class Extension implements vscode.Disposable {
       void vscode.window.showErrorMessage("dynarank: open a folder to fine-tune on it");
       return undefined;
     }
-    const http = new Http(this.serverUrl, await this.context.secrets.get(SECRET_KEY));
+    const http = new Http(this.serverUrl, (await this.apiKey()).key);
     return vscode.window.withProgress(
       { location: vscode.ProgressLocation.Notification, title: "dynarank fine-tuning", cancellable: true },
       async (progress, token) => {

@@ -41,6 +41,11 @@ export class FeedbackTracker {
     }, this.graceMs));
   }
 
+  /** The shown suggestion was superseded by its own longer version: no outcome to report for it. */
+  withdraw(): void {
+    this.current = undefined;
+  }
+
   dispose(): void {
     for (const timer of this.dismissing.values()) clearTimeout(timer);
     this.dismissing.clear();

@@ -1,7 +1,8 @@
 // The status bar item: adapter version and current mean rank of the session, or
-// "off" when completions are disabled. Clicking it runs the toggle command.
+// "off" when completions are disabled. Clicking it opens the menu (menu.ts).
 
 import * as vscode from "vscode";
+import { MENU_COMMAND } from "./menu";
 
 export const TOGGLE_COMMAND = "dynarank.toggle";
 
@@ -30,7 +31,8 @@ export function statusTooltip(v: SessionView): string {
   if (v.meanRank !== undefined) lines.push(`mean LoRA rank ${v.meanRank.toFixed(2)}`);
   if (v.loss !== undefined) lines.push(`last adaptation loss ${v.loss.toFixed(4)}`);
   if (v.queue !== undefined) lines.push(`queued training examples ${v.queue}`);
-  lines.push(v.enabled === false ? "Click to enable inline completions" : "Click to disable inline completions");
+  lines.push(v.enabled === false ? "Inline completions off (Ctrl+Alt+D toggles)" : "Ctrl+Alt+D toggles inline completions");
+  lines.push("Click for the dynarank menu");
   return lines.join("\n");
 }
 
@@ -40,7 +42,7 @@ export class StatusView implements vscode.Disposable {
 
   constructor() {
     this.item = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
-    this.item.command = TOGGLE_COMMAND;
+    this.item.command = MENU_COMMAND;
     this.render();
     this.item.show();
   }

@@ -49,14 +49,27 @@ export class FakeDocument {
   }
 }
 
-export const workspaceRoot = "/home/user/fake-repo";
+export const DEFAULT_ROOT = "/home/user/fake-repo";
+/** The workspace folder; a test may point it at a real temporary directory. */
+export let workspaceRoot = DEFAULT_ROOT;
+export function setWorkspaceRoot(dir: string): void {
+  workspaceRoot = dir;
+  vscode.workspace.workspaceFolders = [{ uri: { fsPath: dir } }];
+}
 export const fileUri = (rel: string, scheme = "file") =>
   ({ scheme, fsPath: `${workspaceRoot}/${rel}`, path: `${workspaceRoot}/${rel}` });
+
+export class Uri {
+  private constructor(private value: string) {}
+  static parse(value: string) { return new Uri(value); }
+  toString() { return this.value; }
+}
 
 export const events = {
   open: new Emitter<FakeDocument>(),
   change: new Emitter<{ document: FakeDocument; contentChanges: unknown[] }>(),
   close: new Emitter<FakeDocument>(),
+  save: new Emitter<FakeDocument>(),
   config: new Emitter<{ affectsConfiguration(s: string): boolean }>(),
   activeEditor: new Emitter<unknown>(),
 };
@@ -67,9 +80,20 @@ export const settings: Record<string, unknown> = { serverUrl: "http://127.0.0.1:
 export const statusItems: Array<{ text: string; tooltip: string; command?: string; shown: boolean; disposed: boolean }> = [];
 /** Lines appended to output channels, by channel name. */
 export const output = new Map<string, string[]>();
+/** Commands run through vscode.commands.executeCommand, and URLs opened externally. */
+export const executed: string[] = [];
+export const opened: string[] = [];
+
+export interface PickItem { label: string; description?: string; detail?: string; kind?: number }
+/** Each showQuickPick call: its items and options; `pick` chooses the answer (none by default). */
+export const quickPick = {
+  shown: [] as Array<{ items: PickItem[]; options: unknown }>,
+  pick: (_items: PickItem[]): PickItem | undefined => undefined,
+};
 
 export const vscode = {
-  Position, Range, InlineCompletionItem, CancellationTokenSource,
+  Position, Range, InlineCompletionItem, CancellationTokenSource, Uri,
+  QuickPickItemKind: { Separator: -1, Default: 0 },
   StatusBarAlignment: { Left: 1, Right: 2 },
   ProgressLocation: { Notification: 15 },
   ConfigurationTarget: { Global: 1, Workspace: 2, WorkspaceFolder: 3 },
@@ -89,12 +113,22 @@ export const vscode = {
     showWarningMessage: async (m: string) => { messages.push(`warning: ${m}`); },
     showInformationMessage: async (m: string) => { messages.push(`info: ${m}`); },
     showInputBox: async () => undefined,
+    showQuickPick: async (items: PickItem[] | Promise<PickItem[]>, options: unknown) => {
+      const list = await items;
+      quickPick.shown.push({ items: list, options });
+      return quickPick.pick(list);
+    },
+    /** Set by tests: { document, selection: { active: Position, isEmpty: boolean } }. */
+    activeTextEditor: undefined as unknown,
     onDidChangeActiveTextEditor: events.activeEditor.event,
     withProgress: async (_o: unknown, task: (p: unknown, t: unknown) => Promise<unknown>) =>
       task({ report: () => undefined }, new CancellationTokenSource().token),
   },
+  env: {
+    openExternal: async (uri: Uri) => { opened.push(uri.toString()); return true; },
+  },
   workspace: {
-    workspaceFolders: [{ uri: { fsPath: workspaceRoot } }],
+    workspaceFolders: [{ uri: { fsPath: DEFAULT_ROOT } }],
     textDocuments: [] as FakeDocument[],
     getWorkspaceFolder: (uri: { fsPath: string }) =>
       uri.fsPath.startsWith(workspaceRoot + "/") ? { uri: { fsPath: workspaceRoot } } : undefined,
@@ -110,6 +144,7 @@ export const vscode = {
     onDidOpenTextDocument: events.open.event,
     onDidChangeTextDocument: events.change.event,
     onDidCloseTextDocument: events.close.event,
+    onDidSaveTextDocument: events.save.event,
     onDidChangeConfiguration: events.config.event,
   },
   languages: {
@@ -122,6 +157,10 @@ export const vscode = {
     registerCommand: (name: string, fn: (...a: unknown[]) => unknown) => {
       registered.commands.set(name, fn);
       return { dispose: () => registered.commands.delete(name) };
+    },
+    executeCommand: async (name: string, ...args: unknown[]) => {
+      executed.push(name);
+      return registered.commands.get(name)?.(...args);
     },
   },
 };

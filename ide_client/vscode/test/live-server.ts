@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import * as path from "node:path";
 
 export const REPO_ROOT = path.resolve(__dirname, "../../../..");
-const PYTHON = process.env.DYNARANK_PYTHON ?? "python3";
+export const PYTHON = process.env.DYNARANK_PYTHON ?? "python3";
 
 // Same recipe as the Python tests: the tiny Llama of tests/conftest.py with SmolLM2's tokenizer.
 const MAKE_TINY = `

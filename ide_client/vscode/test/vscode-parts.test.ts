@@ -2,49 +2,17 @@
 
 import "./fake-vscode";
 import assert from "node:assert/strict";
-import { EventEmitter } from "node:events";
 import { beforeEach, test } from "node:test";
 import {
   CancellationTokenSource, FakeDocument, Position, events, fakeContext, fileUri, messages, output, registered, settings, statusItems, vscode,
 } from "./fake-vscode";
 import { activate, deactivate } from "../src/extension";
 import { InlineProvider } from "../src/inline";
-import { DEFAULTS, type Settings } from "../src/settings";
+import type { Settings } from "../src/settings";
+import { allowAll, FakeClient, noToken, opts } from "./fake-client";
 import { statusText } from "../src/statusbar";
 import { DocumentTracker, toRangeChanges } from "../src/tracker";
 import { repositoryInfo } from "../src/repository";
-
-class FakeClient extends EventEmitter {
-  connected = true;
-  documents = new Map<string, unknown>();
-  calls: unknown[][] = [];
-  cancelled: string[] = [];
-  reply: { text: string; finish_reason: string } = { text: "return a + b", finish_reason: "stop" };
-  options: unknown;
-  open(...a: unknown[]) { this.calls.push(["open", ...a]); this.documents.set(a[0] as string, {}); }
-  editChanges(...a: unknown[]) { this.calls.push(["edit", ...a]); }
-  closeDocument(p: string) { this.calls.push(["close", p]); this.documents.delete(p); }
-  close() { this.calls.push(["shutdown"]); }
-  async connect() {
-    return { type: "ready", session_id: "s1", resume_token: "t1", adapter_version: 3, mean_rank: 7.5, documents: {} };
-  }
-  complete(options: unknown) {
-    this.calls.push(["complete", options]);
-    let release!: () => void;
-    const gate = new Promise<void>((r) => { release = r; });
-    const id = `c${this.calls.length}`;
-    const done = (async () => {
-      await gate;
-      return { type: "completion.done", id, adapter_version: 3, completion_id: "x", ...this.reply };
-    })();
-    setTimeout(() => release(), 5);
-    return { id, done, cancel: () => { this.cancelled.push(id); this.reply = { text: "", finish_reason: "cancelled" }; release(); } };
-  }
-}
-
-/** Provider settings for tests: no debounce unless a test asks for one. */
-const opts = (patch: Partial<Settings> = {}) => () => ({ ...DEFAULTS, maxTokens: 8, debounceMs: 0, ...patch });
-const noToken = () => new CancellationTokenSource().token as never;
 
 beforeEach(() => {
   messages.length = 0;
@@ -58,7 +26,7 @@ test("range changes keep LSP shape", () => {
 
 test("tracker opens, edits with versions, closes, and skips non-file documents", () => {
   const client = new FakeClient();
-  const tracker = new DocumentTracker(() => client as never);
+  const tracker = new DocumentTracker(() => client as never, allowAll);
   const doc = new FakeDocument(fileUri("pkg/a.py"), "x = 1\n");
   events.open.fire(doc);
   events.open.fire(new FakeDocument(fileUri("a.py", "git"), "ignored"));
@@ -81,7 +49,7 @@ test("tracker opens, edits with versions, closes, and skips non-file documents",
 
 test("a change to a document the session has not seen opens it", () => {
   const client = new FakeClient();
-  const tracker = new DocumentTracker(() => client as never);
+  const tracker = new DocumentTracker(() => client as never, allowAll);
   const doc = new FakeDocument(fileUri("late.py"), "y = 2\n");
   doc.version = 4;
   events.change.fire({ document: doc, contentChanges: [{ range: new vscode.Range(new Position(0, 0), new Position(0, 0)), text: "" }] });
@@ -92,22 +60,22 @@ test("a change to a document the session has not seen opens it", () => {
 test("inline provider completes at the cursor from the session's mirror", async () => {
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, opts());
+  const provider = new InlineProvider(() => client as never, opts({ completionMode: "line" }), allowAll);
   const doc = new FakeDocument(fileUri("m.py"), "def add(a, b):\n    ");
   const items = await provider.provideInlineCompletionItems(doc as never, new Position(1, 4) as never, {} as never, new CancellationTokenSource().token as never);
   assert.equal(items.length, 1);
   assert.equal((items[0] as unknown as { insertText: string }).insertText, "return a + b");
-  assert.deepEqual(client.calls[0], ["complete", { path: "m.py", cursor: { line: 1, character: 4 }, max_tokens: 8, mode: "block" }]);
+  assert.deepEqual(client.calls[0], ["complete", { path: "m.py", cursor: { line: 1, character: 4 }, max_tokens: 8, mode: "line" }]);
   // Not in the mirror yet: the prefix is sent instead.
   const other = new FakeDocument(fileUri("n.py"), "import os\nos.");
   await provider.provideInlineCompletionItems(other as never, new Position(1, 3) as never, {} as never, new CancellationTokenSource().token as never);
-  assert.deepEqual(client.calls[1], ["complete", { prefix: "import os\nos.", max_tokens: 8, mode: "block" }]);
+  assert.deepEqual(client.calls[1], ["complete", { prefix: "import os\nos.", max_tokens: 8, mode: "line" }]);
 });
 
 test("inline provider cancels on the server when VS Code cancels, and is quiet offline", async () => {
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, opts());
+  const provider = new InlineProvider(() => client as never, opts({ completionMode: "line" }), allowAll);
   const doc = new FakeDocument(fileUri("m.py"), "x = ");
   const source = new CancellationTokenSource();
   const pending = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, source.token as never);
@@ -167,7 +135,7 @@ test("feedback: shown with the item, accepted by its command, rejected when repl
   const tracker = new FeedbackTracker((id, event) => sent.push(`${id}:${event}`), 20);
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, opts(), tracker);
+  const provider = new InlineProvider(() => client as never, opts({ completionMode: "line" }), allowAll, { feedback: tracker });
   const doc = new FakeDocument(fileUri("m.py"), "x = ");
   const ask = () => provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, new CancellationTokenSource().token as never);
   const [item] = (await ask()) as unknown as Array<{ command: { command: string; arguments: string[] } }>;
@@ -180,7 +148,7 @@ test("feedback: shown with the item, accepted by its command, rejected when repl
   // Empty prefix (line 1, column 1) of a document the server does not mirror: the suffix goes instead.
   const fresh = new FakeDocument(fileUri("new.py"), "print(1)\n");
   await provider.provideInlineCompletionItems(fresh as never, new Position(0, 0) as never, {} as never, new CancellationTokenSource().token as never);
-  assert.deepEqual(client.calls.at(-1), ["complete", { prefix: "", suffix: "print(1)\n", max_tokens: 8, mode: "block" }]);
+  assert.deepEqual(client.calls.at(-1), ["complete", { prefix: "", suffix: "print(1)\n", max_tokens: 8, mode: "line" }]);
   tracker.dismiss();
   await new Promise((r) => setTimeout(r, 40));
   assert.equal(sent.at(-1), "x:rejected");
@@ -190,7 +158,7 @@ test("feedback: shown with the item, accepted by its command, rejected when repl
 test("debounce: a keystroke within the window cancels the pending request before it is sent", async () => {
   const client = new FakeClient();
   client.documents.set("m.py", {});
-  const provider = new InlineProvider(() => client as never, opts({ debounceMs: 30 }));
+  const provider = new InlineProvider(() => client as never, opts({ debounceMs: 30, completionMode: "line" }), allowAll);
   const doc = new FakeDocument(fileUri("m.py"), "x = ");
   const first = new CancellationTokenSource();
   const pending = provider.provideInlineCompletionItems(doc as never, new Position(0, 4) as never, {} as never, first.token as never);
@@ -215,7 +183,7 @@ test("disabled, or a disabled language: no request; completion mode is sent", as
   client.documents.set("m.py", {});
   client.documents.set("notes.md", {});
   let current: Partial<Settings> = { enable: false };
-  const provider = new InlineProvider(() => client as never, () => opts(current)());
+  const provider = new InlineProvider(() => client as never, () => opts(current)(), allowAll);
   const py = new FakeDocument(fileUri("m.py"), "x = ");
   const md = new FakeDocument(fileUri("notes.md"), "# x", "markdown");
   const ask = (doc: FakeDocument) => provider.provideInlineCompletionItems(doc as never, new Position(0, 3) as never, {} as never, noToken());
@@ -240,7 +208,7 @@ test("toggle command flips dynarank.enable and the status bar; errors reach the 
   });
   try {
     const item = statusItems.at(-1)!;
-    assert.equal(item.command, "dynarank.toggle", "clicking the status bar toggles");
+    assert.equal(item.command, "dynarank.showMenu", "clicking the status bar opens the menu");
     assert.match(item.text, /v3/);
     const log = output.get("dynarank")!;
     assert.ok(log.some((l) => /connected, session s1, adapter v3/.test(l)), log.join("\n"));
