@@ -44,6 +44,13 @@ class BaseLearner:
     def adapt(self, example, steps: int) -> list[float]:
         return []
 
+    def open_document(self, examples) -> None:
+        """A document was opened: its examples join the replay buffer (sessions only)."""
+
+    def pause(self) -> list[float]:
+        """The user pauses after an edit: the idle steps the server would take (sessions only)."""
+        return []
+
     @property
     def num_params(self) -> int:
         return 0
@@ -56,21 +63,43 @@ class BaseLearner:
 
 
 class SessionLearner(BaseLearner):
-    """One server session's adapter: the server's config, construction and step (``server.adaptation.learner``)."""
+    """One server session's adapter: the server's config, construction, replay buffer, step and idle
+    steps (``server.adaptation.learner``, ``server.sessions.replay``)."""
 
-    def __init__(self, model, policy: str, config_kw: dict, policy_options: dict, seed: int, total_steps: int):
+    def __init__(self, model, policy: str, config_kw: dict, policy_options: dict, seed: int, total_steps: int,
+                 settings=None):
         from adapter_core import new_session_adapter
         from server.config import Settings
         from server.sessions.adapter_config import session_adapter_config
+        from server.sessions.replay import ReplayBuffer, ReplayConfig
 
         super().__init__()
+        settings = settings or Settings()
         options = dict(policy_options)
         if policy == "adalora":
             options.setdefault("total_step", max(1, total_steps))
-        config = session_adapter_config(Settings(), policy, seed=seed, policy_options=options, **config_kw)
+        config = session_adapter_config(settings, policy, seed=seed, policy_options=options, **config_kw)
         self.model = model
         self.adapter, self.policy = new_session_adapter(model, config)  # sessions start with task=None
+        self.replay = ReplayBuffer(ReplayConfig.from_settings(settings))
         self._snap = self.adapter.snapshot(bump=False)
+
+    def open_document(self, examples) -> None:
+        self.replay.add_documents(examples)
+
+    def pause(self) -> list[float]:
+        from server.adaptation.learner import idle_step
+
+        losses = []
+        while True:
+            t0 = time.perf_counter()
+            stats, snap = idle_step(self.model, self.adapter, self.policy, self.replay)
+            if stats is None:
+                return losses
+            self.step_times.append(time.perf_counter() - t0)
+            if snap is not None:
+                losses.append(stats.loss)
+                self._snap = snap
 
     def snapshot(self):
         return self._snap
@@ -81,7 +110,7 @@ class SessionLearner(BaseLearner):
         losses = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            stats, snap = adapt_on_example(self.model, self.adapter, self.policy, example)
+            stats, snap = adapt_on_example(self.model, self.adapter, self.policy, example, self.replay)
             self.step_times.append(time.perf_counter() - t0)
             if snap is not None:
                 losses.append(stats.loss)
@@ -163,7 +192,8 @@ class PeftAdaLoraLearner(BaseLearner):
         del self.peft_model, self.optimizer
 
 
-def make_learner(name: str, model, seed: int = 0, total_steps: int = 100) -> BaseLearner:
+def make_learner(name: str, model, seed: int = 0, total_steps: int = 100, settings=None) -> BaseLearner:
+    """``settings``: the server Settings whose session options (learning rate, budget, replay) apply."""
     import torch
 
     if name not in METHODS:
@@ -175,5 +205,5 @@ def make_learner(name: str, model, seed: int = 0, total_steps: int = 100) -> Bas
     if policy == "peft-adalora":
         from server.config import Settings
 
-        return PeftAdaLoraLearner(model, seed, total_steps, Settings().adapter_lr)
-    return SessionLearner(model, policy, config_kw, options, seed, total_steps)
+        return PeftAdaLoraLearner(model, seed, total_steps, (settings or Settings()).adapter_lr)
+    return SessionLearner(model, policy, config_kw, options, seed, total_steps, settings)

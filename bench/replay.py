@@ -3,10 +3,13 @@ edit's changed tokens, then adapt it on the edit as the server would.
 
     python -m bench.replay --edits 30 --methods base,fixed8,dynamicrank
     dynarank bench replay --data path/to/edits.jsonl.gz | --repo path/to/git/checkout
+    dynarank bench replay --data click,starlette,cobra,zustand --edits 100 --jobs 2
 
-Examples come from ``server.adaptation.examples.edit_example_builder`` and each example gets
-``--steps-per-edit`` calls of ``train_step`` on ``server.adaptation.examples.example_batch`` (the
-server runs one per example). Writes docs/bench_replay.md, .json and .png.
+Everything a session does is the server's own code: examples from
+``server.adaptation.examples``, the replay buffer of ``server.sessions.replay``, the step
+and idle steps of ``server.adaptation.learner``, completions through the serving engine.
+Writes docs/bench_replay.md, .json and .png (per history, bench_replay_<name>.*, and a
+headline bench_replay.md).
 """
 
 from __future__ import annotations
@@ -43,30 +46,47 @@ def build_examples(tokenizer, edits, max_tokens: int, max_examples: int, limit: 
 
 def _new_record(index: int, edit: dict) -> dict:
     return {"edit": index, "path": edit.get("path"), "commit": (edit.get("commit") or "")[:12],
-            "nll": [], "correct": [], "cls": [], "completions": [], "losses": [], "params": 0}
+            "nll": [], "correct": [], "cls": [], "completions": [], "at_edit": [], "losses": [], "params": 0}
 
 
 def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: int = 1, max_tokens: int = 256,
            max_examples: int = 1, n_edits: int | None = None, completions_per_edit: int = 2,
            max_new_tokens: int = 24, seed: int = 0, time_budget_s: float | None = None,
-           progress=None) -> dict:
-    """Run the replay; returns {"config", "methods": {name: {"edits": [...], "wall_s", "step_times"}}}."""
+           progress=None, settings=None) -> dict:
+    """Run the replay; returns {"config", "methods": {name: {"edits": [...], "wall_s", "step_times"}}}.
+
+    Per edit, as a session would see it: the file is opened when first touched (its chunks join the
+    replay buffer), every method is scored before it adapts, then it adapts on the edit's examples
+    and takes the idle steps the server takes while the user pauses. ``settings``: the server
+    Settings of the sessions (learning rate, budget, replay).
+    """
     from adapter_core import inject_adapters
     from bench.methods import make_learner
-    from bench.scoring import complete_lines, completion_points, score_tokens
+    from bench.scoring import complete_at_edit, complete_lines, completion_points, edit_point, score_tokens
+    from server.adaptation.examples import document_examples, edit_example_builder
+    from server.engines.hf import HFEngine
 
     inject_adapters(model)  # once, so the base method can bind None like the others
+    engine = HFEngine(model, tokenizer, "bench")  # the serving path, for completions at the edit point
+    documents = edit_example_builder(tokenizer, max_tokens=max_tokens)
     work = build_examples(tokenizer, edits, max_tokens, max_examples, n_edits)
     total_steps = sum(len(ex) for _, _, ex in work) * steps_per_edit
-    learners = {m: make_learner(m, model, seed=seed, total_steps=total_steps) for m in methods}
+    learners = {m: make_learner(m, model, seed=seed, total_steps=total_steps, settings=settings) for m in methods}
     results = {m: {"edits": [], "wall_s": 0.0} for m in methods}
+    opened: set[str] = set()
     t_start = time.perf_counter()
     for n, (index, edit, examples) in enumerate(work):
         if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
             break
+        if edit.get("path") not in opened:
+            opened.add(edit.get("path"))
+            chunks = document_examples(documents, edit["before"], edit.get("path"), edit.get("language"))
+            for learner in learners.values():
+                learner.open_document(chunks)
         points = [completion_points(ex, edit["after"], tokenizer, completions_per_edit, seed * 100_003 + index * 31 + j,
                                     max_ref_tokens=max_new_tokens)
                   for j, ex in enumerate(examples)]
+        at_edit = [p for p in (edit_point(ex, edit["after"]) for ex in examples) if p is not None]
         for m, learner in learners.items():
             t0 = time.perf_counter()
             rec = _new_record(index, edit)
@@ -76,9 +96,11 @@ def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: 
                 for key in ("nll", "correct", "cls"):
                     rec[key] += scores[key]
                 rec["completions"] += complete_lines(model, tokenizer, snap, ex, pts, max_new_tokens)
+            rec["at_edit"] = [complete_at_edit(engine, snap, p, max_new_tokens) for p in at_edit]
             rec["params_eval"] = snap.num_params if snap is not None else 0
             for ex in examples:
                 rec["losses"] += learner.adapt(ex, steps_per_edit)
+            rec["losses"] += learner.pause()
             rec["params"] = learner.num_params
             rec["mean_rank"] = _mean(list(learner.ranks().values()))
             results[m]["edits"].append(rec)
@@ -116,6 +138,10 @@ def summarize(result: dict) -> dict[str, dict]:
             row[f"nll_{group}"] = _mean([nll[i] for i in idx])
             row[f"acc_{group}"] = _mean([float(correct[i]) for i in idx])
             row[f"n_{group}"] = len(idx)
+        at_edit = [c for e in edits for c in e.get("at_edit", [])]
+        row["edit_points"] = len(at_edit)
+        row["edit_em"] = _mean([float(c["exact"]) for c in at_edit])
+        row["edit_chrf"] = _mean([c["chrf"] for c in at_edit])
         row["completions"] = len(comps)
         row["exact_match"] = _mean([float(c["exact"]) for c in comps])
         row["edit_sim"] = _mean([c["edit_sim"] for c in comps])
@@ -126,7 +152,38 @@ def summarize(result: dict) -> dict[str, dict]:
         row["step_s"] = _mean(res["step_times"]) if res["step_times"] else 0.0
         row["wall_s"] = res["wall_s"]
         out[m] = row
+    for reference in ("base", "fixed8"):
+        if reference not in result["methods"]:
+            continue
+        for m, row in out.items():
+            for group in ("all", "identifier"):
+                row[f"vs_{reference}_{group}"] = paired_bootstrap(
+                    _per_edit_nll(result["methods"][m]["edits"], group),
+                    _per_edit_nll(result["methods"][reference]["edits"], group))
     return out
+
+
+def _per_edit_nll(edits: list[dict], group: str) -> list[float]:
+    """Mean NLL of each edit's changed tokens of a group (nan for an edit without such tokens)."""
+    from bench.scoring import GROUPS
+
+    members = GROUPS[group]
+    return [_mean([x for x, c in zip(e["nll"], e["cls"]) if members is None or c in members]) for e in edits]
+
+
+def paired_bootstrap(values: list[float], reference: list[float], samples: int = 2000, seed: int = 0) -> dict:
+    """Relative difference of means, sum(v - r) / sum(r) over edits, with a 95% paired-bootstrap interval
+    (edits resampled with replacement; edits where either is nan are left out)."""
+    import numpy as np
+
+    pairs = np.array([(v, r) for v, r in zip(values, reference) if not (math.isnan(v) or math.isnan(r))])
+    if len(pairs) < 2:
+        return {"rel": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": len(pairs)}
+    diff, ref = pairs[:, 0] - pairs[:, 1], pairs[:, 1]
+    idx = np.random.default_rng(seed).integers(0, len(pairs), size=(samples, len(pairs)))
+    rel = diff[idx].sum(axis=1) / ref[idx].sum(axis=1)
+    lo, hi = np.percentile(rel, [2.5, 97.5])
+    return {"rel": float(diff.sum() / ref.sum()), "lo": float(lo), "hi": float(hi), "n": len(pairs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +194,15 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n\n")[0])
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL(.gz) of file edits (default: %(default)s)")
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="JSONL(.gz) of file edits, or a history's name in the shared data folder (click, "
+                        "starlette, cobra, zustand); several, comma-separated, are one history each, written to "
+                        "bench_replay_<name>.md and summed up in bench_replay.md (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1, help="histories replayed at once, one process each")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a server setting for the sessions, e.g. --set replay_rows=0 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep histories whose bench_replay_<name>.json already holds a run of this configuration")
     p.add_argument("--repo", type=Path, default=None, help="replay a local git repository's first-parent history instead")
     p.add_argument("--max-commits", type=int, default=None, help="with --repo: the most recent N commits")
     p.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS), help="with --repo: file types, comma-separated")
@@ -159,6 +224,81 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args) -> int:
+    import json
+
+    from bench.report import write_replay_headline
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        overrides = dict(item.split("=", 1) for item in args.set)
+        _settings(overrides)
+    except ValueError as exc:
+        print(f"--set: {exc}", file=sys.stderr)
+        return 2
+    sources = [args.repo] if args.repo is not None else [_history_path(p) for p in args.data.split(",") if p.strip()]
+    if len(sources) == 1:
+        return _run_history(args, methods, sources[0], overrides, stem="bench_replay")
+    stems = {source: f"bench_replay_{source.name.split('_edits')[0].split('.')[0]}" for source in sources}
+    todo = [s for s in sources if not (args.resume and _done(args.out / f"{stems[s]}.json", args, methods))]
+    if args.jobs > 1 and len(todo) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(todo)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            codes = list(pool.map(_run_history, *zip(*[(args, methods, s, overrides, stems[s]) for s in todo])))
+    else:
+        codes = [_run_history(args, methods, s, overrides, stems[s]) for s in todo]
+    if any(codes):
+        return max(codes)
+    histories = {stems[s].removeprefix("bench_replay_"): json.loads((args.out / f"{stems[s]}.json").read_text())
+                 for s in sources}
+    argv = sys.argv[sys.argv.index("replay") + 1:] if "replay" in sys.argv else sys.argv[1:]
+    print(write_replay_headline(histories, args.out, "dynarank bench replay " + " ".join(argv)))
+    return 0
+
+
+def _history_path(item: str) -> Path:
+    """A file, or the name of a history beside the default one (``click`` -> .../click_edits.jsonl.gz)."""
+    item = item.strip()
+    if "/" not in item and "." not in item:
+        return DEFAULT_DATA.parent / f"{item}_edits.jsonl.gz"
+    return Path(item)
+
+
+def _settings(overrides: dict):
+    """Server Settings with ``overrides`` (KEY=VALUE strings, validated like the server's flags)."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ValueError(str(exc).splitlines()[0] + ": " + "; ".join(e["msg"] for e in exc.errors())) from None
+
+
+def _config_key(args, methods) -> dict:
+    return {"methods": methods, "edits": args.edits, "max_tokens": args.max_tokens, "seed": args.seed,
+            "model": args.model, "settings": sorted(args.set), "steps_per_edit": args.steps_per_edit}
+
+
+def _done(path: Path, args, methods) -> bool:
+    """Whether ``path`` holds a finished run of this configuration (for --resume)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())["config"].get("key") == _config_key(args, methods)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _run_history(args, methods, source: Path, overrides: dict, stem: str) -> int:
+    """One history's replay (also in a worker process), written to ``<out>/<stem>.md/.json/.png``."""
     import torch
 
     from bench.report import write_replay_report
@@ -166,12 +306,6 @@ def run(args) -> int:
     from server.models import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        print(f"unknown methods: {', '.join(unknown)}; known: {', '.join(METHODS)}", file=sys.stderr)
-        return 2
-    source = args.repo if args.repo is not None else args.data
     exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",") if e)
     # Many edits give no example (whitespace, deletions): read a generous prefix.
     edits = load_edits(source, limit=None if args.repo else max(args.edits * 4, 50), max_commits=args.max_commits,
@@ -181,16 +315,17 @@ def run(args) -> int:
 
     def progress(done, total, last):
         line = " ".join(f"{m}={_mean(r['nll']):.3f}" for m, r in last.items())
-        print(f"[{time.perf_counter() - t0:7.1f}s] edit {done}/{total} {line}", flush=True)
+        print(f"[{time.perf_counter() - t0:7.1f}s] {source.name} edit {done}/{total} {line}", flush=True)
 
     result = replay(model, tokenizer, edits, methods, steps_per_edit=args.steps_per_edit, max_tokens=args.max_tokens,
                     max_examples=args.max_examples or EDIT_MAX_EXAMPLES, n_edits=args.edits,
                     completions_per_edit=args.completions, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                    time_budget_s=args.time_budget, progress=progress)
+                    time_budget_s=args.time_budget, progress=progress, settings=_settings(overrides))
     result["config"].update({"model": args.model, "source": source.name, "wall_s": time.perf_counter() - t0,
-                             "threads": args.threads})
-    table = write_replay_report(result, summarize(result), args.out)
-    print(table)
+                             "threads": args.threads, "settings": " ".join(sorted(args.set)),
+                             "key": _config_key(args, methods)})
+    table = write_replay_report(result, summarize(result), args.out, stem)
+    print(table, flush=True)
     return 0
 
 

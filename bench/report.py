@@ -13,6 +13,7 @@ REPLAY_COLUMNS = [
     ("method", "method"), ("nll_all", "NLL all"), ("nll_keyword", "NLL kw"), ("nll_identifier", "NLL id"),
     ("acc_all", "acc all"), ("acc_keyword", "acc kw"), ("acc_identifier", "acc id"),
     ("exact_match", "line EM"), ("bleu", "BLEU"), ("edit_sim", "edit sim"),
+    ("edit_em", "EM at edit"), ("edit_chrf", "chrF at edit"), ("vs_base_all", "NLL vs base"),
     ("params_mean", "params mean"), ("params_final", "params final"), ("step_s", "s/step"), ("wall_s", "wall s"),
 ]
 
@@ -20,6 +21,10 @@ REPLAY_COLUMNS = [
 def fmt(value) -> str:
     if value is None:
         return "–"
+    if isinstance(value, dict) and "rel" in value:  # a relative difference with its interval
+        if math.isnan(value["rel"]):
+            return "–"
+        return f"{value['rel']:+.1%} [{value['lo']:+.1%}, {value['hi']:+.1%}]"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -35,7 +40,7 @@ def fmt(value) -> str:
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(title for _, title in columns) + " |"
-    rule = "|" + "|".join("---" if key == "method" else "---:" for key, _ in columns) + "|"
+    rule = "|" + "|".join("---" if key in ("method", "history") else "---:" for key, _ in columns) + "|"
     body = ["| " + " | ".join(fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
 
@@ -95,12 +100,12 @@ def replay_curves(result: dict) -> list[tuple[str, dict[str, list[float]]]]:
             ("adapter parameters (M)", params)]
 
 
-def write_replay_report(result: dict, summary: dict[str, dict], out: Path) -> str:
+def write_replay_report(result: dict, summary: dict[str, dict], out: Path, stem: str = "bench_replay") -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"method": m, **row} for m, row in summary.items()]
     table = markdown_table(rows, REPLAY_COLUMNS)
     cfg = result["config"]
-    plotted = _plot(out / "bench_replay.png", replay_curves(result), "edit")
+    plotted = _plot(out / f"{stem}.png", replay_curves(result), "edit")
     lines = [
         "# Edit replay benchmark",
         "",
@@ -114,19 +119,55 @@ def write_replay_report(result: dict, summary: dict[str, dict], out: Path) -> st
         "Each edit is scored before the method adapts on it. NLL and top-1 accuracy are means over "
         "changed tokens (kw: keyword tokens; id: identifier definitions and uses). Line EM: greedy "
         "completion of the rest of the line equals the document's; BLEU: sacrebleu corpus BLEU of "
-        "those completions; edit sim: difflib ratio. params: adapter parameters after each step "
-        "(mean over edits, and final). s/step: mean time of one adaptation step; wall s: the "
-        "method's share of the run (evaluation + adaptation).",
+        "those completions; edit sim: difflib ratio. EM / chrF at edit: the server's completion "
+        "(its engine, FIM when the model has FIM tokens, healed, line mode) where the edit starts, "
+        "against the first changed line. NLL vs base: relative difference of the mean NLL over "
+        "edits, with a 95% paired-bootstrap interval. params: adapter parameters after each step "
+        "(mean over edits, and final). s/step: mean time of one adaptation step (idle steps "
+        "included); wall s: the method's share of the run (evaluation + adaptation).",
         "",
         table,
         "",
     ]
     if plotted:
-        lines += ["![replay curves](bench_replay.png)", ""]
-    (out / "bench_replay.md").write_text("\n".join(lines))
-    (out / "bench_replay.json").write_text(json.dumps({"config": cfg, "summary": summary, "per_edit": {
+        lines += [f"![replay curves]({stem}.png)", ""]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps({"config": cfg, "summary": summary, "per_edit": {
         m: [{k: v for k, v in e.items() if k not in ("nll", "correct", "cls")} |
             {"nll_mean": (sum(e["nll"]) / len(e["nll"])) if e["nll"] else None, "tokens": len(e["nll"])}
             for e in res["edits"]]
         for m, res in result["methods"].items()}}, indent=1, default=str))
+    return table
+
+
+HEADLINE_COLUMNS = [
+    ("history", "history"), ("method", "method"), ("edits", "edits"), ("nll_all", "NLL"),
+    ("vs_base_all", "vs base"), ("vs_fixed8_all", "vs fixed8"), ("vs_base_identifier", "identifiers vs base"),
+    ("edit_em", "EM at edit"), ("edit_chrf", "chrF at edit"), ("params_mean", "params mean"),
+]
+
+
+def write_replay_headline(histories: dict[str, dict], out: Path, command: str) -> str:
+    """docs/bench_replay.md over several histories: ``histories`` maps a name to its per-history JSON
+    (config and summary), whose own page is bench_replay_<name>.md."""
+    rows = [{"history": name, "method": m, **row} for name, data in histories.items()
+            for m, row in data["summary"].items()]
+    table = markdown_table(rows, HEADLINE_COLUMNS)
+    cfg = next(iter(histories.values()))["config"] if histories else {}
+    lines = [
+        "# Edit replay benchmark: four histories", "",
+        f"Command: `{command}`", "",
+        f"Model `{cfg.get('model')}`, {cfg.get('max_examples')} example(s) per edit of at most "
+        f"{cfg.get('max_tokens')} tokens; sessions as the server runs them (settings: "
+        f"{cfg.get('settings') or 'defaults'}). Machine: {machine()}.", "",
+        "Every edit is scored before the method adapts on it. vs base / vs fixed8: relative difference "
+        "of the mean NLL of the changed tokens over edits (negative is better), with a 95% paired-bootstrap "
+        "interval over edits; identifiers vs base: the same on identifier tokens only. EM / chrF at edit: "
+        "the server's completion where the edit starts (engine, FIM prompt when the model has FIM tokens, "
+        "healing, line mode) against the first changed line.", "",
+        table, "",
+        *[f"- {name}: [bench_replay_{name}.md](bench_replay_{name}.md), plot `bench_replay_{name}.png`"
+          for name in histories], "",
+    ]
+    (out / "bench_replay.md").write_text("\n".join(lines))
     return table

@@ -123,6 +123,47 @@ def complete_lines(model, tokenizer, snapshot, example, points, max_new_tokens: 
             for h, (_, ref) in zip(hyps, points)]
 
 
+def edit_point(example, after: str) -> tuple[str, str, str] | None:
+    """(prefix, suffix, reference) of a completion where the example's edit starts in ``after``.
+
+    The reference is the first non-blank line of the changed text (from the cursor, or from the
+    start of the first non-blank changed line); the suffix is the document after the change.
+    """
+    if example.prefix_range is None:
+        return None
+    cursor, end = example.prefix_range[1], example.target_end
+    while cursor < end:
+        eol = after.find("\n", cursor)
+        eol = len(after) if eol < 0 else eol
+        ref = after[cursor:min(eol, end)]
+        if ref.strip():
+            return after[:cursor], after[end:], ref
+        cursor = eol + 1
+    return None
+
+
+def complete_at_edit(engine, snapshot, point: tuple[str, str, str], max_new_tokens: int) -> dict:
+    """The completion a user sees at the edit point: the server's engine, FIM prompt (when the model has
+    FIM tokens), healed and trimmed to one line, as the websocket asks in ``line`` mode."""
+    from server.app.ws.protocol import MAX_PREFIX_CHARS, MAX_SUFFIX_CHARS
+    from server.engines.base import GenerationRequest
+
+    prefix, suffix, ref = point
+    request = GenerationRequest(prompt=prefix[-MAX_PREFIX_CHARS:], suffix=suffix[:MAX_SUFFIX_CHARS],
+                                max_tokens=max_new_tokens, heal=True, trim=True, mode="line")
+    hyp = "".join(chunk.text for chunk in engine.generate(request, snapshot)).split("\n", 1)[0]
+    return {"hyp": hyp, "ref": ref, "exact": hyp.rstrip() == ref.rstrip(), "chrf": chrf(hyp, ref)}
+
+
+def chrf(hyp: str, ref: str) -> float | None:
+    """sacrebleu's sentence chrF (0-100); None when sacrebleu is not installed."""
+    try:
+        import sacrebleu
+    except ImportError:
+        return None
+    return float(sacrebleu.sentence_chrf(hyp.rstrip(), [ref.rstrip()]).score)
+
+
 def bleu(hyps: list[str], refs: list[str]) -> float | None:
     """Corpus BLEU (sacrebleu) of line completions; None when sacrebleu is not installed."""
     try:

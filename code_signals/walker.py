@@ -1,8 +1,9 @@
 """Repository walking and chunking for per-repository fine-tuning.
 
 `walk_repository` lists a directory's source files in a deterministic order
-(sorted names, depth first), honouring .gitignore files at every level, and
-skips: hidden and vendored/build directories, symlinks, files over
+(sorted names, depth first) and skips what the privacy rules refuse (privacy.py:
+.gitignore and .dynarankignore files at every level, secret-looking names and
+contents, symlinks), hidden and vendored/build directories (silently), files over
 `max_file_bytes`, binaries and non-UTF-8 files, generated and minified files,
 and files of no known language. Each skip is recorded with its reason.
 """
@@ -18,10 +19,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
 
-import pathspec
-
 from .errors import CodeSignalsError
 from .languages import TEXT, detect_language, get_parser, normalize_language
+from .privacy import PrivacyFilter, secret_reason
 
 VENDORED_DIRS = frozenset(
     {
@@ -113,13 +113,14 @@ class RepoScan:
 def walk_repository(
     root: str | os.PathLike,
     *,
-    max_file_bytes: int = 1_000_000,
+    max_file_bytes: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     languages: set[str] | None = None,
     tokenizer=None,
 ) -> RepoScan:
     """Source files under `root` with their language and text.
 
+    max_file_bytes: at most the privacy rules' limit, which is the default.
     progress(done, total, relative_path) is called after each candidate file.
     languages limits the result (default: every language we parse). The summary
     counts files, bytes, lines, tokens (with `tokenizer`, exact; otherwise an
@@ -129,8 +130,16 @@ def walk_repository(
     if not root_path.is_dir():
         raise CodeSignalsError(f"{root}: not a directory")
     wanted = {normalize_language(l) or l for l in languages} if languages else None
+    privacy = PrivacyFilter(root_path)
+    limit = privacy.rules.max_file_bytes
+    max_file_bytes = limit if max_file_bytes is None else min(max_file_bytes, limit)
     scan = RepoScan()
-    candidates = _list_files(root_path, scan.skipped)
+    candidates = []
+    for rel, why in privacy.walk(skip_dir=_skip_dir):
+        if why is None:
+            candidates.append(rel)
+        else:
+            scan.skipped.append((rel, why))
     per_language: dict[str, dict] = {}
     for done, rel in enumerate(candidates, 1):
         reason = _skip_reason(root_path / rel, rel, max_file_bytes, wanted)
@@ -166,58 +175,10 @@ def walk_repository(
     return scan
 
 
-def _list_files(root: Path, skipped: list) -> list[str]:
-    """Relative paths not excluded by .gitignore or directory rules, sorted depth first."""
-    out: list[str] = []
-    specs: list[
-        tuple[str, pathspec.PathSpec]
-    ] = []  # (directory prefix, its .gitignore)
-
-    def ignored(rel: str, is_dir: bool) -> bool:
-        for prefix, spec in specs:
-            if rel.startswith(prefix) and spec.match_file(
-                rel[len(prefix) :] + ("/" if is_dir else "")
-            ):
-                return True
-        return False
-
-    def visit(directory: Path, prefix: str) -> None:
-        gitignore = directory / ".gitignore"
-        pushed = False
-        if gitignore.is_file():
-            try:
-                lines = gitignore.read_text(
-                    encoding="utf-8", errors="replace"
-                ).splitlines()
-                specs.append((prefix, pathspec.GitIgnoreSpec.from_lines(lines)))
-                pushed = True
-            except (ValueError, OSError):  # a malformed pattern must not stop the walk
-                skipped.append((prefix + ".gitignore", "unreadable .gitignore"))
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as exc:
-            skipped.append((prefix or ".", f"unreadable: {exc.strerror}"))
-            entries = []
-        for entry in entries:
-            rel = prefix + entry.name
-            if entry.is_symlink():
-                skipped.append((rel, "symlink"))
-            elif entry.is_dir():
-                if (
-                    entry.name.startswith(".")
-                    or entry.name in VENDORED_DIRS
-                    or entry.name.endswith(".egg-info")
-                ):
-                    continue  # not reported: these hold thousands of files
-                if not ignored(rel, True):
-                    visit(Path(entry.path), rel + "/")
-            elif entry.is_file() and not ignored(rel, False):
-                out.append(rel)
-        if pushed:
-            specs.pop()
-
-    visit(root, "")
-    return out
+def _skip_dir(rel: str) -> bool:
+    """Directories not worth reporting: hidden ones and vendored/build output (thousands of files)."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") or name in VENDORED_DIRS or name.endswith(".egg-info")
 
 
 def _skip_reason(path: Path, rel: str, max_bytes: int, wanted):
@@ -253,6 +214,9 @@ def _skip_reason(path: Path, rel: str, max_bytes: int, wanted):
         return "generated"
     if len(text) / (text.count("\n") + 1) > MAX_AVERAGE_LINE:
         return "minified"
+    secret = secret_reason(text)  # last: only what would be trained on is scanned
+    if secret is not None:
+        return secret
     return lang, text
 
 

@@ -1,4 +1,9 @@
-"""``dynarank-client``: the command line over ide_client (watch, complete, finetune, status)."""
+"""``dynarank-client``: the command line over ide_client (watch, complete, finetune, status).
+
+Every failure ends the command with one line on stderr and exit status 2; the
+common ones (no server, a refused key, an unknown session) say how to fix them
+(``cli_errors.py``). ``-v`` adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,18 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from ide_client.cli_errors import explain
 from ide_client.context import Context
 from ide_client.http_api import APIError
 from ide_client.repo import find_root
 from ide_client.session import ConnectionLost, ProtocolError
 from ide_client.urls import DEFAULT_SERVER
+
+CURSOR_NOTE = ("Positions are 1-based: FILE:1:1 is the first character of the file, columns count characters "
+               "(the Python library's cursor=(line, character) is 0-based, as in LSP).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "else ~/.config/dynarank/client.json)")
     common.add_argument("-v", "--verbose", action="store_true", help="log reconnect attempts")
 
-    parser = argparse.ArgumentParser(prog="dynarank-client", description="Talk to a dynarank server.")
+    parser = argparse.ArgumentParser(prog="dynarank-client", description="Talk to a dynarank server.",
+                                     epilog=CURSOR_NOTE)
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("watch", parents=[common], help="send every saved change in a repository as an edit")
     w.add_argument("path", type=Path, nargs="?", default=Path("."))
-    c = sub.add_parser("complete", parents=[common], help="print a completion at FILE:LINE:COL (1-based)")
-    c.add_argument("location")
+    c = sub.add_parser("complete", parents=[common], help="print a completion at FILE:LINE:COL (1-based)",
+                       description="Print a completion at FILE:LINE:COL from the session's adapter.",
+                       epilog=CURSOR_NOTE)
+    c.add_argument("location", metavar="FILE:LINE:COL",
+                   help="where to complete; 1-based line and column (the end of a line is its length + 1)")
     c.add_argument("--max-tokens", type=int, default=32)
     verdict = c.add_mutually_exclusive_group()
     verdict.add_argument("--accept", action="store_const", const="accepted", dest="feedback",
@@ -82,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         from ide_client.oneshot import run_status
 
         return run_status(ctx)
-    except (ProtocolError, APIError, ConnectionLost, ValueError, OSError) as exc:
-        print(f"dynarank-client: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last stop: a user sees one line, never a traceback
+        message = explain(exc, ctx.server, ctx.api_key)
+        if message is None:
+            known = isinstance(exc, (ProtocolError, APIError, ConnectionLost, ValueError, OSError))
+            message = str(exc) if known else f"unexpected error: {exc!r} (run with -v for the traceback)"
+        if args.verbose:
+            traceback.print_exc()
+        print("dynarank-client: " + " ".join(message.split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 A saved resume token that the server no longer accepts (its data directory was
 wiped) is forgotten and a fresh session started, with a note, instead of
-failing every command until the user deletes the state file by hand.
+failing every command until the user deletes the state file by hand. A session
+named on the command line (``--session``, ``--resume``) must exist: a typo
+should be an error, not a new empty session under the mistyped name.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ide_client.http_api import API
+from ide_client.http_api import API, AsyncAPI
 from ide_client.session import AsyncSession, ProtocolError
 from ide_client.state import StateFile, default_state_path
 from ide_client.urls import http_base
@@ -50,10 +52,15 @@ class Context:
                             repository=repository, **kwargs)
 
     async def connect(self, session: AsyncSession):
+        if self.session_id and not session.resume_token:
+            # Joining by id alone would start a new session under that id; ask first (404 if unknown).
+            async with AsyncAPI(self.server, self.api_key) as api:
+                await api.session(self.session_id)
         try:
             ready = await session.connect()
         except ProtocolError as exc:
-            if exc.code not in STALE_CODES or not (session.session_id or session.resume_token):
+            explicit = self.session_id or self.resume_token
+            if exc.code not in STALE_CODES or explicit or not (session.session_id or session.resume_token):
                 raise
             print(f"saved session no longer valid ({exc.code}); starting a new one", file=self.err)
             self.state.forget(self.server)

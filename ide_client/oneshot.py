@@ -1,41 +1,81 @@
-"""The one-shot commands: ``complete FILE:LINE:COL`` and ``status``."""
+"""The one-shot commands: ``complete FILE:LINE:COL`` and ``status``.
+
+Positions on the command line are 1-based (line 1, column 1 is the start of
+the file, as compilers print them) and columns count characters; the Python
+library's cursor is 0-based (LSP: line, UTF-16 character).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
+from code_signals.privacy import PrivacyFilter
 from ide_client.context import Context
 from ide_client.display import format_ranks
 from ide_client.http_api import APIError
 from ide_client.repo import repository_info
+
+_EOL = re.compile(r"\r\n|\r|\n")
 
 
 def parse_location(spec: str) -> tuple[Path, int, int]:
     """FILE:LINE:COL (1-based, like compiler messages) -> (path, line, column) 0-based."""
     parts = spec.rsplit(":", 2)
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        raise ValueError(f"expected FILE:LINE:COL, got {spec!r}")
+        raise ValueError(f"expected FILE:LINE:COL (1-based), got {spec!r}")
     line, col = int(parts[1]), int(parts[2])
     if line < 1 or col < 1:
-        raise ValueError("LINE and COL start at 1")
+        raise ValueError(f"LINE and COL start at 1, got {spec!r}")
     return Path(parts[0]), line - 1, col - 1
 
 
 def split_at(text: str, line: int, col: int) -> tuple[str, str]:
-    lines = text.splitlines(keepends=True) or [""]
-    if line > len(lines) or (line == len(lines) and col > 0):
-        raise ValueError(f"line {line + 1} is past the end of the file ({len(lines)} lines)")
-    offset = sum(len(x) for x in lines[:line])
-    current = lines[line] if line < len(lines) else ""
-    offset += min(col, len(current.rstrip("\r\n")))
+    """(text before, text after) the 0-based line and column; out of range: ValueError with the valid range.
+
+    The end of a line (column = its length + 1, 1-based) is a position; a text that ends
+    with a line break has an empty last line.
+    """
+    starts = [0] + [m.end() for m in _EOL.finditer(text)]
+    if line >= len(starts):
+        raise ValueError(f"line {line + 1} is past the end of the file: lines are 1-{len(starts)}")
+    end = starts[line + 1] if line + 1 < len(starts) else len(text)
+    length = len(_EOL.sub("", text[starts[line]:end]))
+    if col > length:
+        raise ValueError(f"column {col + 1} is past the end of line {line + 1}: columns are 1-{length + 1}")
+    offset = starts[line] + col
     return text[:offset], text[offset:]
+
+
+def read_source(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def privacy_reason(repo_root: Path | None, path: Path, text: str) -> str | None:
+    """Why the shared privacy rules keep this file on the machine (.gitignore, secrets...), or None."""
+    path = path.resolve()
+    if repo_root is not None and path.is_relative_to(repo_root.resolve()):
+        return PrivacyFilter(repo_root).reason(path.relative_to(repo_root.resolve()).as_posix(), text)
+    return PrivacyFilter().reason(path.name, text)  # outside a repository: its name and text only
 
 
 async def _complete(ctx: Context, spec: str, max_tokens: int, out, err, feedback: str | None = None) -> int:
     path, line, col = parse_location(spec)
-    prefix, suffix = split_at(path.read_text(), line, col)
+    text = read_source(path)
+    why = privacy_reason(ctx.repo_root, path, text)
+    if why is not None:
+        raise ValueError(f"{path}: not sent to the server ({why}); see docs/privacy.md")
+    try:
+        prefix, suffix = split_at(text, line, col)
+    except ValueError as exc:
+        raise ValueError(f"{spec}: {exc}") from None
     if not prefix and not suffix:
         raise ValueError("the file is empty: nothing to complete from")
     # prefix/suffix rather than open+cursor: the document mirror belongs to editors (watch, VS Code)

@@ -1,13 +1,18 @@
 """The repository on disk as the client sees it: its root, its id, and which
-files are source worth sending (the server does the real classification)."""
+files are source worth sending (the server does the real classification).
+
+What may be sent at all is code_signals.privacy's decision (docs/privacy.md):
+never ignored, secret, binary or oversized files.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-# Directories that are never the user's own code.
+from code_signals.privacy import allowed_files
+
+# Directories that are never the user's own code (not a privacy matter: not worth sending).
 SKIP_DIRS = {".git", ".hg", ".svn", ".dynarank", "node_modules", "__pycache__", ".venv", "venv", "env",
              "build", "dist", "target", ".mypy_cache", ".pytest_cache", ".tox", ".idea", ".vscode", "out"}
 SOURCE_SUFFIXES = {
@@ -16,7 +21,6 @@ SOURCE_SUFFIXES = {
     ".bash", ".sql", ".r", ".jl", ".hs", ".ml", ".ex", ".exs", ".erl", ".clj", ".dart", ".vue", ".svelte",
     ".html", ".css", ".scss", ".toml", ".yaml", ".yml", ".json", ".md", ".rst",
 }
-MAX_FILE_BYTES = 512 * 1024  # the server's message limit is 1 MiB; leave room for JSON escaping
 
 
 def find_root(start: Path) -> Path:
@@ -36,35 +40,17 @@ def repository_info(root: Path) -> dict:
     return {"id": f"{root.name}-{digest}", "root_name": root.name}
 
 
-def is_source(path: Path) -> bool:
+def is_source(path: Path | str) -> bool:
+    """Whether a relative path is source worth sending (the privacy rules decide separately whether it may be)."""
+    path = Path(path)
     return path.suffix.lower() in SOURCE_SUFFIXES and not any(part in SKIP_DIRS for part in path.parts)
 
 
-def read_text(path: Path) -> str | None:
-    """The file's text, or None for binary, unreadable or oversized files."""
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            return None
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if b"\x00" in data[:8192]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+def _skip_dir(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name in SKIP_DIRS or name.startswith(".")
 
 
 def source_files(root: Path):
-    """(relative posix path, text) of every source file under root."""
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            rel = path.relative_to(root)
-            if is_source(rel):
-                text = read_text(path)
-                if text is not None:
-                    yield rel.as_posix(), text
+    """(relative posix path, text) of every source file under root that the privacy rules allow."""
+    yield from allowed_files(root, want=is_source, skip_dir=_skip_dir)

@@ -4,6 +4,10 @@ The texts of the repository's source files are read once at start, so the
 first save of a file can be sent as open(old text) + edit(new text): the server
 then trains on that first change instead of taking it as the baseline. Files
 created later start from an empty baseline.
+
+Every change is checked against the privacy rules (code_signals.privacy) before
+it is sent: a file they refuse, at start or after any later save (a secret pasted
+in, a new .gitignore line), is never sent, and is closed on the server if open.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from pathlib import Path
 
 import watchfiles
 
+from code_signals.privacy import PrivacyFilter
 from ide_client import messages as m
 from ide_client.context import Context
 from ide_client.display import format_event, format_ready, line_delta, stamp
-from ide_client.repo import is_source, read_text, repository_info, source_files
+from ide_client.repo import is_source, repository_info, source_files
 
 
 class Watcher:
@@ -27,6 +32,8 @@ class Watcher:
         self.root = Path(root).resolve()
         self.out = out
         self.known: dict[str, str] = {}  # last text we told the server (or read at start)
+        self.privacy = PrivacyFilter(self.root)
+        self.refused: dict[str, str] = {}  # path -> reason last reported, so each refusal is said once
         self.session = None
 
     def say(self, line: str) -> None:
@@ -60,7 +67,11 @@ class Watcher:
             rel = Path(path).resolve().relative_to(self.root)
         except ValueError:
             return False
-        return is_source(rel)
+        if not is_source(rel):
+            return False
+        # Content is checked in handle; a refused file still open on the server goes there to be closed.
+        return self.privacy.path_reason(rel) is None or (self.session is not None
+                                                          and rel.as_posix() in self.session.documents)
 
     async def handle(self, change, path: Path) -> None:
         rel = path.resolve().relative_to(self.root).as_posix()
@@ -71,9 +82,15 @@ class Watcher:
                 await self.session.close_document(rel)
                 self.say(f"{stamp()}  close     {rel}")
             return
-        text = read_text(path)
-        if text is None:
+        text, why = self.privacy.read(rel)
+        if why is not None:
+            if rel in docs:  # it was allowed before: the server must not keep (or train on) it any longer
+                await self.session.close_document(rel)
+            if self.refused.get(rel) != why:
+                self.say(f"{stamp()}  not sent  {rel} ({why})")
+            self.refused[rel] = why
             return
+        self.refused.pop(rel, None)
         before = docs[rel].text if rel in docs else self.known.get(rel, "")
         if rel in docs and text == before:
             return  # touched, not changed

@@ -46,7 +46,7 @@ def start_server(args: list[str], env: dict | None = None) -> subprocess.Popen:
     request would fill an unread pipe and block on its next log line.
     """
     full_env = {**os.environ, **(env or {})}
-    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115 - stop_server closes it
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", *args],
         env=full_env,
@@ -65,20 +65,39 @@ def server_output(proc: subprocess.Popen) -> str:
     return proc.log_file.read()
 
 
-def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> str:
-    proc.terminate()
+def stop_child(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM (a child started in the background may ignore SIGINT), then SIGKILL if it is still alive."""
+    if proc.poll() is None:
+        proc.terminate()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    stop_child(proc, timeout)
     out = server_output(proc)
     proc.log_file.close()
     return out
 
 
-def client_cli(*args, **kwargs) -> subprocess.Popen:
-    """`python -m ide_client ARGS` from the checkout, output on one pipe."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ide_client", *args], cwd=kwargs.get("cwd", ROOT), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def client_cli(*args, cwd=ROOT, env: dict | None = None, split_stderr: bool = False) -> subprocess.Popen:
+    """`python -m ide_client ARGS` from the checkout, stderr on stdout's pipe unless split; the caller stops it
+    (stop_child)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "ide_client", *args], cwd=cwd, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT)
+
+
+def run_client(*args, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m ide_client ARGS` to its end (client_cli's keywords). Past `timeout` it is stopped and fails."""
+    proc = client_cli(*args, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_child(proc, 5)
+        out, err = proc.communicate()
+        raise AssertionError(f"dynarank-client {' '.join(args)} still ran after {timeout}s:\n{out[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -20,7 +20,9 @@ ALLOWED = {
     "adapter_core": {"code_signals"},
     "server": {"code_signals", "adapter_core"},
     "bench": {"code_signals", "adapter_core", "server"},
-    "ide_client": set(),  # talks to the server over the wire only
+    # Talks to the server over the wire only; code_signals for the privacy rules it shares with the
+    # server (code_signals.privacy: what may leave the machine). Importing it must not pull in torch.
+    "ide_client": {"code_signals"},
 }
 
 # Inside server/: each layer may import its own and lower layers only.

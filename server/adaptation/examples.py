@@ -11,6 +11,7 @@ EDIT_MAX_EXAMPLES = 4
 # for completions inside documents, so FIM is most of what is served; the rest stays
 # prefix-only for completions at the end of a file and plain /v1/completions prompts.
 EDIT_FIM_RATIO = 0.75
+DOCUMENT_CHUNKS = 4  # chunks of a newly opened document that join its session's replay buffer
 
 
 def edit_example_builder(tokenizer, max_tokens: int = EDIT_MAX_TOKENS, max_examples: int = EDIT_MAX_EXAMPLES):
@@ -20,12 +21,34 @@ def edit_example_builder(tokenizer, max_tokens: int = EDIT_MAX_TOKENS, max_examp
 
 
 
+def document_examples(builder, text: str, path: str | None, language: str | None = None) -> list:
+    """Examples of an opened document's first chunks: its identifiers and style (replayed at low weight)."""
+    return builder.from_file(text, path=path, language=language, max_examples=DOCUMENT_CHUNKS)
+
+
 def example_batch(example) -> dict:
-    """One TrainingExample as a batch of one row (examples differ in length)."""
+    """One TrainingExample as a batch of one row."""
+    return examples_batch([example])
+
+
+def examples_batch(examples) -> dict:
+    """TrainingExamples as a batch, one row each, right-padded (padding: attention mask 0, weight 0).
+
+    The task is the first example's (the new edit's; replayed rows follow it).
+    """
+    width = max(len(ex.input_ids) for ex in examples)
+
+    def rows(field, pad, dtype):
+        return torch.tensor([list(getattr(ex, field)) + [pad] * (width - len(ex.input_ids)) for ex in examples],
+                            dtype=dtype)
+
     return {
-        "input_ids": torch.tensor([list(example.input_ids)], dtype=torch.long),
-        "loss_weights": torch.tensor([list(example.loss_weights)], dtype=torch.float32),
-        "token_classes": torch.tensor([[int(c) for c in example.token_classes]], dtype=torch.long),
-        "example_weights": torch.tensor([example.weight], dtype=torch.float32),
-        "task": getattr(example, "edit_type", None),
+        "input_ids": rows("input_ids", 0, torch.long),
+        "attention_mask": torch.tensor([[1] * len(ex.input_ids) + [0] * (width - len(ex.input_ids))
+                                        for ex in examples], dtype=torch.long),
+        "loss_weights": rows("loss_weights", 0.0, torch.float32),
+        "token_classes": torch.tensor([[int(c) for c in ex.token_classes] + [0] * (width - len(ex.input_ids))
+                                       for ex in examples], dtype=torch.long),
+        "example_weights": torch.tensor([ex.weight for ex in examples], dtype=torch.float32),
+        "task": getattr(examples[0], "edit_type", None),
     }

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 from pathlib import Path
 
-from server.store import check_name, owner_hash, write_json_atomic
+from server.adaptation import training_file
+from server.store import FileStore, check_name, owner_hash, write_json_atomic
 
 log = logging.getLogger("dynarank.jobs")
 
@@ -57,12 +59,13 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, settings, model, tokenizer, store, sessions):
+    def __init__(self, settings, model, tokenizer, store, sessions, files: FileStore | None = None):
         self.settings = settings
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
         self.sessions = sessions
+        self.files = files or FileStore(settings.data_dir)  # uploads (/v1/files) a job may train on
         self.root = Path(settings.data_dir) / "jobs"
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -96,46 +99,77 @@ class JobManager:
     def create(self, owner: str | None, body: dict) -> Job:
         if not isinstance(body, dict):
             raise JobError("the body must be a JSON object")
-        unknown = set(body) - {"repository", "files", "adapter_name", "hyperparameters", "model", "suffix"}
+        fields = {"repository", "files", "training_file", "adapter_name", "hyperparameters", "model", "suffix"}
+        unknown = set(body) - fields
         if unknown:
             raise JobError(f"unknown field(s): {', '.join(sorted(unknown))}")
-        name = body.get("adapter_name") or body.get("suffix")
-        try:
-            check_name(name)
-        except ValueError as exc:
-            raise JobError(str(exc)) from None
-        if name.startswith("session-"):
-            raise JobError("adapter names starting with 'session-' are reserved for sessions")
         model = body.get("model")
         if model not in (None, self.settings.served_name):
             raise JobError(f"model must be the served base model {self.settings.served_name!r}")
         hp = self._hyperparameters(body.get("hyperparameters") or {})
-        repo, files = body.get("repository"), body.get("files")
-        if files is not None:  # inline files; `repository` may only name them ({id, root_name})
+        repo, files, file_id = body.get("repository"), body.get("files"), body.get("training_file")
+        if file_id is not None:  # an uploaded JSONL file (/v1/files)
+            if repo is not None or files is not None:
+                raise JobError("give one of training_file, repository or files")
+            repository = self._check_training_file(owner, file_id)
+        elif files is not None:  # inline files; `repository` may only name them ({id, root_name})
             repository = self._check_files(files, repo)
         elif repo is not None:
             repository = self._check_repository(repo)
         else:
-            raise JobError("give 'repository' ({path}) or 'files' ([{path, text}], with repository {id, root_name}?)")
+            raise JobError("give 'repository' ({path}), 'files' ([{path, text}], with repository {id, root_name}?) "
+                           "or 'training_file' (the id of an uploaded file)")
+        name = self._adapter_name(body, repository)
         now = int(time.time())
         record = {
             "id": "ftjob-" + secrets.token_hex(10), "object": "fine_tuning.job", "model": self.settings.served_name,
             "adapter_name": name, "fine_tuned_model": None, "status": "validating_files", "created_at": now,
             "started_at": None, "finished_at": None, "hyperparameters": hp,
-            "repository": {k: v for k, v in repository.items() if k != "files"}, "trained_tokens": 0,
+            "repository": {k: v for k, v in repository.items() if k not in ("files", "records")},
+            "training_file": file_id, "trained_tokens": 0,
             "step": 0, "total_steps": None, "error": None, "result": None, "_owner": owner_hash(owner),
         }
         job = Job(record, owner)
         with self._lock:
             self.jobs[job.id] = job
         self._event(job, "info", "job created")
-        threading.Thread(target=self._prepare, args=(job, repository.get("files")), daemon=True,
-                         name=f"prep-{job.id}").start()
+        threading.Thread(target=self._prepare, args=(job, repository.get("files"), repository.get("records")),
+                         daemon=True, name=f"prep-{job.id}").start()
         return job
+
+    def _adapter_name(self, body: dict, repository: dict) -> str:
+        """adapter_name, else suffix (OpenAI's field), else one derived from the repository or the training file."""
+        name = body.get("adapter_name") or body.get("suffix")
+        if name is None:
+            derived = repository.get("root_name") or body.get("training_file") or ""
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", derived).strip("-.")[:80]
+            if not name:
+                raise JobError("no adapter name: set adapter_name (or suffix), or name the repository {root_name}")
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        if name.startswith("session-"):
+            raise JobError("adapter names starting with 'session-' are reserved for sessions")
+        return name
+
+    def _check_training_file(self, owner: str | None, file_id) -> dict:
+        try:
+            records = training_file.parse(self.files.read(owner, file_id))
+        except KeyError:
+            raise JobError(f"training_file {file_id!r}: no such file of this key (upload it to /v1/files)") from None
+        except training_file.TrainingFileError as exc:
+            raise JobError(f"training_file {file_id}: {exc}") from None
+        return {"id": None, "root_name": None, "records": records}
 
     def _hyperparameters(self, hp: dict) -> dict:
         if not isinstance(hp, dict):
             raise JobError("hyperparameters must be an object")
+        if "n_epochs" in hp:  # OpenAI's name; its "auto" is our default
+            hp = dict(hp)
+            n_epochs = hp.pop("n_epochs")
+            if n_epochs != "auto":
+                hp["epochs"] = n_epochs
         allowed = {"rank_policy": str, "steps": int, "epochs": int, "budget": int, "learning_rate": float}
         for key, value in hp.items():
             want = allowed.get(key)
@@ -224,20 +258,56 @@ class JobManager:
             job.adapter = None
         self._event(job, "error", message)
 
-    def _prepare(self, job: Job, inline_files) -> None:
-        """Walk and tokenize (off the event loop), then queue the job for the workers."""
+    @staticmethod
+    def _allowed_inline(inline_files) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(path, text) of the uploaded files the privacy rules allow, and (path, reason) of the others.
+        Refused files are dropped, not answered with a 400: the client checks the same rules, so only an
+        older or careless client sends them, and the rest of its upload is still worth training on."""
+        from code_signals.privacy import PrivacyFilter
+
+        privacy, files, skipped = PrivacyFilter(), [], []
+        for f in inline_files:
+            why = privacy.reason(f["path"], f["text"])
+            if why is None:
+                files.append((f["path"], f["text"]))
+            else:
+                skipped.append((f["path"], why))
+        return files, skipped
+
+    def _report_skipped(self, job: Job, skipped: list[tuple[str, str]], shown: int = 50) -> None:
+        """One event naming the files left out and why; the counts per reason go on the record."""
+        if not skipped:
+            return
+        counts: dict[str, int] = {}
+        for _, why in skipped:
+            counts[why.split(":")[0]] = counts.get(why.split(":")[0], 0) + 1
+        with job.lock:
+            job.record["repository"]["skipped"] = dict(sorted(counts.items()))
+        listed = ", ".join(f"{path} ({why})" for path, why in skipped[:shown])
+        more = f", and {len(skipped) - shown} more" if len(skipped) > shown else ""
+        self._event(job, "info", f"skipped {len(skipped)} file(s): {listed}{more}")
+
+    def _prepare(self, job: Job, inline_files, records=None) -> None:
+        """Walk and tokenize (off the event loop), then queue the job for the workers.
+
+        ``records``: the prompt/completion or text records of a training file (then there are no source files).
+        """
         from adapter_core import RankBounds, new_session_adapter
         from code_signals import ExampleBuilder, detect_language, walk_repository
         from server.sessions.adapter_config import session_adapter_config
 
         try:
-            if inline_files is not None:
-                files = [(f["path"], detect_language(f["path"], f["text"]), f["text"]) for f in inline_files]
+            if records is not None:
+                files, skipped = [], []
+            elif inline_files is not None:
+                files, skipped = self._allowed_inline(inline_files)
+                files = [(path, detect_language(path, text), text) for path, text in files]
             else:
-                scan = walk_repository(job.record["repository"]["path"])
-                files = [(f.path, f.language, f.text) for f in scan.files]
+                scan = walk_repository(job.record["repository"]["path"])  # applies the privacy rules itself
+                files, skipped = [(f.path, f.language, f.text) for f in scan.files], scan.skipped
+            self._report_skipped(job, skipped)
             builder = ExampleBuilder(self.tokenizer, max_tokens=256, max_examples=4)
-            examples = []
+            examples = training_file.examples(builder, records) if records is not None else []
             for path, language, text in files:
                 if text.strip():
                     examples += builder.from_file(text, path, language, max_examples=64)

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from server.adaptation.examples import edit_example_builder
-from server.adaptation.learner import adapt_on_example
+from server.adaptation.examples import document_examples, edit_example_builder
+from server.adaptation.learner import adapt_on_example, idle_step
 from server.engines.gate import ServingGate
 from server.feedback import settle_feedback
 from server.sessions import Session, SessionManager
@@ -80,6 +80,7 @@ class AdaptationWorkers:
                 self.settle_edits()
                 work = self._take()
                 if work is None:
+                    self._train_idle()
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue
@@ -110,6 +111,16 @@ class AdaptationWorkers:
         session, example = item
         return lambda: self.train_session(session, example)
 
+    def _train_idle(self) -> None:
+        """One idle step (server.sessions.replay) for the session that used the server last and has
+        idle steps left, but only while no completion runs: idle training never delays serving."""
+        waiting = [s for s in self.sessions.sessions() if s.replay.idle_credit > 0 and not s.queue]
+        if not waiting or not self.gate.wait_idle(timeout=0):
+            return
+        session = max(waiting, key=lambda s: s.last_used)
+        with self.gate.training_slice():  # idle a moment ago: waits only if a completion just started
+            self.train_session(session)
+
     def settle_edits(self, now: float | None = None) -> None:
         """Turn settled edit bursts into examples on each session's queue."""
         now = time.monotonic() if now is None else now
@@ -125,17 +136,28 @@ class AdaptationWorkers:
                     session.enqueue(examples)
                     session.notify(session.status())
                     self._metric_queue(session)
+            for path, text, language in session.settle_documents():
+                try:  # the opened document's identifiers and style, as low-weight replay rows
+                    examples = document_examples(self.builder, text, path, language)
+                except Exception as exc:
+                    log.warning("no examples from document %s: %s", path, exc)
+                    continue
+                session.replay.add_documents(examples)
             if settle_feedback(session, self.builder, self.settings):  # accepted completions the user kept
                 session.notify(session.status())
                 self._metric_queue(session)
 
     # -- one session step ---------------------------------------------------------
 
-    def train_session(self, session: Session, example) -> None:
+    def train_session(self, session: Session, example=None) -> None:
+        """One step on ``example`` with the session's replay rows, or (``example=None``) one idle step."""
         with session.train_lock:
             if self.sessions.get(session.owner, session.id) is not session:
                 return  # evicted meanwhile
-            stats, snap = adapt_on_example(self.model, session.adapter, session.policy, example)
+            if example is None:
+                stats, snap = idle_step(self.model, session.adapter, session.policy, session.replay)
+            else:
+                stats, snap = adapt_on_example(self.model, session.adapter, session.policy, example, session.replay)
             if snap is None:
                 return  # skipped step: nothing new to publish
             summary = session.publish(snap, stats.loss)

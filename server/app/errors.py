@@ -20,17 +20,20 @@ from server.errors import ClientError
 
 log = logging.getLogger("dynarank.errors")
 
+# OpenAI's error types by status; any other 4xx is an invalid request, any 5xx a server error.
 _TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
     429: "rate_limit_error",
-    503: "server_error",
 }
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return _TYPE_BY_STATUS.get(status, "invalid_request_error")
 
 
 class APIError(Exception):
@@ -41,7 +44,7 @@ class APIError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
+        self.type = type or error_type(status)
         self.headers = headers
 
     def body(self) -> dict:

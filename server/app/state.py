@@ -13,7 +13,7 @@ from server.engines.bridge import GenerationBridge
 from server.feedback import FeedbackRegistry
 from server.observability.metrics import Metrics
 from server.sessions import SessionManager
-from server.store import AdapterStore
+from server.store import AdapterStore, FileStore
 
 
 class AdapterResolver(Protocol):
@@ -41,18 +41,21 @@ class Services:
     workers: AdaptationWorkers
     jobs: JobManager
     feedback: FeedbackRegistry
+    files: FileStore  # uploads that jobs train on
 
     @classmethod
-    def build(cls, settings: Settings, model, tokenizer, engine: Engine, metrics: Metrics) -> "Services":
+    def build(cls, settings: Settings, model, tokenizer, engine: Engine, metrics: Metrics) -> Services:
         store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
         sessions = SessionManager(settings, model, tokenizer, store, metrics)
         workers = AdaptationWorkers(settings, model, tokenizer, sessions, engine.gate, metrics)
-        jobs = JobManager(settings, model, tokenizer, store, sessions)
+        files = FileStore(settings.data_dir)
+        jobs = JobManager(settings, model, tokenizer, store, sessions, files)
         jobs.on_work = workers.wake
         workers.sources.append(jobs.take)
         feedback = FeedbackRegistry(settings, sessions)
         metrics.watch_feedback(feedback)
-        return cls(store, sessions, workers, jobs, feedback)
+        metrics.watch_services(sessions, jobs)
+        return cls(store, sessions, workers, jobs, feedback, files)
 
     def start(self) -> None:
         self.workers.start()

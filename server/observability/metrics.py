@@ -25,6 +25,11 @@ session id or model name, ``adapter_version`` = N, ``base`` or ``all``):
                                        (event: completions|shown|accepted|partially_accepted|rejected)
   acceptance_rate             Gauge    {scope,name,adapter_version}  (accepted+partial over decided)
 
+Sessions and fine-tuning jobs (read from the session layer at scrape time, all keys together):
+  sessions_resident    Gauge      sessions_resident  (sessions held in memory)
+  sessions_connected   Gauge      sessions_connected  (resident sessions with at least one open websocket)
+  fine_tuning_jobs     Gauge      fine_tuning_jobs{state}  (state: one of JOB_STATES, zeros included)
+
 Call ``forget_session(session_id)`` when a session ends so its label sets go.
 """
 
@@ -45,6 +50,22 @@ access_log = logging.getLogger("dynarank.access")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SESSION_METRICS = ("queue_depth", "adaptation_steps", "last_loss", "swaps")
+# The states a fine-tuning job walks through (server/adaptation/jobs.py), in order.
+JOB_STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+
+
+def session_counts(sessions) -> dict:
+    """``{"resident", "connected"}`` of an iterable of sessions (shared by /metrics and the dashboard)."""
+    sessions = list(sessions)
+    return {"resident": len(sessions), "connected": sum(1 for s in sessions if s.connections > 0)}
+
+
+def job_counts(jobs) -> dict:
+    """Jobs per state, every state of ``JOB_STATES`` present (zero when none)."""
+    counts = dict.fromkeys(JOB_STATES, 0)
+    for job in jobs:
+        counts[job.status] = counts.get(job.status, 0) + 1
+    return counts
 
 
 class Metrics:
@@ -73,6 +94,10 @@ class Metrics:
     def watch_feedback(self, source) -> None:
         """Expose ``source.metric_rows()`` (a FeedbackRegistry) on every scrape."""
         self.registry.register(_FeedbackCollector(source))
+
+    def watch_services(self, sessions, jobs) -> None:
+        """Expose session and job counts of a SessionManager and a JobManager on every scrape."""
+        self.registry.register(_ServicesCollector(sessions, jobs))
 
     def forget_session(self, session_id: str) -> None:
         for name in _SESSION_METRICS:
@@ -121,6 +146,30 @@ class _FeedbackCollector:
 
     def describe(self):
         return []  # collected lazily: nothing to check at registration
+
+
+class _ServicesCollector:
+    """Counts read at scrape time, so no code path has to remember to update a gauge."""
+
+    def __init__(self, sessions, jobs):
+        self.sessions, self.jobs = sessions, jobs
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        sessions = session_counts(self.sessions.sessions())
+        yield GaugeMetricFamily("dynarank_sessions_resident", "Sessions held in memory",
+                                value=sessions["resident"])
+        yield GaugeMetricFamily("dynarank_sessions_connected", "Resident sessions with an open websocket",
+                                value=sessions["connected"])
+        jobs = GaugeMetricFamily("dynarank_fine_tuning_jobs", "Fine-tuning jobs by state", labels=["state"])
+        # list() first: the dict may gain a job while we count.
+        for state, n in job_counts(list(self.jobs.jobs.values())).items():
+            jobs.add_metric([state], n)
+        yield jobs
+
+    def describe(self):
+        return []
 
 
 def log_event(event: str, **fields) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from server.errors import ClientError
 from server.feedback import FeedbackBook
+from server.sessions.replay import ReplayBuffer, ReplayConfig
 from server.sessions.session import SESSION_ID_RE, Session, _token_hash
 from server.store import (
     SESSION_PREFIX,
@@ -184,7 +185,7 @@ class SessionManager:
         adapter.metadata["lineage"] = self.lineage(owner, sid)
         session = Session(sid, owner, adapter, policy, adapter.snapshot(bump=False), repository=repository,
                           token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
-                          origin=origin)
+                          origin=origin, replay=ReplayBuffer(ReplayConfig.from_settings(self.settings)))
         session.feedback = FeedbackBook(self.settings.feedback_max_records)
         self._write_meta(session)
         log.info("session %s created (origin=%s, version=%d)", sid, origin, session.snapshot.version)
@@ -218,7 +219,7 @@ class SessionManager:
         meta = meta or {}
         session = Session(sid, owner, adapter, policy, snap, repository=meta.get("repository"),
                           token_hashes=meta.get("token_hashes", []), max_queue=self.settings.max_queue_per_session,
-                          origin=meta.get("origin"))
+                          origin=meta.get("origin"), replay=ReplayBuffer(ReplayConfig.from_settings(self.settings)))
         session.created = meta.get("created", session.created)
         session.steps = meta.get("steps", 0)
         session.dropped = meta.get("dropped", 0)

@@ -11,9 +11,11 @@ import threading
 import time
 
 from server.feedback import FeedbackBook
+from server.sessions.replay import ReplayBuffer
 from server.store import SESSION_PREFIX
 
 log = logging.getLogger("dynarank.sessions")
+MAX_SEEN_PATHS = 1024  # documents whose first opening became replay rows, per session
 
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -43,7 +45,7 @@ def snapshot_summary(snap) -> dict:
 
 class Session:
     def __init__(self, sid: str, owner: str | None, adapter, policy, snapshot, *, repository=None,
-                 token_hashes: list[str], max_queue: int, origin: str | None = None):
+                 token_hashes: list[str], max_queue: int, origin: str | None = None, replay=None):
         self.id = sid
         self.owner = owner
         self.adapter = adapter
@@ -57,6 +59,9 @@ class Session:
         self.docs: dict[str, Document] = {}
         self.coalescers: dict[str, object] = {}
         self.pending_edits: list[tuple] = []  # settled (before, after, path, language), not yet examples
+        self.pending_documents: list[tuple] = []  # newly opened (path, text, language), not yet examples
+        self.seen_paths: set[str] = set()
+        self.replay = replay or ReplayBuffer()  # recent examples and open documents, trained again
         self.queue: collections.deque = collections.deque()
         self.max_queue = max_queue
         self.dropped = 0
@@ -106,6 +111,9 @@ class Session:
 
         with self.lock:
             self.docs[path] = Document(text, version, language)
+            if path not in self.seen_paths and len(self.seen_paths) < MAX_SEEN_PATHS:
+                self.seen_paths.add(path)
+                self.pending_documents.append((path, text, language))
             c = EditCoalescer(quiet_s=quiet_s)
             c.feed(text, time.monotonic())
             self.coalescers[path] = c
@@ -128,14 +136,32 @@ class Session:
                 self.pending_edits.append((*emitted, path, doc.language))
 
     def settle(self, now: float) -> list[tuple]:
-        """Settled edits (before, after, path, language) since the last call."""
+        """Settled edits (before, after, path, language) since the last call, less those the privacy
+        rules keep out of training: a client may send a .env or a file with a key (docs/privacy.md)."""
         with self.lock:
             for path, c in self.coalescers.items():
                 emitted = c.flush(now)
                 if emitted:
                     self.pending_edits.append((*emitted, path, self.docs[path].language))
             out, self.pending_edits = self.pending_edits, []
-            return out
+        return [edit for edit in out if self._may_train(f"an edit of {edit[2]}", edit[2], *edit[:2])]  # a few ms
+
+    def settle_documents(self) -> list[tuple]:
+        """Documents (path, text, language) opened for the first time since the last call, less those the
+        privacy rules keep out of training."""
+        with self.lock:
+            out, self.pending_documents = self.pending_documents, []
+        return [doc for doc in out if self._may_train(f"document {doc[0]}", doc[0], doc[1])]
+
+    def _may_train(self, what: str, path: str, *texts: str) -> bool:
+        """Whether the privacy rules let ``path`` with these texts reach training; logs why not."""
+        from code_signals.privacy import PrivacyFilter
+
+        privacy = PrivacyFilter()
+        why = next((w for w in (privacy.reason(path, t) for t in texts) if w is not None), None)
+        if why is not None:
+            log.info("session %s: not training on %s (%s)", self.id, what, why)
+        return why is None
 
     def notify(self, message: dict) -> None:
         with self.lock:

@@ -35,11 +35,14 @@ def test_snapshot_bump_and_no_bump(tiny_llama):
 
 
 def test_fresh_adapter_uses_config(tiny_llama):
-    config = AdapterConfig(target_modules=TARGETS, policy="dynamicrank", lr=3e-3)
+    config = AdapterConfig(target_modules=TARGETS, policy="dynamicrank", lr=3e-3, rank_budget=None)
     adapter, policy = new_session_adapter(tiny_llama, config, task="bug_fix")
     assert type(policy).name == "dynamicrank" and adapter.lr == 3e-3
     assert set(adapter.ranks.values()) == {16}  # dynamicrank's bug_fix start
     assert adapter.metadata == {"policy": "dynamicrank", "task": "bug_fix"}
+    budgeted, _ = new_session_adapter(tiny_llama, AdapterConfig(target_modules=TARGETS, policy="dynamicrank"),
+                                      task="bug_fix")
+    assert set(budgeted.ranks.values()) == {8}  # the default budget (rank 8's parameters) caps the start
 
 
 def test_resume_from_snapshot_keeps_factors_policy_and_state(tiny_llama):

@@ -74,15 +74,11 @@ def test_walk_repository(repo):
     assert skipped["static/app.min.js"] == "generated"
     assert skipped["min.js"] == "minified"
     assert skipped["README.md"] == "unknown language"
-    for ignored in (
-        "debug.log",
-        "src/secret.py",
-        "build_out/gen.py",
-        "src/web/local.ts",
-        "node_modules/lib/index.js",
-        ".hidden/tool.py",
-    ):
-        assert ignored not in paths and ignored not in skipped
+    # Ignored files are reported with their reason; an ignored directory once, not entered.
+    for ignored in ("debug.log", "src/secret.py", "build_out/", "src/web/local.ts"):
+        assert skipped[ignored] == "ignored by .gitignore"
+    for ignored in ("build_out/gen.py", "node_modules/lib/index.js", ".hidden/tool.py"):
+        assert ignored not in paths and ignored not in skipped  # vendored and hidden ones silently
     assert calls[-1][0] == calls[-1][1] == len(calls)
     summary = scan.summary
     assert summary["files"] == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -17,7 +16,7 @@ import pytest
 from ide_client import API, Adapted, AsyncSession, Backoff, Reconnected, Session
 from ide_client.session import ConnectionLost
 from tests.conftest import build_tiny_model
-from tests.helpers import client_cli, free_port, start_server, stop_server, wait_for_http
+from tests.helpers import client_cli, free_port, run_client, start_server, stop_child, stop_server, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 V1 = "def area(width, height):\n    return width * height\n"
@@ -226,16 +225,16 @@ def test_watch_picks_up_a_saved_change_and_the_server_adapts(server, tmp_path):
         assert "pkg/fresh.py v2" in out.wait_for("edit", 30)
     finally:
         # SIGTERM, not SIGINT: under nohup or a CI runner the child starts with SIGINT ignored.
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_child(proc)
     rest = out.rest()
+    assert proc.returncode == 0, rest  # stopped by SIGTERM, not killed
     assert "stopped; session saved" in rest and "Traceback" not in rest, rest
     state = (repo / ".dynarank" / "client.json").read_text()
     assert server.url in state and "resume_token" in state
     # The next command resumes the same session from the saved state.
-    status = client_cli("status", str(repo), "--server", server.url)
-    text, _ = status.communicate(timeout=60)
-    assert status.returncode == 0, text
+    done = run_client("status", str(repo), "--server", server.url)
+    text = done.stdout
+    assert done.returncode == 0, text
     assert "pkg/geometry.py v2" in text and "adapter v" in text
 
 
@@ -244,20 +243,21 @@ def test_complete_and_finetune_commands(server, tmp_path):
     repo.mkdir()
     (repo / ".git").mkdir()  # a repository root marker; the walker skips its contents
     (repo / "circle.py").write_text("import math\n\n\ndef circle_area(r):\n    return math.pi * r * r\n")
-    proc = client_cli("complete", "circle.py:5:12", "--server", server.url, "--max-tokens", "4", cwd=repo)
-    text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, text
+    done = run_client("complete", "circle.py:5:12", "--server", server.url, "--max-tokens", "4", cwd=repo)
+    text = done.stdout
+    assert done.returncode == 0, text
     assert "adapter v0" in text and (repo / ".dynarank" / "client.json").exists()
-    proc = client_cli("finetune", str(repo), "--server", server.url, "--steps", "3", "--rank-policy", "fixed")
-    text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, text
+    done = run_client("finetune", str(repo), "--server", server.url, "--steps", "3", "--rank-policy", "fixed",
+                      timeout=120)
+    text = done.stdout
+    assert done.returncode == 0, text
     assert "3/3" in text and "succeeded: model" in text and ":shapes" in text
     with API(server.url) as api:
         job = api.jobs()[0]
         assert job["status"] == "succeeded" and job["repository"]["root_name"] == "shapes"
     # A new session on that repository starts from the fine-tuned adapter.
-    proc = client_cli("complete", str(repo / "circle.py") + ":2:1", "--server", server.url, "--new-session",
+    done = run_client("complete", str(repo / "circle.py") + ":2:1", "--server", server.url, "--new-session",
                       "--max-tokens", "2")
-    text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, text
+    text = done.stdout
+    assert done.returncode == 0, text
     assert "adapter v1" in text, text

@@ -92,10 +92,17 @@ def test_location_and_split():
             parse_location(bad)
     text = "ab\ncd\n"
     assert split_at(text, 1, 1) == ("ab\nc", "d\n")
-    assert split_at(text, 0, 99) == ("ab", "\ncd\n")  # past the line's end: its end
-    assert split_at(text, 2, 0) == (text, "")
-    with pytest.raises(ValueError):
-        split_at(text, 5, 0)
+    assert split_at(text, 0, 2) == ("ab", "\ncd\n")  # the end of a line
+    assert split_at(text, 2, 0) == (text, "")  # the empty line after the last line break
+    assert split_at("ab\r\ncd", 1, 2) == ("ab\r\ncd", "")
+    assert split_at("", 0, 0) == ("", "")
+    for line, col, message in [(0, 3, "column 4 is past the end of line 1: columns are 1-3"),
+                               (2, 1, "column 2 is past the end of line 3: columns are 1-1"),
+                               (3, 0, "line 4 is past the end of the file: lines are 1-3"),
+                               (9, 0, "line 10 is past the end of the file: lines are 1-3")]:
+        with pytest.raises(ValueError) as err:
+            split_at(text, line, col)
+        assert str(err.value) == message
 
 
 def test_no_torch_in_ide_client():

@@ -6,6 +6,7 @@ from server.app.routers import (
     completions,
     dashboard,
     feedback,
+    files,
     fine_tuning,
     health,
     models,
@@ -13,4 +14,4 @@ from server.app.routers import (
 )
 
 ROUTERS = [health.router, completions.router, chat.router, models.router, sessions.router, adapters.router,
-           feedback.router, fine_tuning.router, dashboard.router]
+           feedback.router, files.router, fine_tuning.router, dashboard.router]

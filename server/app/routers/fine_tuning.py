@@ -43,10 +43,25 @@ def get_job(job_id: str, services: ServicesDep, owner: Owner):
     return _job(services.jobs, owner, job_id).public()
 
 
+def _event_number(after: str) -> int:
+    """``after`` is the last event seen: its id (``ftevent-N``, what OpenAI clients send) or N."""
+    number = after.removeprefix("ftevent-")
+    if not number.isdigit():
+        raise APIError(400, f"after must be an event id (ftevent-N), got {after!r}", code="invalid_value",
+                       param="after")
+    return int(number)
+
+
 @router.get("/jobs/{job_id}/events")
-def job_events(job_id: str, services: ServicesDep, owner: Owner, after: int | None = None, limit: int = 100):
+def job_events(job_id: str, services: ServicesDep, owner: Owner, after: str | None = None, limit: int = 100):
+    """Events oldest first, ``limit`` of them after the event ``after`` (from the first without it).
+
+    (OpenAI lists newest first; a forward cursor lets a client poll for new events, and its
+    client's pagination, which sends the last id as ``after``, still walks them all.)
+    """
     events = _job(services.jobs, owner, job_id).events
-    start = after + 1 if after is not None else max(0, len(events) - limit)
+    first = int(events[0]["id"].removeprefix("ftevent-")) if events else 0  # a reloaded job keeps its last events
+    start = max(0, _event_number(after) + 1 - first) if after is not None else 0
     page = events[start:start + max(1, min(limit, 1000))]
     return {"object": "list", "data": page, "has_more": start + len(page) < len(events)}
 

@@ -83,8 +83,9 @@ def body(name="geo", steps=3, **extra):
 
 BAD_BODIES = [
     ("not-an-object", lambda tmp: ["geo"], "JSON object"),
-    ("unknown-field", lambda tmp: {**body(), "training_file": "x"}, "unknown field(s): training_file"),
-    ("no-name", lambda tmp: {"files": FILES}, "invalid adapter name"),
+    ("unknown-field", lambda tmp: {**body(), "validation_file": "x"}, "unknown field(s): validation_file"),
+    ("no-name", lambda tmp: {"files": FILES}, "set adapter_name (or suffix)"),
+    ("underived-name", lambda tmp: {"files": FILES, "repository": {"root_name": "..."}}, "set adapter_name"),
     ("dotdot-name", lambda tmp: body(name=".."), "invalid adapter name"),
     ("slash-name", lambda tmp: body(name="a/b"), "invalid adapter name"),
     ("long-name", lambda tmp: body(name="x" * 81), "invalid adapter name"),
@@ -114,6 +115,9 @@ BAD_BODIES = [
     ("files-with-path", lambda tmp: {**body(), "repository": {"path": str(tmp)}}, "may only name them"),
     ("files-repo-int-id", lambda tmp: {**body(), "repository": {"id": 3}}, "may only name them"),
     ("no-source", lambda tmp: {"adapter_name": "geo"}, "give 'repository'"),
+    ("training-file-missing", lambda tmp: {"training_file": "file-" + "0" * 24}, "no such file of this key"),
+    ("training-file-bad-id", lambda tmp: {"training_file": "../jobs"}, "no such file of this key"),
+    ("training-file-and-files", lambda tmp: {**body(), "training_file": "file-" + "0" * 24}, "give one of"),
     ("repo-not-object", lambda tmp: {"adapter_name": "geo", "repository": str(tmp)}, "repository must be {path"),
     ("repo-extra-key", lambda tmp: {"adapter_name": "geo", "repository": {"path": str(tmp), "branch": "main"}},
      "repository must be {path"),
@@ -223,6 +227,12 @@ def test_epochs_scale_the_number_of_steps(make_jobs):
     two = create_ready(s, None, {**body(name="two"), "hyperparameters": {"epochs": 2}})
     assert one.record["total_steps"] >= 2  # at least one example per file
     assert two.record["total_steps"] == 2 * one.record["total_steps"]
+    # OpenAI's name for it, and its "auto" (one epoch here).
+    three = create_ready(s, None, {**body(name="three"), "hyperparameters": {"n_epochs": 3}})
+    auto = create_ready(s, None, {**body(name="auto"), "hyperparameters": {"n_epochs": "auto"}})
+    assert three.record["hyperparameters"]["epochs"] == 3
+    assert (three.record["total_steps"], auto.record["total_steps"]) == (3 * one.record["total_steps"],
+                                                                         one.record["total_steps"])
 
 
 def test_oldest_job_steps_first(make_jobs):
@@ -324,6 +334,40 @@ def test_a_second_job_under_the_same_name_publishes_the_next_version(make_jobs):
     assert s.store.versions("k", "same") == [1, 2]
     v1, v2 = s.store.load("k", "same", 1), s.store.load("k", "same", 2)
     assert any(not torch.equal(v1.B[n], v2.B[n]) for n in v1.B)  # the new training, not a copy of v1
+
+
+# -- training files (/v1/files) ----------------------------------------------------------
+
+PROMPT = "def area(width, height):\n    return"
+TRAINING = (json.dumps({"prompt": PROMPT, "completion": " width * height\n"}) + "\n\n"
+            + json.dumps({"text": UTIL}) + "\n").encode()
+
+
+def test_training_file_job_trains_on_the_completion_given_the_prompt(make_jobs, tokenizer):
+    s = make_jobs()
+    f = s.jobs.files.add("key-a", "train.jsonl", "fine-tune", TRAINING)
+    # Neither adapter_name nor suffix (an OpenAI client sends neither): the adapter is named after the file.
+    job = create_ready(s, "key-a", {"training_file": f["id"], "model": "tiny"})
+    assert job.record["adapter_name"] == f["id"] and job.public()["training_file"] == f["id"]
+
+    pair, *text = job.examples
+    targets = [w > 0 for w in pair.loss_weights]
+    first = targets.index(True)
+    assert all(targets[first:]) and first > 0  # the prompt is context only
+    assert PROMPT.startswith(tokenizer.decode(pair.input_ids[:first]))
+    assert tokenizer.decode(pair.input_ids[first:]).endswith("width * height\n")
+    assert text and all(w > 0 for w in text[0].loss_weights)  # plain text: every token is a target
+    assert UTIL.startswith(text[0].target_text)
+    assert job.record["total_steps"] == len(job.examples)  # one epoch by default
+
+    run_steps(s, job)
+    assert job.public()["fine_tuned_model"] == f"tiny:{f['id']}"
+    assert s.store.versions("key-a", f["id"])
+
+    named = create_ready(s, "key-a", {"training_file": f["id"], "suffix": "area-ft"})
+    assert named.record["adapter_name"] == "area-ft"
+    with pytest.raises(JobError, match="no such file of this key"):
+        s.jobs.create("key-b", {"training_file": f["id"]})  # files belong to the key that uploaded them
 
 
 # -- persistence -------------------------------------------------------------------------

@@ -258,7 +258,7 @@ class CountedSource:
 
 
 def test_round_robin_across_sessions_and_job_sources(make_stack):
-    s = make_stack(adaptation_workers=1, persist_every=1000)
+    s = make_stack(adaptation_workers=1, persist_every=1000, idle_steps=0)  # queued steps only
     example = edit_examples(s.workers)[0]
     order: list[str] = []
     done = threading.Event()
@@ -335,3 +335,40 @@ def test_a_stopped_pool_trains_again_after_start(make_stack):
         assert ran.wait(WAIT_S)  # the restarted threads take work
     finally:
         s.workers.stop(timeout=WAIT_S)
+
+
+# -- replay and idle steps ------------------------------------------------------------
+
+def test_an_opened_document_joins_the_replay_buffer_and_idle_steps_follow_each_edit(make_stack):
+    s = make_stack(edit_quiet_s=30.0, idle_steps=2, replay_rows=1)
+    session, _ = s.sessions.attach(None, "s1")
+    session.open_doc("a.py", FILE_V1, 1, "python", s.settings.edit_quiet_s)
+    session.open_doc("a.py", FILE_V1, 1, "python", s.settings.edit_quiet_s)  # a reopened document counts once
+    session.edit_doc("a.py", 2, FILE_V2)
+    s.workers.settle_edits(now=time.monotonic() + 31)
+    assert len(session.replay.documents) >= 1
+    assert all(d.weight == pytest.approx(s.settings.document_weight) for d in session.replay.documents)
+    n_examples = len(session.queue)
+    # Every example trains once, then each earns 2 idle steps: a version per step, and then it stops.
+    expected = n_examples * 3
+    rec = Recorder(session, until=lambda msgs: sum(m["type"] == "adapted" for m in msgs) >= expected)
+    s.workers.start()
+    assert rec.done.wait(WAIT_S * 3), rec.of_type("adapted")
+    assert session.replay.idle_credit == 0
+    versions = session.current().version
+    s.workers.wake()
+    s.workers.settle_edits()  # nothing new: the idle budget is spent, so no further versions
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and session.current().version == versions:
+        s.workers.wake()
+        time.sleep(0.05)  # polling a condition that must stay false, for a bounded time
+    assert session.current().version == versions
+
+
+def test_a_private_document_never_joins_the_replay_buffer(make_stack):
+    s = make_stack()
+    session, _ = s.sessions.attach(None, "s1")
+    session.open_doc(".env", "API_KEY=Zx81kQ2mPq7Lr4Tv9Wb3Hs6Jd0\n", 1, None, s.settings.edit_quiet_s)
+    session.open_doc("a.py", FILE_V1, 1, "python", s.settings.edit_quiet_s)
+    s.workers.settle_edits()
+    assert session.replay.documents and all(d.path == "a.py" for d in session.replay.documents)

@@ -209,8 +209,11 @@ def test_bad_feedback_is_rejected_without_side_effects(server):
             (httpx.post(server.url(f"/v1/completions/{cid}/feedback"), content=b"{no json", headers=H1), 400, None),
             (feedback(server, d2["completion_id"], "accepted", headers={}), 401, None),
         ]
+        types = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 409: "conflict_error"}
         for r, status, code in http_cases:
             assert r.status_code == status, r.text
+            assert r.json()["error"]["type"] == types[status], r.text
             if code:
                 assert r.json()["error"]["code"] == code
         after = stats(server, ready["session_id"])
@@ -337,7 +340,7 @@ def test_python_client_and_cli_send_feedback(server, tmp_path):
     import asyncio
 
     from ide_client import API, AsyncSession, ProtocolError
-    from tests.helpers import client_cli
+    from tests.helpers import run_client
 
     async def go():
         async with AsyncSession(server.url(""), api_key=K1, reconnect=False) as s:
@@ -357,7 +360,6 @@ def test_python_client_and_cli_send_feedback(server, tmp_path):
         assert api.feedback(body["id"], "accepted")["event"] == "accepted"
         assert api.session_stats(sid)["feedback"]["rejected"] == 1
     (tmp_path / "a.py").write_text("x = 1\n")
-    proc = client_cli("complete", str(tmp_path / "a.py") + ":1:1", "--server", server.url(""), "--api-key", K1,
+    done = run_client("complete", str(tmp_path / "a.py") + ":1:1", "--server", server.url(""), "--api-key", K1,
                       "--new-session", "--max-tokens", "3", "--accept", "--state-file", str(tmp_path / "st.json"))
-    text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "recorded accepted" in text, text
+    assert done.returncode == 0 and "recorded accepted" in done.stdout, done.stdout
