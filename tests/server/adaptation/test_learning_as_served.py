@@ -82,6 +82,7 @@ def test_without_fim_tokens_examples_are_prefix_prompts(tokenizer):
     assert checked >= 10
 
 
+@pytest.mark.timeout(3600)  # 300 train steps: about a minute alone, much longer on a loaded machine
 def test_dynamicrank_reallocates_within_the_budget_over_300_steps_of_real_edits(tokenizer, tiny_llama):
     config = session_adapter_config(Settings(model="tiny"), policy="dynamicrank")
     adapter, policy = new_session_adapter(tiny_llama, config)
