@@ -72,14 +72,14 @@ class Settings(BaseSettings):
     max_queue_per_session: int = Field(32, ge=1, description="training examples queued per session (the oldest drop "
                                                               "when it is full)")
     adapter_lr: float = Field(1e-3, gt=0, lt=1, allow_inf_nan=False, description="learning rate of session adapters")
-    replay_rows: int = Field(2, ge=0, le=16, description="recent examples trained again beside each new one "
+    replay_rows: int = Field(0, ge=0, le=16, description="recent examples trained again beside each new one "
                                                         "(one row each; 0: off)")
     replay_size: int = Field(16, ge=1, le=256, description="examples a session's replay buffer keeps")
-    idle_steps: int = Field(1, ge=0, le=16, description="steps on the replay buffer that each new example earns, "
+    idle_steps: int = Field(0, ge=0, le=16, description="steps on the replay buffer that each new example earns, "
                                                         "taken while no completion runs (0: no idle training)")
     document_weight: float = Field(0.25, ge=0, le=1, allow_inf_nan=False,
                                    description="example weight of chunks of newly opened documents, replayed in "
-                                               "idle steps (0: documents are not trained on)")
+                                               "idle steps (0: documents are not trained on; needs --idle-steps)")
     adaptation_workers: int = Field(1, ge=1, description="background training threads")
     train_threads: int = Field(1, ge=0, description="torch intra-op threads per training thread on CPU "
                                                     "(serving keeps the rest; 0: leave torch's setting)")

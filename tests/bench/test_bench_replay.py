@@ -68,8 +68,8 @@ def test_each_edit_is_scored_before_the_method_adapts_on_it(result):
     assert [c["hyp"] for c in fixed[0]["completions"]] == [c["hyp"] for c in base[0]["completions"]]
     # After adapting on the first edit the adapter has moved.
     assert fixed[1]["nll"] != pytest.approx(base[1]["nll"], abs=1e-7)
-    # One step on the edit's example, then the idle step it earns (server default idle_steps=1).
-    assert all(len(e["losses"]) == 2 for e in fixed)
+    # One step on the edit's example (the server's default takes no idle steps).
+    assert all(len(e["losses"]) == 1 for e in fixed)
     # The completion a user sees at the edit point, through the serving engine, for every method.
     assert all(e["at_edit"] for e in fixed) and all(len(b["at_edit"]) == len(f["at_edit"]) for b, f in zip(base, fixed))
     assert [c["hyp"] for c in fixed[0]["at_edit"]] == [c["hyp"] for c in base[0]["at_edit"]]
@@ -107,11 +107,11 @@ def test_replay_of_several_histories_writes_a_page_each_and_a_headline(tmp_path,
     out = tmp_path / "docs"
     code = replay_module.main(["--data", ",".join(paths), "--edits", "2", "--methods", "base,fixed8",
                                "--max-tokens", "96", "--max-new-tokens", "6", "--out", str(out),
-                               "--set", "replay_rows=0"])
+                               "--set", "replay_rows=1"])
     assert code == 0
     for name in ("bench_replay_one.md", "bench_replay_two.json", "bench_replay.md"):
         assert (out / name).is_file()
     headline = (out / "bench_replay.md").read_text()
     assert "| one | fixed8 | 2 |" in headline and "| two | base | 2 |" in headline
-    assert json.loads((out / "bench_replay_one.json").read_text())["config"]["settings"] == "replay_rows=0"
+    assert json.loads((out / "bench_replay_one.json").read_text())["config"]["settings"] == "replay_rows=1"
     assert replay_module.main(["--data", ",".join(paths), "--set", "replay_rows=-1"]) == 2  # validated
