@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,53 +13,12 @@ import pytest
 
 from ide_client import API, Adapted, AsyncSession, Backoff, Reconnected, Session
 from ide_client.session import ConnectionLost
-from tests.conftest import build_tiny_model
-from tests.helpers import client_cli, free_port, run_client, start_server, stop_child, stop_server, wait_for_http
+from tests.helpers import client_cli, run_client, stop_child
+from tests.ide_client.conftest import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
 V1 = "def area(width, height):\n    return width * height\n"
 V2 = V1 + "\n\ndef perimeter(width, height):\n    total = 2 * (width + height)\n    return total\n"
-
-
-class LiveServer:
-    """`dynarank serve` on a fixed port, so it can be restarted where clients expect it."""
-
-    def __init__(self, model_dir: Path, data_dir: Path):
-        self.model_dir, self.data_dir, self.port = model_dir, data_dir, free_port()
-        self.proc = None
-        self.logs: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> LiveServer:
-        self.proc = start_server(["--model", str(self.model_dir), "--port", str(self.port),
-                                  "--data-dir", str(self.data_dir)])
-        wait_for_http(self.url + "/health", self.proc)
-        return self
-
-    def stop(self) -> None:
-        self.logs.append(stop_server(self.proc))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer):
-    d = Path(tempfile.mkdtemp(prefix="ide-client-tiny-"))
-    build_tiny_model("llama", len(tokenizer)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir):
-    data = Path(tempfile.mkdtemp(prefix="ide-client-data-"))
-    srv = LiveServer(tiny_dir, data).start()
-    yield srv
-    srv.stop()
-    shutil.rmtree(data, ignore_errors=True)
-    assert "Traceback" not in srv.logs[-1], srv.logs[-1][-3000:]
 
 
 def run(coro):

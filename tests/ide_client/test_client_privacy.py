@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import watchfiles
@@ -17,9 +14,8 @@ from ide_client import API
 from ide_client.finetune import follow, start_job
 from ide_client.repo import source_files
 from ide_client.watch import Watcher
-from tests.conftest import build_tiny_model
 from tests.helpers import client_cli, run_client, stop_child
-from tests.ide_client.test_client_live import LineReader, LiveServer
+from tests.ide_client.test_client_live import LineReader
 from tests.privacy_repo import ALLOWED, PRIVATE_KEY, REFUSED, leaked, make_private_repo
 
 CONTENT_REFUSED = [p for p, (_, why) in REFUSED.items() if p.startswith("src/") and why not in
@@ -97,25 +93,6 @@ def test_watch_checks_every_save(repo):
 
 
 # -- against a live server ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer):
-    d = Path(tempfile.mkdtemp(prefix="privacy-tiny-"))
-    build_tiny_model("llama", len(tokenizer)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir):
-    data = Path(tempfile.mkdtemp(prefix="privacy-data-"))
-    srv = LiveServer(tiny_dir, data).start()
-    yield srv
-    srv.stop()
-    shutil.rmtree(data, ignore_errors=True)
-    assert "Traceback" not in srv.logs[-1], srv.logs[-1][-3000:]
 
 
 def test_finetune_uploads_only_allowed_files(server, repo):
