@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tests.helpers import write_tree
+
 KEY_BODY = "MIIEowIBAAKCAQEA7Zq3x9Vt2Lp8Qw4Rk6Yb1Nc5Hd0Fg"
 PRIVATE_KEY = "-----BEGIN RSA " + "PRIVATE KEY-----\n" + KEY_BODY + "\n-----END RSA " + "PRIVATE KEY-----\n"
 AWS_KEY = "AKIA" + "Q7XK2M4P9RZ3T8WB"
@@ -58,13 +60,7 @@ def make_private_repo(root: Path) -> Path:
         **{path: content for path, (content, _) in REFUSED.items() if content},
         **ALLOWED,
     }
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+    write_tree(root, files)
     os.symlink(Path("..") / "deploy.pem", root / "src" / "link.py")
     return root
 

@@ -11,6 +11,7 @@ running are marked failed.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -278,9 +279,7 @@ class JobManager:
         """One event naming the files left out and why; the counts per reason go on the record."""
         if not skipped:
             return
-        counts: dict[str, int] = {}
-        for _, why in skipped:
-            counts[why.split(":")[0]] = counts.get(why.split(":")[0], 0) + 1
+        counts = collections.Counter(why.split(":")[0] for _, why in skipped)
         with job.lock:
             job.record["repository"]["skipped"] = dict(sorted(counts.items()))
         listed = ", ".join(f"{path} ({why})" for path, why in skipped[:shown])

@@ -26,11 +26,10 @@ def find_kept(rec: Record, docs: dict) -> tuple[str, str, str, str | None] | Non
     paths = ([rec.path] if rec.path in docs else []) + [p for p in docs if p != rec.path]
     for path in paths:
         doc = docs[path]
-        if privacy.reason(path, doc.text) is not None:
-            continue
         i = doc.text.find(rec.anchor + text) if rec.anchor else -1
         i = i + len(rec.anchor) if i >= 0 else doc.text.rfind(text)
-        if i >= 0:
+        # The text search first: the privacy scan reads the whole document, so only the one that holds it.
+        if i >= 0 and privacy.reason(path, doc.text) is None:
             return doc.text[:i] + doc.text[i + len(text):], doc.text, path, doc.language
     return None
 

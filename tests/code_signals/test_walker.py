@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from code_signals import CodeSignalsError, chunk_source, read_text_file, walk_repository
+from tests.helpers import write_tree
 
 
 @pytest.fixture
@@ -32,14 +33,7 @@ def repo(tmp_path):
         "README.md": "# Title\n",
         "min.js": "var a = 1;" * 200,
     }
-    for rel, content in files.items():
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    return tmp_path
+    return write_tree(tmp_path, files)
 
 
 def test_walk_repository(repo):
