@@ -40,6 +40,11 @@ class ReplayBuffer:
         self._next_document = 0
         self._lock = threading.Lock()  # the event loop adds documents while a worker trains
 
+    @property
+    def wants_documents(self) -> bool:
+        """Whether document chunks can ever be trained on: they are replayed in idle steps only."""
+        return self.config.document_weight > 0 and self.config.idle_steps > 0
+
     def batch_for(self, example) -> list:
         """The rows of a step on a new example: it, then the most recent replayed ones."""
         with self._lock:
@@ -52,7 +57,7 @@ class ReplayBuffer:
             self.idle_credit = min(self.idle_credit + self.config.idle_steps, self.config.idle_steps * self.config.size)
 
     def add_documents(self, examples) -> None:
-        if self.config.document_weight <= 0:
+        if not self.wants_documents:
             return
         with self._lock:
             for ex in examples:

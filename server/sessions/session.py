@@ -111,7 +111,8 @@ class Session:
 
         with self.lock:
             self.docs[path] = Document(text, version, language)
-            if path not in self.seen_paths and len(self.seen_paths) < MAX_SEEN_PATHS:
+            # Only when they can be trained on: building a document's examples parses the whole file.
+            if self.replay.wants_documents and path not in self.seen_paths and len(self.seen_paths) < MAX_SEEN_PATHS:
                 self.seen_paths.add(path)
                 self.pending_documents.append((path, text, language))
             c = EditCoalescer(quiet_s=quiet_s)

@@ -366,7 +366,7 @@ def test_an_opened_document_joins_the_replay_buffer_and_idle_steps_follow_each_e
 
 
 def test_a_private_document_never_joins_the_replay_buffer(make_stack):
-    s = make_stack()
+    s = make_stack(idle_steps=1)  # documents are replayed in idle steps only
     session, _ = s.sessions.attach(None, "s1")
     session.open_doc(".env", "API_KEY=Zx81kQ2mPq7Lr4Tv9Wb3Hs6Jd0\n", 1, None, s.settings.edit_quiet_s)
     session.open_doc("a.py", FILE_V1, 1, "python", s.settings.edit_quiet_s)

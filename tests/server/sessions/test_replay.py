@@ -38,10 +38,16 @@ def test_idle_steps_are_earned_by_new_examples_and_then_stop():
     assert doc.input_ids == example(7).input_ids and doc.weight == 0.5
 
 
-def test_documents_are_off_at_weight_zero():
-    buffer = ReplayBuffer(ReplayConfig(document_weight=0))
+def test_documents_are_off_at_weight_zero_or_without_idle_steps():
+    buffer = ReplayBuffer(ReplayConfig(document_weight=0, idle_steps=1))
     buffer.add_documents([example(1)])
-    assert not buffer.documents
+    assert not buffer.documents and not buffer.wants_documents
+    buffer = ReplayBuffer(ReplayConfig(document_weight=0.5, idle_steps=0))  # replayed in idle steps only
+    buffer.add_documents([example(1)])
+    assert not buffer.documents and not buffer.wants_documents
+    buffer = ReplayBuffer(ReplayConfig(document_weight=0.5, idle_steps=1))
+    buffer.add_documents([example(1)])
+    assert len(buffer.documents) == 1
 
 
 def test_padded_rows_lose_exactly_what_they_lose_alone(tiny_llama):
