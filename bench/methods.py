@@ -16,8 +16,10 @@ import time
 # name -> (policy, AdapterConfig keyword arguments, policy options)
 METHODS: dict[str, tuple[str | None, dict, dict]] = {
     "base": (None, {}, {}),
+    # Other fixed ranks carry a budget of their own (the session default is what rank 8 uses).
+    "fixed4": ("fixed", {"r_init": 4, "rank_budget": 4}, {}),
     "fixed8": ("fixed", {"r_init": 8}, {}),
-    # Wider fixed ranks need a budget of their own (the session default is what rank 8 uses).
+    "fixed16": ("fixed", {"r_init": 16, "rank_budget": 16}, {}),
     "fixed32": ("fixed", {"r_init": 32, "rank_budget": 32}, {}),
     "fixed64": ("fixed", {"r_init": 64, "rank_budget": 64}, {}),
     "adalora": ("peft-adalora", {}, {}),

@@ -52,13 +52,15 @@ def _new_record(index: int, edit: dict) -> dict:
 def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: int = 1, max_tokens: int = 256,
            max_examples: int = 1, n_edits: int | None = None, completions_per_edit: int = 2,
            max_new_tokens: int = 24, seed: int = 0, time_budget_s: float | None = None,
-           progress=None, settings=None) -> dict:
+           progress=None, settings=None, prefix_chars: int | None = None,
+           suffix_chars: int | None = None) -> dict:
     """Run the replay; returns {"config", "methods": {name: {"edits": [...], "wall_s", "step_times"}}}.
 
     Per edit, as a session would see it: the file is opened when first touched (its chunks join the
     replay buffer), every method is scored before it adapts, then it adapts on the edit's examples
     and takes the idle steps the server takes while the user pauses. ``settings``: the server
-    Settings of the sessions (learning rate, budget, replay).
+    Settings of the sessions (learning rate, budget, replay). ``prefix_chars``/``suffix_chars``:
+    narrower document windows for the completion at the edit point (default: the websocket's).
     """
     from adapter_core import inject_adapters
     from bench.methods import make_learner
@@ -86,7 +88,8 @@ def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: 
         points = [completion_points(ex, edit["after"], tokenizer, completions_per_edit, seed * 100_003 + index * 31 + j,
                                     max_ref_tokens=max_new_tokens)
                   for j, ex in enumerate(examples)]
-        at_edit = [p for p in (edit_point(ex, edit["after"]) for ex in examples) if p is not None]
+        # The completion a user sees where the edit starts: one per edit (the first example's point).
+        at_edit = [p for p in (edit_point(ex, edit["after"]) for ex in examples) if p is not None][:1]
         for m, learner in learners.items():
             t0 = time.perf_counter()
             rec = _new_record(index, edit)
@@ -96,7 +99,8 @@ def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: 
                 for key in ("nll", "correct", "cls"):
                     rec[key] += scores[key]
                 rec["completions"] += complete_lines(model, tokenizer, snap, ex, pts, max_new_tokens)
-            rec["at_edit"] = [complete_at_edit(engine, snap, p, max_new_tokens) for p in at_edit]
+            rec["at_edit"] = [complete_at_edit(engine, snap, p, max_new_tokens, prefix_chars, suffix_chars)
+                              for p in at_edit]
             rec["params_eval"] = snap.num_params if snap is not None else 0
             for ex in examples:
                 rec["losses"] += learner.adapt(ex, steps_per_edit)
@@ -112,6 +116,7 @@ def replay(model, tokenizer, edits, methods=DEFAULT_METHODS, *, steps_per_edit: 
         learner.close()
     config = {"steps_per_edit": steps_per_edit, "max_tokens": max_tokens, "max_examples": max_examples,
               "completions_per_edit": completions_per_edit, "max_new_tokens": max_new_tokens, "seed": seed,
+              "prefix_chars": prefix_chars, "suffix_chars": suffix_chars,
               "edits_available": len(work), "edits_replayed": len(results[methods[0]]["edits"]) if methods else 0}
     return {"config": config, "methods": results}
 
@@ -214,6 +219,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--steps-per-edit", type=int, default=1, help="train steps per example (the server runs 1)")
     p.add_argument("--completions", type=int, default=2, help="line completions sampled per example")
     p.add_argument("--max-new-tokens", type=int, default=24, help="longest line completion")
+    p.add_argument("--prefix-chars", type=int, default=None,
+                   help="document characters before the cursor in the completion at the edit point "
+                        "(default: the websocket's limit; fewer makes the evaluation cheaper)")
+    p.add_argument("--suffix-chars", type=int, default=None, help="likewise, characters after the cursor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new edits after this many seconds")
     p.add_argument("--threads", type=int, default=1,
@@ -284,7 +293,9 @@ def _settings(overrides: dict):
 
 def _config_key(args, methods) -> dict:
     return {"methods": methods, "edits": args.edits, "max_tokens": args.max_tokens, "seed": args.seed,
-            "model": args.model, "settings": sorted(args.set), "steps_per_edit": args.steps_per_edit}
+            "model": args.model, "settings": sorted(args.set), "steps_per_edit": args.steps_per_edit,
+            "completions": args.completions, "max_new_tokens": args.max_new_tokens,
+            "prefix_chars": args.prefix_chars, "suffix_chars": args.suffix_chars}
 
 
 def _done(path: Path, args, methods) -> bool:
@@ -320,7 +331,8 @@ def _run_history(args, methods, source: Path, overrides: dict, stem: str) -> int
     result = replay(model, tokenizer, edits, methods, steps_per_edit=args.steps_per_edit, max_tokens=args.max_tokens,
                     max_examples=args.max_examples or EDIT_MAX_EXAMPLES, n_edits=args.edits,
                     completions_per_edit=args.completions, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                    time_budget_s=args.time_budget, progress=progress, settings=_settings(overrides))
+                    time_budget_s=args.time_budget, progress=progress, settings=_settings(overrides),
+                    prefix_chars=args.prefix_chars, suffix_chars=args.suffix_chars)
     result["config"].update({"model": args.model, "source": source.name, "wall_s": time.perf_counter() - t0,
                              "threads": args.threads, "settings": " ".join(sorted(args.set)),
                              "key": _config_key(args, methods)})

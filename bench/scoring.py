@@ -142,14 +142,20 @@ def edit_point(example, after: str) -> tuple[str, str, str] | None:
     return None
 
 
-def complete_at_edit(engine, snapshot, point: tuple[str, str, str], max_new_tokens: int) -> dict:
+def complete_at_edit(engine, snapshot, point: tuple[str, str, str], max_new_tokens: int,
+                     prefix_chars: int | None = None, suffix_chars: int | None = None) -> dict:
     """The completion a user sees at the edit point: the server's engine, FIM prompt (when the model has
-    FIM tokens), healed and trimmed to one line, as the websocket asks in ``line`` mode."""
+    FIM tokens), healed and trimmed to one line, as the websocket asks in ``line`` mode.
+
+    The prompt keeps the websocket's windows of document text around the cursor, or narrower
+    ``prefix_chars``/``suffix_chars`` (a cheaper evaluation: prefill dominates its cost)."""
     from server.app.ws.protocol import MAX_PREFIX_CHARS, MAX_SUFFIX_CHARS
     from server.engines.base import GenerationRequest
 
     prefix, suffix, ref = point
-    request = GenerationRequest(prompt=prefix[-MAX_PREFIX_CHARS:], suffix=suffix[:MAX_SUFFIX_CHARS],
+    prefix_chars = min(prefix_chars or MAX_PREFIX_CHARS, MAX_PREFIX_CHARS)
+    suffix_chars = min(suffix_chars or MAX_SUFFIX_CHARS, MAX_SUFFIX_CHARS)
+    request = GenerationRequest(prompt=prefix[-prefix_chars:], suffix=suffix[:suffix_chars],
                                 max_tokens=max_new_tokens, heal=True, trim=True, mode="line")
     hyp = "".join(chunk.text for chunk in engine.generate(request, snapshot)).split("\n", 1)[0]
     return {"hyp": hyp, "ref": ref, "exact": hyp.rstrip() == ref.rstrip(), "chrf": chrf(hyp, ref)}
