@@ -322,7 +322,7 @@ def _run_history(args, methods, source: Path, overrides: dict, stem: str) -> int
     edits = load_edits(source, limit=None if args.repo else max(args.edits * 4, 50), max_commits=args.max_commits,
                        extensions=exts)
     model, tokenizer = load_model(resolve_model(args.model, progress=True))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     def progress(done, total, last):
         line = " ".join(f"{m}={_mean(r['nll']):.3f}" for m, r in last.items())
@@ -333,7 +333,9 @@ def _run_history(args, methods, source: Path, overrides: dict, stem: str) -> int
                     completions_per_edit=args.completions, max_new_tokens=args.max_new_tokens, seed=args.seed,
                     time_budget_s=args.time_budget, progress=progress, settings=_settings(overrides),
                     prefix_chars=args.prefix_chars, suffix_chars=args.suffix_chars)
+    # CPU time as well as wall time: on a shared machine the wall time says more about the neighbours.
     result["config"].update({"model": args.model, "source": source.name, "wall_s": time.perf_counter() - t0,
+                             "cpu_s": time.process_time() - cpu0,
                              "threads": args.threads, "settings": " ".join(sorted(args.set)),
                              "key": _config_key(args, methods)})
     table = write_replay_report(result, summarize(result), args.out, stem)

@@ -24,6 +24,8 @@ def fmt(value) -> str:
     if isinstance(value, dict) and "rel" in value:  # a relative difference with its interval
         if math.isnan(value["rel"]):
             return "–"
+        if math.isnan(value["lo"]):  # a mean without an interval
+            return f"{value['rel']:+.1%}"
         return f"{value['rel']:+.1%} [{value['lo']:+.1%}, {value['hi']:+.1%}]"
     if isinstance(value, bool):
         return str(value)
@@ -152,22 +154,127 @@ def write_replay_headline(histories: dict[str, dict], out: Path, command: str) -
     (config and summary), whose own page is bench_replay_<name>.md."""
     rows = [{"history": name, "method": m, **row} for name, data in histories.items()
             for m, row in data["summary"].items()]
+    rows += _average_rows(histories)
     table = markdown_table(rows, HEADLINE_COLUMNS)
     cfg = next(iter(histories.values()))["config"] if histories else {}
+    plotted = _plot_headline(out / "bench_replay.png", histories)
+    walls = {name: (data["config"].get("wall_s"), data["config"].get("cpu_s")) for name, data in histories.items()}
     lines = [
         "# Edit replay benchmark: four histories", "",
         f"Command: `{command}`", "",
         f"Model `{cfg.get('model')}`, {cfg.get('max_examples')} example(s) per edit of at most "
         f"{cfg.get('max_tokens')} tokens; sessions as the server runs them (settings: "
-        f"{cfg.get('settings') or 'defaults'}). Machine: {machine()}.", "",
+        f"{cfg.get('settings') or 'defaults'}). Completion at the edit point: the last "
+        f"{cfg.get('prefix_chars') or 'websocket-limit'} characters before the cursor and "
+        f"{cfg.get('suffix_chars') or 'websocket-limit'} after it, at most {cfg.get('max_new_tokens')} tokens. "
+        f"Machine: {machine().split(',')[0]}, {cfg.get('threads')} torch thread(s) per history, one process each. "
+        "Wall (CPU) time per history: "
+        + ", ".join(f"{name} {fmt(w)} s ({fmt(c)} s)" for name, (w, c) in walls.items()) + ".", "",
         "Every edit is scored before the method adapts on it. vs base / vs fixed8: relative difference "
         "of the mean NLL of the changed tokens over edits (negative is better), with a 95% paired-bootstrap "
         "interval over edits; identifiers vs base: the same on identifier tokens only. EM / chrF at edit: "
         "the server's completion where the edit starts (engine, FIM prompt when the model has FIM tokens, "
-        "healing, line mode) against the first changed line.", "",
+        "healing, line mode) against the first changed line. `average` rows: the unweighted mean over "
+        "histories (of the relative differences; no interval).", "",
         table, "",
+        *(["![NLL vs base per history](bench_replay.png)", ""] if plotted else []),
+        "## Targets", "",
+        *[f"- {line}" for line in target_verdicts(histories)], "",
         *[f"- {name}: [bench_replay_{name}.md](bench_replay_{name}.md), plot `bench_replay_{name}.png`"
           for name in histories], "",
     ]
     (out / "bench_replay.md").write_text("\n".join(lines))
     return table
+
+
+def _plot_headline(path: Path, histories: dict[str, dict]) -> bool:
+    """Bars: each method's NLL vs base per history, with its 95% interval."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    methods = [m for m in _methods(histories) if m != "base"]
+    names = list(histories)
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(names), 4.0))
+    for i, m in enumerate(methods):
+        cells = [histories[n]["summary"][m]["vs_base_all"] for n in names]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
+        rel = [100 * c["rel"] for c in cells]
+        err = [[100 * (c["rel"] - c["lo"]) for c in cells], [100 * (c["hi"] - c["rel"]) for c in cells]]
+        ax.bar(xs, rel, width, yerr=err, capsize=2, label=m)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("next-edit NLL vs base (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _methods(histories: dict[str, dict]) -> list[str]:
+    first = next(iter(histories.values()))["summary"] if histories else {}
+    return [m for m in first if all(m in data["summary"] for data in histories.values())]
+
+
+def _average_rows(histories: dict[str, dict]) -> list[dict]:
+    """Per method, the unweighted mean over histories of each headline figure."""
+    if len(histories) < 2:
+        return []
+    rows = []
+    for m in _methods(histories):
+        cells = [data["summary"][m] for data in histories.values()]
+        row = {"history": "average", "method": m, "edits": sum(c["edits"] for c in cells)}
+        for key in ("nll_all", "edit_em", "edit_chrf", "params_mean"):
+            row[key] = _mean_of([c.get(key) for c in cells])
+        for key in ("vs_base_all", "vs_fixed8_all", "vs_base_identifier"):
+            rels = [c[key]["rel"] for c in cells if isinstance(c.get(key), dict)]
+            row[key] = {"rel": _mean_of(rels), "lo": float("nan"), "hi": float("nan")} if rels else None
+        rows.append(row)
+    return rows
+
+
+def _mean_of(values) -> float:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def target_verdicts(histories: dict[str, dict], method: str = "dynamicrank") -> list[str]:
+    """Issue 13's targets, each read off the per-history summaries as met or missed, with the figures."""
+    if not histories or method not in _methods(histories):
+        return [f"`{method}` was not replayed on every history: no verdicts."]
+    rows = {name: data["summary"] for name, data in histories.items()}
+    ours = {name: s[method] for name, s in rows.items()}
+    out = []
+    rel = {name: r["vs_base_all"] for name, r in ours.items()}
+    avg = _mean_of([r["rel"] for r in rel.values()])
+    excludes = [name for name, r in rel.items() if r["hi"] < 0]
+    out.append(f"{_verdict(avg <= -0.08 and len(excludes) == len(rel))}: {method} NLL at least 8% below base on "
+               f"average with an interval below 0 on every history. Average {avg:+.1%}; interval below 0 on "
+               f"{len(excludes)} of {len(rel)} ({', '.join(excludes) or 'none'}).")
+    worse = [name for name, s in rows.items()
+             if s[method]["edit_em"] < s["base"]["edit_em"] or s[method]["edit_chrf"] < s["base"]["edit_chrf"]]
+    out.append(f"{_verdict(not worse)}: completion EM and chrF at the edit point at least base's on every "
+               f"history. Below base on: {', '.join(worse) or 'none'}.")
+    fixed = [m for m in _methods(histories) if m.startswith("fixed")]
+    if fixed:
+        mean_nll = {m: _mean_of([s[m]["vs_base_all"]["rel"] for s in rows.values()]) for m in [*fixed, method]}
+        mean_params = {m: _mean_of([s[m]["params_mean"] for s in rows.values()]) for m in [*fixed, method]}
+        best = min(fixed, key=lambda m: mean_nll[m])
+        met = mean_nll[method] <= mean_nll[best] and mean_params[method] <= mean_params[best]
+        out.append(f"{_verdict(met)}: {method} at or below the best fixed rank's NLL at no more parameters. "
+                   f"Best fixed: {best} ({mean_nll[best]:+.1%} vs base, {mean_params[best] / 1e6:.2f}M params); "
+                   f"{method} {mean_nll[method]:+.1%}, {mean_params[method] / 1e6:.2f}M.")
+    ident = _mean_of([r["vs_base_identifier"]["rel"] for r in ours.values()])
+    out.append(f"{_verdict(ident < avg)}: identifier tokens gain more than the average token for {method}: "
+               f"identifiers {ident:+.1%} vs base, all tokens {avg:+.1%} (averages over histories).")
+    return out
+
+
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "**missed**"
