@@ -252,7 +252,7 @@ def run(args) -> int:
     settings = Settings(model=args.model, data_dir=Path(tempfile.mkdtemp(prefix="dynarank-infill-")),
                         max_tokens_limit=max(MAX_TOKENS.values()))
     rows = []
-    with TestClient(create_app(settings, model=model, tokenizer=tokenizer)) as client:
+    with TestClient(create_app(settings, model=model, tokenizer=tokenizer), base_url="http://127.0.0.1") as client:
         for i, point in enumerate(points):
             row = {k: point[k] for k in ("history", "language", "kind")}
             for variant, shaped in (("raw", False), ("shaped", True)):

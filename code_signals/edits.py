@@ -8,27 +8,44 @@
 
 from __future__ import annotations
 
-import difflib
+import bisect
+import collections
 import re
 from dataclasses import dataclass
+
+from rapidfuzz.distance import Indel
 
 from .classes import TokenClass
 from .errors import CodeSignalsError
 from .lexical import classify_lexical
 
-_EOL = re.compile(r"\r\n|\r|\n")
 _SPACE = re.compile(r"\s+")
 
 
 # ---------------------------------------------------------------- LSP edits
 
+# Where a line ends: after "\n", or after a "\r" that no "\n" follows ("\r\n" is one break).
+_LINE_SPLIT = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")
 
-def _line_starts(text: str) -> list[int]:
-    return [0] + [m.end() for m in _EOL.finditer(text)]
+
+def _split_lines(text: str) -> list[str]:
+    """The LSP lines of `text`, each with its line break; the last has none (it is "" when
+    `text` ends with a break), so there is one more line than there are breaks."""
+    return _LINE_SPLIT.split(text)
 
 
-def _offset(text: str, starts: list[int], line, character) -> int:
-    """Character index of an LSP position; `character` counts UTF-16 code units."""
+def _break_len(line: str) -> int:
+    if line.endswith("\r\n"):
+        return 2
+    return 1 if line.endswith(("\n", "\r")) else 0
+
+
+def _line_index(lines: list[str], line, character) -> int:
+    """Index in `lines[line]` of an LSP position; `character` counts UTF-16 code units.
+
+    No Python loop over characters: an ASCII line maps units to characters one to one
+    (`isascii` is O(1)); any other line is encoded to UTF-16 once, and the index is the
+    length of its first `character` units decoded."""
     if (
         not isinstance(line, int)
         or not isinstance(character, int)
@@ -38,56 +55,95 @@ def _offset(text: str, starts: list[int], line, character) -> int:
         raise CodeSignalsError(
             f"bad LSP position line={line!r} character={character!r}"
         )
-    if line >= len(starts):
+    if line >= len(lines):
         raise CodeSignalsError(
-            f"LSP position line {line} is past the document's {len(starts)} lines"
+            f"LSP position line {line} is past the document's {len(lines)} lines"
         )
-    begin = starts[line]
-    end = starts[line + 1] if line + 1 < len(starts) else len(text)
-    content = _EOL.sub("", text[begin:end])  # the line without its line break
-    units = 0
-    for i, ch in enumerate(content):
-        if units == character:
-            return begin + i
-        units += 2 if ord(ch) > 0xFFFF else 1
-        if units > character:
-            raise CodeSignalsError(
-                f"LSP position {line}:{character} splits a surrogate pair"
-            )
-    if units == character:
-        return begin + len(content)
-    raise CodeSignalsError(
-        f"LSP position {line}:{character} is past the end of line {line} ({units} UTF-16 units)"
-    )
+    text = lines[line]
+    content = text[: len(text) - _break_len(text)]  # the line without its line break
+    units = len(content)
+    if not content.isascii():
+        # surrogatepass: a lone surrogate is one UTF-16 unit, as in the editor.
+        encoded = content.encode("utf-16-le", "surrogatepass")
+        units = len(encoded) // 2
+    if character > units:
+        raise CodeSignalsError(
+            f"LSP position {line}:{character} is past the end of line {line} ({units} UTF-16 units)"
+        )
+    if units == len(content) or character == 0:  # one unit per character
+        return character
+    decoded = encoded[: 2 * character].decode("utf-16-le", "surrogatepass")
+    if content.startswith(decoded):
+        return len(decoded)
+    # The position splits a pair (the prefix ends in half a character), or the line has lone
+    # surrogates that decoding paired up: binary search over encoded prefixes.
+    # units(i) rises by 1 or 2 per character, so the index lies in [character - wide, character].
+    wide = units - len(content)
+    lo, hi = max(0, character - wide), min(character, len(content))
+    while lo < hi:  # the first i with units(i) >= character
+        mid = (lo + hi) // 2
+        if _utf16_len(content[:mid]) < character:
+            lo = mid + 1
+        else:
+            hi = mid
+    if _utf16_len(content[:lo]) != character:
+        raise CodeSignalsError(
+            f"LSP position {line}:{character} splits a surrogate pair"
+        )
+    return lo
+
+
+def _utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def apply_range_edits(text: str, changes: list[dict]) -> str:
     """Apply LSP `TextDocumentContentChangeEvent`s in order: `{"text": full}`
     replaces the document, `{"range": {"start": {"line", "character"}, "end":
     {...}}, "text": new}` replaces a range. Raises CodeSignalsError when a change
-    is malformed or its range does not fit the document (a version mismatch)."""
+    is malformed or its range does not fit the document (a version mismatch).
+
+    The document is split into lines once per call and joined once at the end; in
+    between, a change costs the length of the lines it touches and of its text, not
+    a pass over the whole document (nor a Python loop over characters)."""
     if not isinstance(text, str):
         raise CodeSignalsError("document text must be str")
+    lines: list[str] | None = None
     for i, change in enumerate(changes):
         if not isinstance(change, dict) or not isinstance(change.get("text"), str):
             raise CodeSignalsError(f"change {i} must be a dict with a str 'text'")
         rng = change.get("range")
         if rng is None:
-            text = change["text"]
+            text, lines = change["text"], None
             continue
+        if lines is None:
+            lines = _split_lines(text)
         try:
             start, end = rng["start"], rng["end"]
-            starts = _line_starts(text)
-            a = _offset(text, starts, start["line"], start["character"])
-            b = _offset(text, starts, end["line"], end["character"])
+            l1 = start["line"]
+            a = _line_index(lines, l1, start["character"])
+            l2 = end["line"]
+            b = _line_index(lines, l2, end["character"])
         except (KeyError, TypeError) as exc:
             raise CodeSignalsError(
                 f"change {i} has a malformed range: {rng!r}"
             ) from exc
-        if b < a:
+        if (l2, b) < (l1, a):
             raise CodeSignalsError(f"change {i}: range end comes before its start")
-        text = text[:a] + change["text"] + text[b:]
-    return text
+        new = change["text"]
+        last = l2 == len(lines) - 1
+        segment = lines[l1][:a] + new + lines[l2][b:]
+        if l1 > 0 and segment.startswith("\n") and lines[l1 - 1].endswith("\r"):
+            l1 -= 1  # "\r" + "\n" now form one line break: that line joins the segment
+            segment = lines[l1] + segment
+        if "\n" in new or "\r" in new:
+            pieces = _split_lines(segment)
+            if not last:
+                pieces.pop()  # the segment ends with a line break: its empty tail is no line
+        else:  # the segment is one line: its head has no break, its tail only its own
+            pieces = [segment]
+        lines[l1 : l2 + 1] = pieces
+    return text if lines is None else "".join(lines)
 
 
 # ---------------------------------------------------------------- diffs
@@ -144,7 +200,8 @@ def changed_regions(
 ) -> list[Change]:
     """The regions that differ, in document order. Common prefix and suffix are
     cut first; a middle part larger than `small` characters is diffed line by
-    line. Regions closer than `merge_gap` characters (in `after`) are merged."""
+    line (`_line_changes`: bounded work, whatever the lines). Regions closer than
+    `merge_gap` characters (in `after`) are merged."""
     if before == after:
         return []
     whole = _trim(before, after, 0, len(before), 0, len(after))
@@ -160,11 +217,11 @@ def changed_regions(
     new_lines = new_mid.splitlines(keepends=True)
     old_pos = [0, *_accumulate(len(x) for x in old_lines)]
     new_pos = [0, *_accumulate(len(x) for x in new_lines)]
+    ids: dict[str, int] = {}  # each distinct line -> a small int: compared and hashed in C
+    old_ids = [ids.setdefault(line, len(ids)) for line in old_lines]
+    new_ids = [ids.setdefault(line, len(ids)) for line in new_lines]
     regions: list[Change] = []
-    matcher = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag == "equal":
-            continue
+    for i1, i2, j1, j2 in _line_changes(old_ids, new_ids):
         change = _trim(
             before,
             after,
@@ -180,6 +237,82 @@ def changed_regions(
             )
         regions.append(change)
     return regions or [whole]
+
+
+# A line diff of n x m lines takes one bit-parallel LCS (rapidfuzz, C, holding the GIL) while
+# n * m is at most this: at most about 20 ms and 4 MB. Larger parts are first cut at lines found once on each side
+# (patience diff), at most _MAX_ANCHOR_DEPTH times over; what is still too large is one region.
+_MAX_DIFF_CELLS = 1 << 25
+_MAX_ANCHOR_DEPTH = 8
+
+
+def _line_changes(a: list[int], b: list[int]) -> list[tuple[int, int, int, int]]:
+    """The blocks `(i1, i2, j1, j2)` where lines `a[i1:i2]` became `b[j1:j2]`, in order; the
+    lines between blocks are equal. Time is bounded by the sizes, never cubic (unlike
+    difflib's SequenceMatcher on many repeated lines)."""
+    out: list[tuple[int, int, int, int]] = []
+    _diff_part(a, b, 0, len(a), 0, len(b), 0, out)
+    return out
+
+
+def _diff_part(a, b, a0, a1, b0, b1, depth, out) -> None:
+    while a0 < a1 and b0 < b1 and a[a0] == b[b0]:
+        a0, b0 = a0 + 1, b0 + 1
+    while a0 < a1 and b0 < b1 and a[a1 - 1] == b[b1 - 1]:
+        a1, b1 = a1 - 1, b1 - 1
+    if a0 == a1 and b0 == b1:
+        return
+    if a0 == a1 or b0 == b1:
+        out.append((a0, a1, b0, b1))
+        return
+    if (a1 - a0) * (b1 - b0) <= _MAX_DIFF_CELLS:
+        for op in Indel.opcodes(a[a0:a1], b[b0:b1]):
+            if op.tag == "equal":
+                continue
+            block = (a0 + op.src_start, a0 + op.src_end, b0 + op.dest_start, b0 + op.dest_end)
+            if out and out[-1][1] == block[0] and out[-1][3] == block[2]:
+                i1, _, j1, _ = out.pop()  # touching the previous block (a delete, then an insert)
+                block = (i1, block[1], j1, block[3])
+            out.append(block)
+        return
+    anchors = _unique_anchors(a, b, a0, a1, b0, b1) if depth < _MAX_ANCHOR_DEPTH else []
+    if not anchors:
+        out.append((a0, a1, b0, b1))
+        return
+    for i, j in anchors:
+        _diff_part(a, b, a0, i, b0, j, depth + 1, out)
+        a0, b0 = i + 1, j + 1
+    _diff_part(a, b, a0, a1, b0, b1, depth + 1, out)
+
+
+def _unique_anchors(a, b, a0, a1, b0, b1) -> list[tuple[int, int]]:
+    """Pairs `(i, j)`, increasing in both, of lines that occur once in `a[a0:a1]` and once in
+    `b[b0:b1]` with `a[i] == b[j]`: the longest such chain (patience sorting, n log n)."""
+    count_a = collections.Counter(a[a0:a1])
+    count_b = collections.Counter(b[b0:b1])
+    where_b = {b[j]: j for j in range(b0, b1) if count_b[b[j]] == 1}
+    pairs = [
+        (i, where_b[a[i]])
+        for i in range(a0, a1)
+        if count_a[a[i]] == 1 and a[i] in where_b
+    ]
+    # Longest increasing subsequence of the j's (the i's already increase).
+    tails: list[int] = []  # tails[n]: the pair ending the chain of n + 1 pairs with the smallest j
+    tail_js: list[int] = []  # their j's, increasing
+    back = [-1] * len(pairs)  # the pair before each one in its chain
+    for k, (_, j) in enumerate(pairs):
+        pos = bisect.bisect_left(tail_js, j)
+        back[k] = tails[pos - 1] if pos else -1
+        if pos == len(tails):
+            tails.append(k)
+            tail_js.append(j)
+        else:
+            tails[pos], tail_js[pos] = k, j
+    chain, k = [], tails[-1] if tails else -1
+    while k >= 0:
+        chain.append(pairs[k])
+        k = back[k]
+    return chain[::-1]
 
 
 def _accumulate(values):

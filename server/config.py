@@ -57,10 +57,24 @@ class Settings(BaseSettings):
                            description="sessions, adapters and fine-tuning jobs (default $DYNARANK_HOME/data)")
     api_keys: StrTuple = Field((), description="accepted API keys (repeatable); none: no auth, local-only bind")
     cors_origins: StrTuple = Field((), description="allow this browser origin (repeatable)")
+    allowed_origins: StrTuple = Field((), description="browser origin (scheme://host[:port]) allowed to call the "
+                                                      "server besides loopback ones (repeatable; `*`: any); checked "
+                                                      "on HTTP without API keys and on the websocket always")
+    allowed_hosts: StrTuple = Field((), description="Host header name served without API keys besides localhost, "
+                                                    "127.0.0.1, [::1] and --host (repeatable)")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1, description="413 above this request body size")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a completion request may ask for")
     max_inflight_requests: int = Field(32, ge=1, description="completion requests in flight before 429")
+    max_ws_inflight_per_connection: int = Field(4, ge=1, description="websocket completions one connection may "
+                                                                     "have in flight (beyond it: too_many_requests)")
     max_ws_message_bytes: int = Field(1024 * 1024, ge=1, description="largest websocket message accepted")
+    max_edit_changes: int = Field(256, ge=1, description="range changes one websocket edit may carry (beyond it: "
+                                                         "too_many_changes; send the full text instead)")
+    max_document_chars: int = Field(1024 * 1024, ge=1, description="largest document a session mirrors, in characters, "
+                                                                   "after an open or an edit (beyond it: "
+                                                                   "document_too_large)")
+    max_open_documents: int = Field(64, ge=1, description="documents open at once per session, all its tabs together "
+                                                          "(beyond it: too_many_documents)")
     log_level: LogLevel = Field("info", description="uvicorn log level")
     # -- sessions and adaptation (server/sessions/, server/adaptation/) --
     rank_policy: str = Field("dynamicrank", min_length=1, description="rank policy of session adapters")
@@ -71,7 +85,7 @@ class Settings(BaseSettings):
                                                      "and evicted, least recently used first)")
     max_queue_per_session: int = Field(32, ge=1, description="training examples queued per session (the oldest drop "
                                                               "when it is full)")
-    adapter_lr: float = Field(1e-3, gt=0, lt=1, allow_inf_nan=False, description="learning rate of session adapters")
+    adapter_lr: float = Field(5e-4, gt=0, lt=1, allow_inf_nan=False, description="learning rate of session adapters")
     replay_rows: int = Field(0, ge=0, le=16, description="recent examples trained again beside each new one "
                                                         "(one row each; 0: off)")
     replay_size: int = Field(16, ge=1, le=256, description="examples a session's replay buffer keeps")
@@ -100,8 +114,16 @@ class Settings(BaseSettings):
                                                              "for validating feedback")
     repo_roots: StrTuple = Field((), description="fine-tuning jobs may read server-side repositories only under "
                                                  "these directories (repeatable; none: any, if no API keys)")
+    max_jobs: int = Field(16, ge=1, description="fine-tuning jobs validating, queued or running at once, all keys "
+                                                "together (beyond it: 429)")
+    max_jobs_per_key: int = Field(4, ge=1, description="fine-tuning jobs validating, queued or running at once per "
+                                                       "API key (beyond it: 429)")
+    max_finished_jobs_per_key: int = Field(20, ge=1, description="finished fine-tuning jobs kept per API key; older "
+                                                                 "ones are forgotten, oldest finished first (the "
+                                                                 "adapters they made stay)")
 
-    @field_validator("engine_options", "api_keys", "cors_origins", "repo_roots", mode="before")
+    @field_validator("engine_options", "api_keys", "cors_origins", "repo_roots", "allowed_origins", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value):
         """``"a, b"`` (environment) -> ``("a", "b")``; lists and tuples drop blank items."""
@@ -122,6 +144,12 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"expected KEY=VALUE, got {', '.join(map(repr, bad))}")
         return value
+
+    @field_validator("allowed_origins", "allowed_hosts")
+    @classmethod
+    def _origins_lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Origins and host names compare case-insensitively; an origin has no path (not even "/").
+        return tuple(item.lower().rstrip("/") for item in value)
 
     @field_validator("repo_roots")
     @classmethod

@@ -6,7 +6,15 @@ step at a time inside the adaptation worker pool (so completions keep priority).
 The result is a named repository adapter in the store: usable as the model
 ``"<base>:<name>"`` and as the starting point of sessions for that repository.
 Records are JSON files written atomically; on restart, jobs that were still
-running are marked failed.
+running are marked failed (there are no checkpoints to resume from: the adapter
+is written only when the job succeeds).
+
+Bounds: at most ``max_jobs_per_key`` jobs of one key, and ``max_jobs`` of all
+keys, are active (validating, queued or running) at once, beyond which
+``create`` raises ``ClientError("too_many_requests")`` (HTTP 429); a job keeps
+its last ``MAX_EVENTS`` events; each key keeps its ``max_finished_jobs_per_key``
+most recently finished jobs, and older ones are forgotten, their record file
+included (the adapters they made stay in the store).
 """
 
 from __future__ import annotations
@@ -21,12 +29,13 @@ import time
 from pathlib import Path
 
 from server.adaptation import training_file
+from server.errors import ClientError
 from server.store import FileStore, check_name, owner_hash, write_json_atomic
 
 log = logging.getLogger("dynarank.jobs")
 
 ACTIVE = ("validating_files", "queued", "running")
-MAX_EVENTS = 2000
+MAX_EVENTS = 1000  # events a job keeps (in memory and on disk); older ones go first
 MAX_INLINE_FILES = 2000
 MAX_STEPS = 100_000
 
@@ -35,11 +44,22 @@ class JobError(ValueError):
     pass
 
 
+def finished() -> dict:
+    """The record fields of a job that ends now: OpenAI's ``finished_at`` (seconds) and ``_finished``
+    (not public; finer, so the oldest finished job is forgotten first even within one second)."""
+    now = time.time()
+    return {"finished_at": int(now), "_finished": now}
+
+
 class Job:
     def __init__(self, record: dict, owner: str | None):
         self.record = record
         self.owner = owner
-        self.events: list[dict] = record.pop("_events", [])
+        # Replaced, never shortened in place, when it grows past MAX_EVENTS: a reader that took the list
+        # sees a consistent one.
+        self.events: list[dict] = record.pop("_events", [])[-MAX_EVENTS:]
+        self.next_event = int(self.events[-1]["id"].removeprefix("ftevent-")) + 1 if self.events else 0
+        self.forgotten = False  # dropped by the per-key bound: its record is gone and is not written again
         self.examples: list = []
         self.adapter = None
         self.policy = None
@@ -85,15 +105,36 @@ class JobManager:
                 log.warning("unreadable job record %s", path)
                 continue
             job = Job(record, None)
-            if record.get("status") in ACTIVE:
-                record["status"] = "failed"
-                record["error"] = {"code": "interrupted", "message": "the server restarted before the job finished"}
-                record["finished_at"] = int(time.time())
-                self._save(job)
             self.jobs[job.id] = job
+            if record.get("status") in ACTIVE:  # never left `running`: no checkpoint to resume from
+                message = (f"the server restarted before the job finished (at step {record.get('step', 0)}"
+                           f" of {record.get('total_steps')}); create it again")
+                record["status"] = "failed"
+                record["error"] = {"code": "interrupted", "message": message}
+                record.update(finished())
+                self._event(job, "error", message)  # written back
+        for oh in {job.record.get("_owner") for job in self.jobs.values()}:
+            self._forget_finished(oh)
 
     def _save(self, job: Job) -> None:
-        write_json_atomic(self.root / f"{job.id}.json", {**job.record, "_events": job.events[-MAX_EVENTS:]})
+        with job.lock:  # a forgotten job's file stays deleted
+            if not job.forgotten:
+                write_json_atomic(self.root / f"{job.id}.json", {**job.record, "_events": job.events[-MAX_EVENTS:]})
+
+    def _forget_finished(self, oh: str | None) -> None:
+        """Keep the owner's ``max_finished_jobs_per_key`` most recently finished jobs; forget the others,
+        oldest finished first, record file included."""
+        with self._lock:
+            done = [j for j in self.jobs.values() if j.record.get("_owner") == oh and j.status not in ACTIVE]
+            done.sort(key=lambda j: j.record.get("_finished") or j.record.get("finished_at") or 0)
+            dropped = done[:max(0, len(done) - self.settings.max_finished_jobs_per_key)]
+            for job in dropped:
+                del self.jobs[job.id]
+        for job in dropped:
+            with job.lock:
+                job.forgotten = True
+                job.examples, job.adapter, job.policy = [], None, None
+                (self.root / f"{job.id}.json").unlink(missing_ok=True)
 
     # -- API ---------------------------------------------------------------------
 
@@ -131,7 +172,18 @@ class JobManager:
             "step": 0, "total_steps": None, "error": None, "result": None, "_owner": owner_hash(owner),
         }
         job = Job(record, owner)
-        with self._lock:
+        with self._lock:  # the check and the insertion together: concurrent creates cannot pass the caps
+            active = [j for j in self.jobs.values() if j.status in ACTIVE]
+            mine = sum(1 for j in active if j.record.get("_owner") == record["_owner"])
+            if mine >= self.settings.max_jobs_per_key:
+                raise ClientError("too_many_requests",
+                                  f"this key already has {mine} fine-tuning jobs validating, queued or running "
+                                  f"(at most {self.settings.max_jobs_per_key}); wait for one to finish or "
+                                  "cancel one")
+            if len(active) >= self.settings.max_jobs:
+                raise ClientError("too_many_requests",
+                                  f"the server already has {len(active)} fine-tuning jobs validating, queued or "
+                                  f"running (at most {self.settings.max_jobs}); try again later")
             self.jobs[job.id] = job
         self._event(job, "info", "job created")
         threading.Thread(target=self._prepare, args=(job, repository.get("files"), repository.get("records")),
@@ -222,8 +274,9 @@ class JobManager:
 
     def list(self, owner: str | None) -> list[Job]:
         oh = owner_hash(owner)
-        return sorted((j for j in self.jobs.values() if j.record.get("_owner") == oh),
-                      key=lambda j: j.record["created_at"], reverse=True)
+        with self._lock:
+            mine = [j for j in self.jobs.values() if j.record.get("_owner") == oh]
+        return sorted(mine, key=lambda j: j.record["created_at"], reverse=True)
 
     def get(self, owner: str | None, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -237,27 +290,34 @@ class JobManager:
             active = job.status in ACTIVE
             if active:
                 job.record["status"] = "cancelled"
-                job.record["finished_at"] = int(time.time())
+                job.record.update(finished())
                 job.examples, job.adapter = [], None
         if active:
             self._event(job, "info", "job cancelled")
+            self._forget_finished(job.record.get("_owner"))
         return job
 
     # -- running -----------------------------------------------------------------
 
     def _event(self, job: Job, level: str, message: str, data: dict | None = None) -> None:
-        job.events.append({"object": "fine_tuning.job.event", "id": f"ftevent-{len(job.events)}",
-                           "created_at": int(time.time()), "level": level, "message": message,
-                           "data": data, "type": "metrics" if data else "message"})
-        if not data or job.record["step"] % 5 == 0 or job.status not in ACTIVE:
+        with job.lock:  # ids stay unique and in order when a cancel and a step report at once
+            job.events.append({"object": "fine_tuning.job.event", "id": f"ftevent-{job.next_event}",
+                               "created_at": int(time.time()), "level": level, "message": message,
+                               "data": data, "type": "metrics" if data else "message"})
+            job.next_event += 1
+            if len(job.events) > MAX_EVENTS:
+                job.events = job.events[-MAX_EVENTS:]
+            save = not data or job.record["step"] % 5 == 0 or job.status not in ACTIVE
+        if save:
             self._save(job)
 
     def _fail(self, job: Job, message: str) -> None:
         with job.lock:
-            job.record.update(status="failed", finished_at=int(time.time()),
+            job.record.update(status="failed", **finished(),
                               error={"code": "job_failed", "message": message})
             job.adapter = None
         self._event(job, "error", message)
+        self._forget_finished(job.record.get("_owner"))
 
     @staticmethod
     def _allowed_inline(inline_files) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -332,7 +392,9 @@ class JobManager:
 
     def take(self):
         """For the worker pool: one step of the oldest runnable job, or None."""
-        for job in sorted(self.jobs.values(), key=lambda j: j.record["created_at"]):
+        with self._lock:  # jobs are created and forgotten by other threads
+            jobs = sorted(self.jobs.values(), key=lambda j: j.record["created_at"])
+        for job in jobs:
             with job.lock:
                 if job.status in ("queued", "running") and job.adapter is not None and not job.busy:
                     job.busy = True
@@ -389,7 +451,7 @@ class JobManager:
         with job.lock:
             cancelled = job.status != "running"
             if not cancelled:
-                job.record.update(status="succeeded", finished_at=int(time.time()),
+                job.record.update(status="succeeded", **finished(),
                                   fine_tuned_model=f"{self.settings.served_name}:{name}",
                                   result={"version": snap.version, "ranks": snap.ranks})
                 job.examples, job.adapter, job.policy = [], None, None
@@ -397,3 +459,4 @@ class JobManager:
             self.store.delete_version(job.owner, name, snap.version)
             return
         self._event(job, "info", f"saved adapter {name} (version {snap.version})")
+        self._forget_finished(job.record.get("_owner"))

@@ -84,14 +84,24 @@ class AdaptationWorkers:
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue
-                try:
-                    with self.gate.training_slice(timeout=MAX_YIELD_S):
-                        work()
-                except TimeoutError:
-                    work()
+                self.run_step(work)
             except Exception:
                 log.exception("adaptation step failed")
                 time.sleep(0.5)
+
+    def run_step(self, work) -> None:
+        """Run one taken step, exactly once: in a training slice, or, if serving stayed busy for
+        MAX_YIELD_S, without one. Only the gate's TimeoutError means that; one the step raises is the
+        step's own failure and goes to the caller."""
+        started = False
+        try:
+            with self.gate.training_slice(timeout=MAX_YIELD_S):
+                started = True
+                work()
+        except TimeoutError:
+            if started:
+                raise  # the step's own
+            work()  # serving stayed busy: run anyway, so completions cannot starve adaptation
 
     def _take(self):
         with self._take_lock:
@@ -172,18 +182,16 @@ class AdaptationWorkers:
         session.notify(session.status())
 
     # -- metrics (owned by server/observability/metrics.py; used only if present) ---------------
+    # Server-wide counters go to /metrics; per-session figures stay keyed by (owner, session id) and
+    # are dropped for a session the manager no longer holds (see Metrics.track_session).
 
     def _metric_queue(self, session: Session) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(session=session.id).set(len(session.queue))
+            self.metrics.session_queue(session, len(session.queue))
 
     def _metric_step(self, session: Session, stats, snap) -> None:
         m = self.metrics
         if m is None:
             return
-        m.adaptation_steps.labels(session=session.id).inc()
-        m.last_loss.labels(session=session.id).set(stats.loss)
-        m.swaps.labels(session=session.id).inc()
-        for module, rank in snap.ranks.items():
-            m.rank.labels(session=session.id, module=module).set(rank)
+        m.session_step(session, stats.loss, snap.ranks)
         self._metric_queue(session)

@@ -69,7 +69,7 @@ def _validation_error(errors: list[dict]) -> APIError:
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unknown_parameter")
-    message = first.get("msg", "invalid request")
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own message
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
@@ -93,7 +93,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        # FastAPI's 400: a body it could not parse, other than a JSON syntax error (a broken multipart form).
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed",
+                413: "request_too_large"}.get(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return error_response(APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)))
 

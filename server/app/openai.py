@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
-from typing import AsyncIterator, Callable, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 
 from server.app.state import ServerState
@@ -20,6 +22,21 @@ from server.engines.bridge import Generation
 from server.errors import ClientError
 
 # --- request schemas -------------------------------------------------------
+
+# JSON can carry half of a UTF-16 pair (``"\\ud800"``); json.loads joins real pairs into one code point, so
+# any surrogate left in a str is a lone one, which no tokenizer (nor UTF-8) accepts.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # a 64-bit seed, as OpenAI's; choice j uses seed + j
+
+
+def valid_text(value):
+    """``value`` (a string, a list of strings or of ``TextPart``s, or None), or ValueError for a lone surrogate."""
+    for text in [value] if isinstance(value, str) else value or ():
+        text = getattr(text, "text", text)
+        if isinstance(text, str) and (bad := _LONE_SURROGATE.search(text)):
+            raise ValueError(f"contains a lone surrogate (U+{ord(bad.group()):04X} at character {bad.start()}); "
+                             "text must be valid Unicode")
+    return value
 
 
 class _Strict(BaseModel):
@@ -36,10 +53,15 @@ class Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("stop", "model", "user")
+    @classmethod
+    def _text(cls, value):
+        return valid_text(value)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -68,6 +90,11 @@ class CompletionRequest(Sampling):
     trim: bool = True  # token healing at the prompt's end, and shaping (fences, suffix repeats, mode)
     mode: Literal["line", "block"] | None = None  # with trim: stop at the end of the line / of the block
 
+    @field_validator("prompt", "suffix")
+    @classmethod
+    def _prompt_text(cls, value):
+        return valid_text(value)
+
     @property
     def heal(self) -> bool:
         # Healing regenerates the prompt's last token, which echo and per-token logprobs would have to show.
@@ -83,6 +110,11 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", "name")
+    @classmethod
+    def _text(cls, value):
+        return valid_text(value)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -163,12 +195,14 @@ def _sse(payload) -> bytes:
 
 async def respond(request: Request, gen: Generation, *, stream: bool, body: Callable[[], dict],
                   events: Callable[[], AsyncIterator[dict]], usage: Callable[[], dict] | None,
-                  on_finished: Callable[[], None]):
+                  on_finished: Callable[[], None], offload: bool = False):
     """Answer one request: a JSON ``body()`` after the run, or SSE ``events()`` then ``[DONE]``.
 
     ``on_finished`` runs once every choice has finished; ``usage`` (when the
     client asked for it) adds a last streamed event. The stream starts only
     after its first event, so errors raised before it keep their status code.
+    ``offload``: build and serialize the JSON body in a worker thread (a large
+    one, such as an echoed prompt, would hold up the event loop).
     """
     watcher = asyncio.create_task(_watch_disconnect(request, gen))
     if not stream:
@@ -178,6 +212,8 @@ async def respond(request: Request, gen: Generation, *, stream: bool, body: Call
             watcher.cancel()
             gen.close()
         on_finished()
+        if offload:
+            return await asyncio.to_thread(lambda: JSONResponse(body()))
         return JSONResponse(body())
 
     async def all_events():

@@ -4,10 +4,18 @@ HTTP (``/v1/completions``, ``/v1/chat/completions``) and the websocket
 ``complete`` message all run generation through ``GenerationBridge.start``,
 so admission control, error mapping, cancellation and metrics happen once:
 
-- **Admission:** at most ``max_inflight`` generations at once; the next one is
-  refused with ``ClientError("too_many_requests")`` (HTTP 429).
+- **Admission:** at most ``max_inflight`` generations at once (all clients
+  together), and at most ``client_limit`` per ``client`` when the caller names
+  one (the websocket: ``max_ws_inflight_per_connection`` per connection); the
+  next one is refused with ``ClientError("too_many_requests")`` (HTTP 429,
+  websocket ``error``). A slot is held until the caller is done *and* every
+  thread of the generation has ended, so a generation's threads (a cancelled
+  one's included) never outlive its slot.
 - **Threads:** each choice runs ``engine.generate`` in its own thread and hands
-  chunks to the event loop through a queue.
+  chunks to the event loop through a queue. The thread runs with
+  ``gate.serving_client`` set to the generation's client (or the generation
+  itself), so engines that take turns (``gate.FairTurns``) share their steps
+  fairly between clients rather than between threads.
 - **Errors:** a prompt the engine rejects (``ValueError``, including
   ``ContextLengthError``) becomes a ``ClientError``; anything else is re-raised
   as ``GenerationFailed``.
@@ -24,6 +32,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Hashable
 from typing import AsyncIterator
 
 from server.engines.base import (
@@ -32,6 +41,7 @@ from server.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
+from server.engines.gate import serving_client
 from server.errors import ClientError
 from server.observability.metrics import Metrics, log_event
 
@@ -83,9 +93,14 @@ class Choice:
         return part
 
 
-async def _thread_chunks(engine: Engine, request: GenerationRequest, adapter, cancel: threading.Event
-                         ) -> AsyncIterator[GenerationChunk]:
-    """Iterate ``engine.generate`` in a worker thread; abandoning the iterator cancels it."""
+async def _thread_chunks(engine: Engine, request: GenerationRequest, adapter, cancel: threading.Event,
+                         client: Hashable | None = None, on_start: Callable[[], None] | None = None,
+                         on_exit: Callable[[], None] | None = None) -> AsyncIterator[GenerationChunk]:
+    """Iterate ``engine.generate`` in a worker thread; abandoning the iterator cancels it.
+
+    The thread serves ``client`` (``gate.serving_client``). ``on_start`` is called just before the thread
+    starts and ``on_exit``, in the thread, once the engine is done with it (before the iterator sees the end).
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -96,15 +111,25 @@ async def _thread_chunks(engine: Engine, request: GenerationRequest, adapter, ca
             cancel.set()
 
     def work():
+        serving_client.set(client)
         try:
             for chunk in engine.generate(request, adapter, cancel):
                 put(chunk)
         except BaseException as exc:  # surfaced to the awaiting handler
             put(exc)
         finally:
+            if on_exit is not None:
+                on_exit()
             put(_DONE)
 
-    threading.Thread(target=work, daemon=True, name="dynarank-generate").start()
+    if on_start is not None:
+        on_start()
+    try:
+        threading.Thread(target=work, daemon=True, name="dynarank-generate").start()
+    except BaseException:
+        if on_exit is not None:
+            on_exit()
+        raise
     finished = False
     try:
         while True:
@@ -126,7 +151,8 @@ class Generation:
     """One admitted request: its choices run concurrently, merged as they come, recorded once."""
 
     def __init__(self, bridge: "GenerationBridge", endpoint: str, requests: list[GenerationRequest], adapter,
-                 *, model_name: str, adapter_id: str | None, cancel: threading.Event | None = None):
+                 *, model_name: str, adapter_id: str | None, cancel: threading.Event | None = None,
+                 client: Hashable | None = None):
         self.bridge = bridge
         self.endpoint = endpoint
         self.requests = requests
@@ -136,7 +162,11 @@ class Generation:
         self.cancel = cancel or threading.Event()
         self.choices = [Choice(i) for i in range(len(requests))]
         self.started = time.perf_counter()
+        self.client = client
         self._closed = False
+        # Who keeps the admission slot: the caller until close(), and each running thread until it ends.
+        self._holders = 1
+        self._holders_lock = threading.Lock()
 
     @property
     def adapter_version(self) -> int | None:
@@ -147,9 +177,15 @@ class Generation:
         merged: asyncio.Queue = asyncio.Queue()
         engine = self.bridge.engine
 
+        # Steps are shared fairly between clients: a generation without one is a client of its own.
+        client = self.client if self.client is not None else ("generation", id(self))
+
         async def pump(choice: Choice, request: GenerationRequest):
+            if self._closed:  # closed before it began: start no thread
+                return
             try:
-                async for chunk in _thread_chunks(engine, request, self.adapter, self.cancel):
+                async for chunk in _thread_chunks(engine, request, self.adapter, self.cancel, client,
+                                                  self._hold, self._unhold):
                     choice.add(chunk)
                     await merged.put((choice, chunk))
             except BaseException as exc:
@@ -188,13 +224,25 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def close(self) -> None:
-        """Release the admission slot and record metrics (once; also for a generation never iterated)."""
+        """Cancel, record metrics and give up the caller's hold on the admission slot (once; also for a
+        generation never iterated). The slot itself is free once the generation's threads have ended too."""
         if self._closed:
             return
         self._closed = True
         self.cancel.set()
-        self.bridge.release()
         self._record()
+        self._unhold()
+
+    def _hold(self) -> None:
+        with self._holders_lock:
+            self._holders += 1
+
+    def _unhold(self) -> None:
+        with self._holders_lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.bridge.release(self.client)
 
     def _record(self) -> None:
         end = time.perf_counter()
@@ -224,25 +272,56 @@ class GenerationBridge:
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.inflight = 0
+        self._by_client: dict[Hashable, int] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     def start(self, endpoint: str, requests: list[GenerationRequest], adapter, *, model_name: str,
-              adapter_id: str | None = None, cancel: threading.Event | None = None) -> Generation:
-        """Admit one request (raises ``ClientError('too_many_requests')`` when full); iterate or close it."""
+              adapter_id: str | None = None, cancel: threading.Event | None = None,
+              client: Hashable | None = None, client_limit: int | None = None) -> Generation:
+        """Admit one request (raises ``ClientError('too_many_requests')`` when full); iterate or close it.
+
+        ``client`` names who asks (a websocket connection): the engine shares its steps fairly between
+        clients, and ``client_limit`` caps the generations one client may have in flight.
+        """
         with self._lock:
             if self.inflight >= self.max_inflight:
                 raise ClientError("too_many_requests", "The server is busy; retry shortly.")
+            held = self._by_client.get(client, 0) if client is not None else 0
+            if client_limit is not None and client is not None and held >= client_limit:
+                raise ClientError("too_many_requests",
+                                  f"At most {client_limit} completions in flight on this connection; "
+                                  "wait for one to finish, or cancel one.")
             self.inflight += 1
+            if client is not None:
+                self._by_client[client] = held + 1
         if self.metrics is not None:
             self.metrics.inflight.inc()
         return Generation(self, endpoint, requests, adapter, model_name=model_name, adapter_id=adapter_id,
-                          cancel=cancel)
+                          cancel=cancel, client=client)
 
-    def release(self) -> None:
+    def release(self, client: Hashable | None = None) -> None:
         with self._lock:
             self.inflight -= 1
+            if client is not None:
+                left = self._by_client.get(client, 0) - 1
+                if left > 0:
+                    self._by_client[client] = left
+                else:
+                    self._by_client.pop(client, None)
+            self._idle.notify_all()
         if self.metrics is not None:
             self.metrics.inflight.dec()
+
+    def inflight_of(self, client: Hashable) -> int:
+        """Generations ``client`` has in flight (threads included)."""
+        with self._lock:
+            return self._by_client.get(client, 0)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no generation holds a slot (threads included); False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
 
     @contextlib.asynccontextmanager
     async def generation(self, *args, **kwargs) -> AsyncIterator[Generation]:

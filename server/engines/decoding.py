@@ -95,13 +95,15 @@ class StopMatcher:
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
     """Greedy at temperature 0, else temperature + nucleus sampling from ``generator``."""
-    if temperature <= 0:
+    if temperature < 1e-4:  # 0, or its limit: dividing by a vanishing temperature (1e-300) gives inf/nan
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        # Keep the smallest head whose mass reaches top_p (always the first token).
+        # Keep the smallest head whose mass reaches top_p, and always the first token: a top_p below
+        # float32's resolution (1e-300 rounds to 0) would otherwise keep nothing, and multinomial fails.
         keep = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p
+        keep[0] = True
         pick = torch.multinomial(sorted_p * keep, 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))

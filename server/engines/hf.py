@@ -2,10 +2,12 @@
 
 Generation is our own decode loop over a KV cache rather than
 ``model.generate``, so that every token is yielded as it is produced and a
-cancel event is honoured between any two tokens. Each forward takes the
-engine's step lock: concurrent requests interleave token by token instead of
-oversubscribing the cores, and the adapter binding is entered per forward so
-the iterator may be advanced from any thread.
+cancel event is honoured between any two tokens. Each forward takes one of
+the engine's turns (``gate.FairTurns``): concurrent requests interleave token by
+token instead of oversubscribing the cores, round robin between clients so one
+client's burst cannot starve another's completion, and a request cancelled
+while it waits for its turn stops without computing. The adapter binding is
+entered per forward so the iterator may be advanced from any thread.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from server.engines.decoding import (
     sample_token,
     stop_token_ids,
 )
-from server.engines.gate import ServingGate
+from server.engines.gate import FairTurns, ServingGate
 
 log = logging.getLogger("dynarank.engine")
 
@@ -42,7 +44,7 @@ class HFEngine(TokenizerEngine):
         self.fim = has_fim(tokenizer)
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self.stop_ids = stop_token_ids(tokenizer, self._eos_ids())
-        self._lock = threading.Lock()
+        self.turns = FairTurns()  # one forward at a time, round robin between clients
         # transformers 5 renamed `past_key_values` to `cache`; accept either.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -61,8 +63,15 @@ class HFEngine(TokenizerEngine):
     def device(self):
         return next(self.model.parameters()).device
 
-    def _forward(self, ids: list[int], cache, adapter) -> torch.Tensor:
-        with self._lock, torch.inference_mode(), adapter_context(self.model, adapter):
+    def _forward(self, ids: list[int], cache, adapter, cancel: threading.Event | None = None) -> torch.Tensor | None:
+        """The last position's logits, or None when ``cancel`` was set before this forward got its turn."""
+        with self.turns.turn(cancel) as granted:
+            if not granted or (cancel is not None and cancel.is_set()):
+                return None
+            return self._forward_now(ids, cache, adapter)
+
+    def _forward_now(self, ids: list[int], cache, adapter) -> torch.Tensor:
+        with torch.inference_mode(), adapter_context(self.model, adapter):
             input_ids = torch.tensor([ids], device=self.device)
             kwargs = {self._cache_arg: cache}
             out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
@@ -101,7 +110,10 @@ class HFEngine(TokenizerEngine):
             if cancel is not None and cancel.is_set():
                 yield stream.finish("cancelled")
                 return
-            logits = self._forward(next_input, cache, adapter)
+            logits = self._forward(next_input, cache, adapter, cancel)
+            if logits is None:  # cancelled while waiting for the turn: this token is never computed
+                yield stream.finish("cancelled")
+                return
             allowed = stream.allowed()
             if allowed is not None:  # healing: only tokens that reproduce the backed-off text
                 masked = torch.full_like(logits, float("-inf"))

@@ -1,5 +1,11 @@
 """Prometheus metrics (one ``CollectorRegistry`` per app) and request logs.
 
+``/metrics`` is server-wide: every key that may scrape sees the same text, so
+nothing in it names a session, an adapter or a key, and no label set grows
+with the number of sessions. Per-session figures live in ``SessionFigures``
+(below), keyed by (owner, session id), and are served only to the owner
+(``GET /v1/sessions/{id}/stats``).
+
 ``Metrics`` attributes, all prefixed ``dynarank_`` in the exposition:
 
 Serving (updated by the HTTP layer):
@@ -11,31 +17,38 @@ Serving (updated by the HTTP layer):
   tokens_per_second    Gauge      tokens_per_second (of the last finished completion)
   inflight             Gauge      inflight_completions
 
-Adaptation (updated by the session layer; ``session`` = session id):
-  queue_depth          Gauge      session_queue_depth{session}
-  adaptation_steps     Counter    adaptation_steps_total{session}
-  last_loss            Gauge      adaptation_last_loss{session}
-  rank                 Gauge      adapter_rank{session,module}
-  swaps                Counter    adapter_swaps_total{session}  (new snapshot published to serving)
+Adaptation, all sessions together (updated by ``session_step``):
+  adaptation_steps     Counter    adaptation_steps_total
+  swaps                Counter    adapter_swaps_total  (new snapshot published to serving)
+  step_loss            Histogram  adaptation_loss  (loss of every adaptation step)
 
-Completion feedback (read from server/feedback/ at scrape time, so label sets
-stay as bounded as the feedback books; ``scope`` = session|model, ``name`` =
-session id or model name, ``adapter_version`` = N, ``base`` or ``all``):
-  completion_feedback_total   Counter  {scope,name,adapter_version,event}
-                                       (event: completions|shown|accepted|partially_accepted|rejected)
-  acceptance_rate             Gauge    {scope,name,adapter_version}  (accepted+partial over decided)
+Completion feedback, all keys together (read from server/feedback/ at scrape
+time; ``scope`` = session (session adapters' books) | model (per-model books:
+the base model and stored adapters)):
+  completion_feedback_total   Counter  {scope,event}
+                                       (event: completions|shown|accepted|partially_accepted|rejected|hidden)
+  acceptance_rate             Gauge    {scope}  (accepted+partial over decided)
 
 Sessions and fine-tuning jobs (read from the session layer at scrape time, all keys together):
   sessions_resident    Gauge      sessions_resident  (sessions held in memory)
   sessions_connected   Gauge      sessions_connected  (resident sessions with at least one open websocket)
+  training_queue_depth Gauge      training_queue_depth  (examples waiting, all resident sessions)
   fine_tuning_jobs     Gauge      fine_tuning_jobs{state}  (state: one of JOB_STATES, zeros included)
 
-Call ``forget_session(session_id)`` when a session ends so its label sets go.
+Per session (``Metrics.figures``, never in ``/metrics``): steps and swaps since
+the session became resident, last loss, rank per module, queue depth. The
+session manager calls ``track_session`` when a session becomes resident and
+``forget_session`` when it is evicted or deleted, so the figures are bounded by
+the resident sessions; updates for a session object that is not tracked (evicted,
+deleted, or replaced by a new session of the same id) are dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import weakref
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,7 +62,7 @@ from prometheus_client import (
 access_log = logging.getLogger("dynarank.access")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_SESSION_METRICS = ("queue_depth", "adaptation_steps", "last_loss", "swaps")
+_LOSS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12)
 # The states a fine-tuning job walks through (server/adaptation/jobs.py), in order.
 JOB_STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 
@@ -82,14 +95,12 @@ class Metrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.tokens_per_second = Gauge(p + "tokens_per_second", "Decode speed of the last completion", registry=r)
         self.inflight = Gauge(p + "inflight_completions", "Completions being generated", registry=r)
-        self.queue_depth = Gauge(p + "session_queue_depth", "Training examples waiting per session",
-                                 ["session"], registry=r)
-        self.adaptation_steps = Counter(p + "adaptation_steps", "Adaptation steps run", ["session"], registry=r)
-        self.last_loss = Gauge(p + "adaptation_last_loss", "Loss of the last adaptation step", ["session"],
-                               registry=r)
-        self.rank = Gauge(p + "adapter_rank", "Current LoRA rank per module", ["session", "module"], registry=r)
-        self.swaps = Counter(p + "adapter_swaps", "Adapter snapshots published to serving", ["session"],
+        self.adaptation_steps = Counter(p + "adaptation_steps", "Adaptation steps run, all sessions", registry=r)
+        self.swaps = Counter(p + "adapter_swaps", "Adapter snapshots published to serving, all sessions",
                              registry=r)
+        self.step_loss = Histogram(p + "adaptation_loss", "Loss of adaptation steps, all sessions",
+                                   registry=r, buckets=_LOSS_BUCKETS)
+        self.figures = SessionFigures()
 
     def watch_feedback(self, source) -> None:
         """Expose ``source.metric_rows()`` (a FeedbackRegistry) on every scrape."""
@@ -99,18 +110,101 @@ class Metrics:
         """Expose session and job counts of a SessionManager and a JobManager on every scrape."""
         self.registry.register(_ServicesCollector(sessions, jobs))
 
-    def forget_session(self, session_id: str) -> None:
-        for name in _SESSION_METRICS:
-            try:
-                getattr(self, name).remove(session_id)
-            except KeyError:
-                pass
-        # rank has a second label: drop every module of the session.
-        for labels in [k for k in self.rank._metrics if k[0] == session_id]:
-            self.rank.remove(*labels)
+    # -- per session: kept apart from the registry, served only to the session's owner ----------
+
+    def track_session(self, session) -> None:
+        """``session`` became resident: its figures start (from zero) and updates count from now on."""
+        self.figures.track(session)
+
+    def forget_session(self, session) -> None:
+        """``session`` was evicted or deleted: drop its figures (a newer session of the same id keeps its own)."""
+        self.figures.forget(session)
+
+    def session_step(self, session, loss: float, ranks: dict) -> None:
+        """One adaptation step of ``session`` published a snapshot with ``ranks``."""
+        self.adaptation_steps.inc()
+        self.swaps.inc()
+        self.step_loss.observe(loss)
+        self.figures.step(session, loss, ranks)
+
+    def session_queue(self, session, depth: int) -> None:
+        self.figures.queue(session, depth)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class SessionFigures:
+    """Per-session figures keyed by (owner, session id): two keys' sessions of one id never share them.
+
+    An entry holds a weak reference to the session object it was tracked for; updates
+    from any other object (an evicted or replaced session still finishing a step) are dropped.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rows: dict[tuple, dict] = {}
+
+    @staticmethod
+    def _key(session) -> tuple:
+        return (session.owner, session.id)
+
+    def track(self, session) -> None:
+        with self._lock:
+            # Rows whose session object is gone (dropped without forget) go too: the dict stays bounded.
+            for key in [k for k, row in self._rows.items() if row["ref"]() is None]:
+                del self._rows[key]
+            self._rows[self._key(session)] = {"ref": weakref.ref(session), "since": time.time(), "steps": 0,
+                                              "swaps": 0, "last_loss": None, "last_step_at": None,
+                                              "ranks": {}, "queue_depth": 0}
+
+    def forget(self, session) -> None:
+        with self._lock:
+            row = self._rows.get(self._key(session))
+            if row is not None and row["ref"]() in (session, None):
+                del self._rows[self._key(session)]
+
+    def _row(self, session) -> dict | None:
+        row = self._rows.get(self._key(session))
+        return row if row is not None and row["ref"]() is session else None
+
+    def step(self, session, loss: float, ranks: dict) -> None:
+        with self._lock:
+            row = self._row(session)
+            if row is not None:
+                row["steps"] += 1
+                row["swaps"] += 1
+                row["last_loss"] = float(loss)
+                row["last_step_at"] = time.time()
+                row["ranks"] = dict(ranks)
+
+    def queue(self, session, depth: int) -> None:
+        with self._lock:
+            row = self._row(session)
+            if row is not None:
+                row["queue_depth"] = int(depth)
+
+    def get(self, session) -> dict | None:
+        """A copy of ``session``'s figures (None when it is not tracked)."""
+        with self._lock:
+            row = self._row(session)
+            if row is None:
+                return None
+            return {k: (dict(v) if k == "ranks" else v) for k, v in row.items() if k != "ref"}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def __contains__(self, key: tuple) -> bool:
+        """Whether (owner, session id) has figures."""
+        with self._lock:
+            return key in self._rows
+
+    def keys(self) -> list[tuple]:
+        """The (owner, session id) pairs that have figures."""
+        with self._lock:
+            return list(self._rows)
 
 
 class _FeedbackCollector:
@@ -122,25 +216,22 @@ class _FeedbackCollector:
 
         from server.feedback import COUNTS, rate
 
-        # Two keys may share a session id or a model name: sum them so label sets stay unique.
-        merged: dict[tuple, dict] = {}
-        for scope, name, stats in self.source.metric_rows():
-            rows = [(str(r["adapter_version"] if r["adapter_version"] is not None else "base"), r)
-                    for r in stats["by_version"]] + [("all", stats)]
-            for version, row in rows:
-                acc = merged.setdefault((scope, name, version), dict.fromkeys(COUNTS, 0))
-                for k in COUNTS:
-                    acc[k] += row.get(k, 0)
-        events = CounterMetricFamily("dynarank_completion_feedback", "Completions and feedback events",
-                                     labels=["scope", "name", "adapter_version", "event"])
-        rates = GaugeMetricFamily("dynarank_acceptance_rate", "Accepted (incl. partially) over decided completions",
-                                  labels=["scope", "name", "adapter_version"])
-        for (scope, name, version), counts in sorted(merged.items()):
+        # Server-wide: books of every key summed per scope, so no label names a session, a model or a key.
+        merged: dict[str, dict] = {scope: dict.fromkeys(COUNTS, 0) for scope in ("session", "model")}
+        for scope, _name, stats in self.source.metric_rows():
+            acc = merged.setdefault(scope, dict.fromkeys(COUNTS, 0))
             for k in COUNTS:
-                events.add_metric([scope, name, version, k], counts[k])
+                acc[k] += stats.get(k, 0)
+        events = CounterMetricFamily("dynarank_completion_feedback", "Completions and feedback events, all keys",
+                                     labels=["scope", "event"])
+        rates = GaugeMetricFamily("dynarank_acceptance_rate",
+                                  "Accepted (incl. partially) over decided completions, all keys", labels=["scope"])
+        for scope, counts in sorted(merged.items()):
+            for k in COUNTS:
+                events.add_metric([scope, k], counts[k])
             r = rate(counts)
             if r is not None:
-                rates.add_metric([scope, name, version], r)
+                rates.add_metric([scope], r)
         yield events
         yield rates
 
@@ -157,11 +248,14 @@ class _ServicesCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        sessions = session_counts(self.sessions.sessions())
+        resident = self.sessions.sessions()
+        sessions = session_counts(resident)
         yield GaugeMetricFamily("dynarank_sessions_resident", "Sessions held in memory",
                                 value=sessions["resident"])
         yield GaugeMetricFamily("dynarank_sessions_connected", "Resident sessions with an open websocket",
                                 value=sessions["connected"])
+        yield GaugeMetricFamily("dynarank_training_queue_depth", "Training examples waiting, all resident sessions",
+                                value=sum(len(getattr(s, "queue", ())) for s in resident))
         jobs = GaugeMetricFamily("dynarank_fine_tuning_jobs", "Fine-tuning jobs by state", labels=["state"])
         # list() first: the dict may gain a job while we count.
         for state, n in job_counts(list(self.jobs.jobs.values())).items():

@@ -138,6 +138,7 @@ class SessionManager:
         with self._lock:
             if new is not None:
                 self._sessions[(owner_hash(owner), sid)] = new
+                self._metrics_track(new)
             session = self._sessions.get((owner_hash(owner), sid))
             if session is not None:
                 session.connections += 1
@@ -289,10 +290,22 @@ class SessionManager:
                     if victim.connections:  # a tab joined while it was written: it stays
                         continue
                     self._sessions.pop((owner_hash(victim.owner), victim.id), None)
+                    self._metrics_forget(victim)
                 excess -= 1
             finally:
                 victim.train_lock.release()
             log.info("session %s evicted (persisted at version %d)", victim.id, victim.snapshot.version)
+
+    # Per-session metric figures follow residency. Both are called under the manager lock, next to the
+    # change of ``_sessions``, so a session that leaves and one of the same id that arrives stay in order.
+
+    def _metrics_track(self, session: Session) -> None:
+        if self.metrics is not None:
+            self.metrics.track_session(session)
+
+    def _metrics_forget(self, session: Session) -> None:
+        if self.metrics is not None:
+            self.metrics.forget_session(session)
 
     # -- lookups -----------------------------------------------------------------
 
@@ -321,6 +334,8 @@ class SessionManager:
     def delete_session(self, owner: str | None, sid: str) -> bool:
         with self._lock:
             session = self._sessions.pop((owner_hash(owner), sid), None)
+            if session is not None:
+                self._metrics_forget(session)
         found = session is not None
         for p in (self._meta_path(owner, sid), self._policy_path(owner, sid)):
             if p.exists():

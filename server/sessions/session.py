@@ -10,6 +10,7 @@ import re
 import threading
 import time
 
+from server.errors import ClientError
 from server.feedback import FeedbackBook
 from server.sessions.replay import ReplayBuffer
 from server.store import SESSION_PREFIX
@@ -41,6 +42,12 @@ def snapshot_summary(snap) -> dict:
     mean = sum(ranks.values()) / len(ranks) if ranks else 0.0
     return {"version": snap.version if snap is not None else 0, "ranks": ranks, "mean_rank": round(mean, 3)}
 
+
+
+def _check_size(path: str, text: str, max_chars: int | None, what: str) -> None:
+    if max_chars is not None and len(text) > max_chars:
+        raise ClientError("document_too_large", f"{path} {what} {len(text)} characters; a session mirrors "
+                                                f"documents of at most {max_chars}")
 
 
 class Session:
@@ -106,10 +113,17 @@ class Session:
 
     # -- document mirror (shared by every tab of the session) ------------------
 
-    def open_doc(self, path: str, text: str, version: int, language: str | None, quiet_s: float) -> None:
+    def open_doc(self, path: str, text: str, version: int, language: str | None, quiet_s: float, *,
+                 max_chars: int | None = None, max_documents: int | None = None) -> None:
+        """Mirror a document (a re-open replaces it). A text over ``max_chars`` characters, or a new path
+        while ``max_documents`` are open, raises ClientError and changes nothing."""
         from code_signals import EditCoalescer
 
+        _check_size(path, text, max_chars, "has")
         with self.lock:
+            if max_documents is not None and path not in self.docs and len(self.docs) >= max_documents:
+                raise ClientError("too_many_documents", f"{len(self.docs)} documents are open in this session, "
+                                                        f"the most it mirrors: close one before opening {path}")
             self.docs[path] = Document(text, version, language)
             # Only when they can be trained on: building a document's examples parses the whole file.
             if self.replay.wants_documents and path not in self.seen_paths and len(self.seen_paths) < MAX_SEEN_PATHS:
@@ -119,8 +133,10 @@ class Session:
             c.feed(text, time.monotonic())
             self.coalescers[path] = c
 
-    def edit_doc(self, path: str, version: int, new_text: str) -> None:
-        """Replace the mirror's text (already validated); feed the burst coalescer."""
+    def edit_doc(self, path: str, version: int, new_text: str, *, max_chars: int | None = None) -> None:
+        """Replace the mirror's text (already validated); feed the burst coalescer. A text over
+        ``max_chars`` characters raises ClientError and changes nothing (the document keeps its version)."""
+        _check_size(path, new_text, max_chars, "would have")
         with self.lock:
             doc = self.docs[path]
             doc.text, doc.version = new_text, version

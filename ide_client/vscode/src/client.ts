@@ -234,7 +234,10 @@ export class DynarankClient extends EventEmitter {
   /** LSP-style range changes; newText (the document after them) lets a reconnect re-open it. */
   editChanges(path: string, version: number, changes: P.RangeChange[], newText?: string): void {
     const doc = this.mirror(path, version, newText);
-    if (this.connected) this.rawSend(P.editChanges(path, doc.version, changes));
+    if (!this.connected) return;
+    // The server refuses more changes than it applies per message (too_many_changes): send the text.
+    if (changes.length > P.MAX_EDIT_CHANGES && newText !== undefined) this.rawSend(P.editText(path, doc.version, newText));
+    else this.rawSend(P.editChanges(path, doc.version, changes));
   }
 
   editText(path: string, version: number, text: string): void {

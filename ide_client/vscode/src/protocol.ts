@@ -75,6 +75,9 @@ export function editText(path: string, version: number, text: string) {
   return { type: "edit", path, version, text };
 }
 
+/** The server's default --max-edit-changes: more changes in one edit are refused. */
+export const MAX_EDIT_CHANGES = 256;
+
 export function editChanges(path: string, version: number, changes: RangeChange[]) {
   return { type: "edit", path, version, changes };
 }

@@ -93,3 +93,22 @@ test("resume token joins the same session; errors are typed", { timeout: 60_000 
   await assert.rejects(second.complete({ prefix: "x", max_tokens: 100000 }).done,
     (e: unknown) => e instanceof ProtocolError && e.code === "invalid_field");
 });
+
+test("an edit with more changes than the server takes in one message goes as the whole text", { timeout: 60_000 }, async () => {
+  const c = client();
+  await c.connect();
+  const errors: unknown[] = [];
+  c.on("server-error", (e) => errors.push(e));
+  c.open("many.py", "x = 0\n", 1, "python");
+  // 300 line breaks inserted at the start, one change each: past the server's 256 per message.
+  const start = { line: 0, character: 0 };
+  const changes = Array.from({ length: 300 }, () => ({ range: { start, end: start }, text: "\n" }));
+  const text = "\n".repeat(300) + "x = 0\n";
+  c.editChanges("many.py", 2, changes, text);
+  const status = await c.status();
+  assert.deepEqual(status.documents, { "many.py": 2 });
+  // A cursor on line 300 exists only in the new text: the server holds it.
+  const done = await c.complete({ path: "many.py", cursor: { line: 300, character: 0 }, max_tokens: 2 }).done;
+  assert.ok(["stop", "length"].includes(done.finish_reason));
+  assert.deepEqual(errors, []);
+});

@@ -40,7 +40,7 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request,
     max_tokens = body.max_completion_tokens or body.max_tokens or min(256, state.settings.max_tokens_limit)
     openai.check_max_tokens(state, max_tokens)
     snapshot, adapter_id, model_name = await asyncio.to_thread(openai.resolve_model, state, body.model, key_id)
-    prompt = chat_prompt(engine.tokenizer, body.messages)
+    prompt = await asyncio.to_thread(chat_prompt, engine.tokenizer, body.messages)  # templating long messages
     top = (body.top_logprobs or 0) if body.logprobs else None
     requests = [
         GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,

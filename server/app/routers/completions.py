@@ -17,10 +17,19 @@ router = APIRouter(tags=["completions"], dependencies=AUTH)
 MAX_CHOICES = 32  # prompts x n in one request
 
 
-def legacy_logprobs(engine, choice: Choice, prompt_ids: list[int] | None, offset0: int) -> dict:
-    tokens = [engine.token_text(t) for t in (prompt_ids or [])] + [engine.token_text(t) for t in choice.token_ids]
-    lps: list = [None] * len(prompt_ids or []) + list(choice.logprobs)
-    tops: list = [None] * len(prompt_ids or []) + (list(choice.top_logprobs) or [None] * len(choice.token_ids))
+def prompt_token_texts(engine, prompt: str) -> list[str]:
+    """The prompt's tokens as text, for ``echo`` with ``logprobs``. Call it off the event loop: a prompt
+    of megabytes takes seconds to tokenize."""
+    ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    texts = {t: engine.token_text(t) for t in set(ids)}  # each distinct token decoded once
+    return [texts[t] for t in ids]
+
+
+def legacy_logprobs(engine, choice: Choice, prompt_tokens: list[str] | None, offset0: int) -> dict:
+    prompt_tokens = prompt_tokens or []
+    tokens = prompt_tokens + [engine.token_text(t) for t in choice.token_ids]
+    lps: list = [None] * len(prompt_tokens) + list(choice.logprobs)
+    tops: list = [None] * len(prompt_tokens) + (list(choice.top_logprobs) or [None] * len(choice.token_ids))
     offsets, pos = [], offset0
     for tok in tokens:
         offsets.append(pos)
@@ -45,8 +54,6 @@ async def completions(body: openai.CompletionRequest, request: Request, state: S
                           heal=body.heal, trim=body.trim, mode=body.mode)
         for p in prompts for j in range(body.n)
     ]
-    prompt_ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts] \
-        if body.echo and body.logprobs is not None else None
     rid, created = openai.new_response_id("cmpl")
     gen = bridge.start("/v1/completions", requests, snapshot, model_name=model_name, adapter_id=adapter_id)
     base = openai.base_fields(gen, "text_completion", rid, created)
@@ -54,14 +61,16 @@ async def completions(body: openai.CompletionRequest, request: Request, state: S
     def prompt_of(choice: Choice) -> str:
         return prompts[choice.index // body.n]
 
-    def json_body() -> dict:
+    def json_body() -> dict:  # with echo, in a worker thread (offload below): it tokenizes the prompts
+        prompt_tokens = [prompt_token_texts(engine, p) for p in prompts] \
+            if body.echo and body.logprobs is not None else None
         choices = []
         for c in gen.choices:
             text = gen.text(c)
             logprobs = None
             if body.logprobs is not None:
-                ids = prompt_ids[c.index // body.n] if (body.echo and prompt_ids) else None
-                logprobs = legacy_logprobs(engine, c, ids, 0)
+                echoed = prompt_tokens[c.index // body.n] if prompt_tokens else None
+                logprobs = legacy_logprobs(engine, c, echoed, 0)
             choices.append({"text": prompt_of(c) + text if body.echo else text, "index": c.index,
                             "logprobs": logprobs, "finish_reason": c.finish_reason, "confidence": c.confidence})
         return {**base, "choices": choices, "usage": gen.usage(body.n)}
@@ -89,4 +98,5 @@ async def completions(body: openai.CompletionRequest, request: Request, state: S
     return await openai.respond(request, gen, stream=body.stream, body=json_body, events=events,
                          usage=(lambda: {**base, "choices": [], "usage": gen.usage(body.n)})
                          if body.include_usage else None,
-                         on_finished=lambda: openai.record_feedback(state, key_id, gen, rid, prompts))
+                         on_finished=lambda: openai.record_feedback(state, key_id, gen, rid, prompts),
+                         offload=body.echo)  # an echoed prompt may be megabytes of JSON

@@ -9,8 +9,38 @@ from fastapi import APIRouter, Request
 from server.adaptation.jobs import Job, JobError, JobManager
 from server.app.deps import AUTH, Owner, ServicesDep
 from server.app.errors import APIError
+from server.app.openai import valid_text
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"], dependencies=AUTH)
+
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+
+
+def _check_paths(body) -> None:
+    """A repository path and inline file paths (and texts) must be text a file system and a tokenizer take:
+    no NUL, no lone surrogate, paths at most MAX_PATH_CHARS. 400 ``invalid_value`` naming the field."""
+    if not isinstance(body, dict):
+        return  # the job manager says what is wrong with it
+    fields = []
+    repo, files = body.get("repository"), body.get("files")
+    if isinstance(repo, dict):
+        fields.append(("repository.path", repo.get("path"), True))
+    if isinstance(files, list):
+        for i, f in enumerate(files):
+            if isinstance(f, dict):
+                fields += [(f"files.{i}.path", f.get("path"), True), (f"files.{i}.text", f.get("text"), False)]
+    for param, value, is_path in fields:
+        if not isinstance(value, str):
+            continue
+        try:
+            valid_text(value)
+        except ValueError as exc:
+            raise APIError(400, f"{param} {exc}", code="invalid_value", param=param) from None
+        if is_path and "\x00" in value:
+            raise APIError(400, f"{param} contains a NUL character.", code="invalid_value", param=param)
+        if is_path and len(value) > MAX_PATH_CHARS:
+            raise APIError(400, f"{param} has {len(value)} characters; at most {MAX_PATH_CHARS} are allowed.",
+                           code="invalid_value", param=param)
 
 
 def _job(jobs: JobManager, owner, job_id: str) -> Job:
@@ -26,6 +56,7 @@ async def create_job(request: Request, services: ServicesDep, owner: Owner):
         body = await request.json()
     except ValueError:
         raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    _check_paths(body)
     try:
         job = await asyncio.to_thread(services.jobs.create, owner, body)  # checks paths, writes the record
     except JobError as exc:

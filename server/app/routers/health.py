@@ -1,4 +1,9 @@
-"""``/health`` (open) and ``/metrics`` (Prometheus text, behind the API key)."""
+"""``/health`` (open) and ``/metrics`` (Prometheus text, behind the API key when keys are set).
+
+``/metrics`` is the same for every key: server-wide aggregates only, no label that names a session,
+an adapter or a key (server/observability/metrics.py). Per-session figures are at
+``GET /v1/sessions/{id}/stats``, for the session's own key.
+"""
 
 from __future__ import annotations
 

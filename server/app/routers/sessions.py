@@ -1,10 +1,14 @@
-"""``/v1/sessions``: IDE sessions of this key, resident or stored, and their feedback stats."""
+"""``/v1/sessions``: IDE sessions of this key, resident or stored, their feedback stats and adaptation figures.
+
+Per-session figures (steps, loss, rank per module, queue) are served here, to the session's key only;
+``/metrics`` carries server-wide aggregates and nothing that names a session.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.app.deps import AUTH, Owner, ServicesDep
+from server.app.deps import AUTH, Owner, ServicesDep, StateDep
 from server.app.errors import APIError
 from server.sessions import SESSION_ID_RE
 
@@ -33,10 +37,20 @@ def get_session(session_id: str, services: ServicesDep, owner: Owner):
 
 
 @router.get("/{session_id}/stats")
-def session_stats(session_id: str, services: ServicesDep, owner: Owner):
+def session_stats(session_id: str, services: ServicesDep, state: StateDep, owner: Owner):
     session = services.sessions.get(owner, session_id)
     if session is None:
         raise _not_found(session_id, "resident session")
     return {"object": "session.stats", "session_id": session.id, "adapter": session.adapter_name,
             "adapter_version": session.current().version, "feedback": session.feedback.stats(),
+            "adaptation": adaptation_figures(state.metrics, session),
             "models": services.feedback.model_stats(owner)}
+
+
+def adaptation_figures(metrics, session) -> dict:
+    """The session's adaptation figures: lifetime ``steps`` / ``last_loss`` (persisted with the session),
+    the current rank per module, and what the metrics counted since it became resident (``resident``)."""
+    desc = session.describe()
+    return {"steps": desc["steps"], "last_loss": desc["last_loss"], "queue_depth": desc["queue_depth"],
+            "dropped": desc["dropped"], "ranks": dict(desc["ranks"]), "mean_rank": desc["mean_rank"],
+            "resident": metrics.figures.get(session) if metrics is not None else None}

@@ -54,6 +54,12 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._listener = None
+        # Session pushes waiting to be sent, newest per message type (see _push_threadsafe).
+        self._push_lock = threading.Lock()
+        self._pushes: dict[str, dict] = {}
+        self._pusher_scheduled = False
+        # Who this connection is to admission and the engine's turns (a small key, not the connection itself).
+        self._client_key = ("ws", uuid.uuid4().hex)
 
     # -- sending -----------------------------------------------------------------
 
@@ -73,13 +79,38 @@ class Connection:
         await self.send(body)
 
     def _push_threadsafe(self, message: dict) -> None:
-        # Called from worker threads: hop onto the loop.
+        """Queue a session push (``adapted``, ``status``) from a worker thread; bounded by coalescing.
+
+        At most one push per message type waits: a newer one replaces an unsent older one of its type in
+        place (the client gets the latest state; a slow client may skip intermediate versions). One task
+        on the loop sends them in order, so a fast trainer never piles up tasks or messages.
+        """
         if self._closed or self.loop is None:
             return
+        with self._push_lock:
+            self._pushes[message["type"]] = message
+            if self._pusher_scheduled:
+                return
+            self._pusher_scheduled = True
         try:
-            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.send(message)))
+            self.loop.call_soon_threadsafe(self._start_pusher)
         except RuntimeError:
             pass  # loop closed
+
+    def _start_pusher(self) -> None:
+        task = asyncio.ensure_future(self._drain_pushes())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain_pushes(self) -> None:
+        while True:
+            with self._push_lock:
+                if self._closed or not self._pushes:
+                    self._pushes.clear()
+                    self._pusher_scheduled = False
+                    return
+                message = self._pushes.pop(next(iter(self._pushes)))
+            await self.send(message)
 
     # -- main loop ---------------------------------------------------------------
 
@@ -123,6 +154,9 @@ class Connection:
             raise ClientError("invalid_message", "empty frame")
         if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
             raise ClientError("message_too_large", f"messages are limited to {limit} bytes")
+        from server.app.ws.protocol import check_json_depth
+
+        check_json_depth(text)  # before json.loads, which recurses once per level
         try:
             return json.loads(text)
         except ValueError:
@@ -188,20 +222,25 @@ class Connection:
         })
 
     async def on_open(self, msg: dict) -> None:
-        if len(msg["text"]) > self.settings.max_ws_message_bytes:
-            raise ClientError("message_too_large", "document too large")
         language = msg.get("language")
         if language is None:
             from code_signals import detect_language
 
             language = detect_language(msg["path"])
-        self.session.open_doc(msg["path"], msg["text"], msg["version"], language, self.settings.edit_quiet_s)
+        # Beyond max_document_chars or max_open_documents: document_too_large / too_many_documents, nothing opened.
+        self.session.open_doc(msg["path"], msg["text"], msg["version"], language, self.settings.edit_quiet_s,
+                              max_chars=self.settings.max_document_chars,
+                              max_documents=self.settings.max_open_documents)
         await self.ack(msg, msg["version"])
 
     async def on_edit(self, msg: dict) -> None:
         from code_signals import CodeSignalsError, apply_range_edits
 
         session, path = self.session, msg["path"]
+        limit = self.settings.max_edit_changes
+        if len(msg.get("changes", ())) > limit:
+            raise ClientError("too_many_changes", f"an edit may carry at most {limit} changes, this one has "
+                                                  f"{len(msg['changes'])}: send the full text instead")
         with session.lock:
             doc = session.docs.get(path)
             if doc is None:
@@ -212,15 +251,15 @@ class Connection:
         if "text" in msg:
             new_text = msg["text"]
         else:
-            try:
-                new_text = apply_range_edits(text, msg["changes"])
+            try:  # off the event loop: a long document or many changes must not stall other clients or /health
+                new_text = await asyncio.to_thread(apply_range_edits, text, msg["changes"])
             except CodeSignalsError as exc:
                 raise ClientError("invalid_range", str(exc)) from None
         with session.lock:
             doc = session.docs.get(path)
             if doc is None or doc.text is not text:  # another tab changed it meanwhile
                 raise ClientError("stale_version", f"{path} changed meanwhile; resend against the new version")
-            session.edit_doc(path, msg["version"], new_text)
+            session.edit_doc(path, msg["version"], new_text, max_chars=self.settings.max_document_chars)
         self.services.workers.wake()
         await self.ack(msg, msg["version"])
 
@@ -271,8 +310,9 @@ class Connection:
             if "cursor" in msg:
                 marker = f"\x00{uuid.uuid4().hex}\x00"
                 pos = {"line": msg["cursor"]["line"], "character": msg["cursor"]["character"]}
-                try:
-                    marked = apply_range_edits(text, [{"range": {"start": pos, "end": pos}, "text": marker}])
+                try:  # off the event loop, like an edit
+                    marked = await asyncio.to_thread(
+                        apply_range_edits, text, [{"range": {"start": pos, "end": pos}, "text": marker}])
                 except CodeSignalsError as exc:
                     raise ClientError("invalid_range", str(exc)) from None
                 i = marked.index(marker)
@@ -300,17 +340,25 @@ class Connection:
         )
         snap = self.session.current()  # read once: this completion keeps its version
         cancel = threading.Event()
+        model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
+        # Admission before anything runs, shared with HTTP: at most max_inflight_requests generations in all,
+        # and at most max_ws_inflight_per_connection of this connection (its completions also take the
+        # engine's turns as one client). Beyond either: error too_many_requests for this id, nothing started.
+        gen = self.state.bridge.start("/v1/ws", [request], snap, model_name=model,
+                                      adapter_id=self.session.adapter_name, cancel=cancel, client=self._client_key,
+                                      client_limit=self.settings.max_ws_inflight_per_connection)
         self.inflight[cid] = cancel
-        task = asyncio.create_task(self._generate(cid, request, snap, cancel, msg.get("path")))
+        task = asyncio.create_task(self._generate(cid, gen, request, snap, cancel, msg.get("path")))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: gen.close())  # also if the task never ran (idempotent)
 
-    async def _generate(self, cid, request: GenerationRequest, snap, cancel: threading.Event, path=None) -> None:
-        model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
+    async def _generate(self, cid, gen, request: GenerationRequest, snap, cancel: threading.Event,
+                        path=None) -> None:
+        model = gen.model_name
         parts, finish, confidence = [], None, None
         try:
-            async with self.state.bridge.generation("/v1/ws", [request], snap, model_name=model,
-                                                    adapter_id=self.session.adapter_name, cancel=cancel) as gen:
+            try:
                 async for _, chunk in gen.chunks():
                     if chunk.text:
                         parts.append(chunk.text)
@@ -318,6 +366,8 @@ class Connection:
                             await self.send({"type": "completion.delta", "id": cid, "text": chunk.text})
                     finish = chunk.finish_reason or finish
                     confidence = chunk.confidence or confidence
+            finally:
+                gen.close()
         except ClientError as exc:
             await self.error(exc.code, exc.message, cid)
             return

@@ -64,11 +64,15 @@ class Resolver:
         return [{"id": "base:session-1", "object": "model", "owned_by": api_key, "parent": "base"}]
 
 
+# Without API keys the server serves loopback Host names only (docs/api.md, Browser access).
+LOCAL = "http://127.0.0.1"
+
+
 def make_client(settings=None, engine=None, resolver=None, register=True):
     settings = settings or Settings(model="base", api_keys=("k",), data_dir="/nonexistent")
     app = create_app(settings, engine=engine or FakeEngine())
     app.state.dynarank.adapters = resolver
-    return TestClient(app, headers={"Authorization": "Bearer k"}), app
+    return TestClient(app, headers={"Authorization": "Bearer k"}, base_url=LOCAL), app
 
 
 def test_adapter_is_resolved_and_reported():
@@ -93,7 +97,7 @@ def test_without_resolver_only_base_model():
 def test_no_model_loaded_is_503():
     settings = Settings(model="base", data_dir="/nonexistent")
     app = create_app(settings)
-    r = TestClient(app).post("/v1/completions", json={"prompt": "x"})
+    r = TestClient(app, base_url=LOCAL).post("/v1/completions", json={"prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
 
 
@@ -153,9 +157,12 @@ def test_check_api_key():
 
 def test_metrics_registries_are_per_app_and_sessions_can_be_forgotten():
     a, b = Metrics(), Metrics()
-    a.rank.labels("s1", "q_proj").set(8)
-    a.last_loss.labels("s1").set(1.5)
-    a.adaptation_steps.labels("s1").inc()
-    assert b"s1" not in b.render()[0]
-    a.forget_session("s1")
-    assert b"s1" not in a.render()[0]
+    s1 = type("FakeSession", (), {"owner": "key-a", "id": "s1"})()  # figures hold a weak reference: not a namespace
+    a.track_session(s1)
+    a.session_step(s1, 1.5, {"q_proj": 8})
+    assert b"dynarank_adaptation_steps_total 1.0" in a.render()[0]
+    assert b"dynarank_adaptation_steps_total 0.0" in b.render()[0]
+    assert b"s1" not in a.render()[0] and b"q_proj" not in a.render()[0]  # per-session figures stay out
+    assert a.figures.get(s1)["ranks"] == {"q_proj": 8} and b.figures.get(s1) is None
+    a.forget_session(s1)
+    assert a.figures.get(s1) is None and len(a.figures) == 0

@@ -44,7 +44,7 @@ def make_app() -> TestClient:
     def bug():
         raise RuntimeError("boom")
 
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1")  # no keys: a loopback Host
 
 
 def error_of(response, status: int) -> dict:

@@ -14,6 +14,8 @@ from server.config import Settings
 from server.engines.base import GenerationRequest
 
 PROMPT = "def add(a, b):\n    return"
+# Without API keys the server serves loopback Host names only (docs/api.md, Browser access).
+LOCAL, WS = "http://127.0.0.1", "ws://127.0.0.1/v1/ws"
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def _hello(ws) -> dict:
 
 
 def test_http_and_websocket_give_the_same_tokens_and_metrics(app):
-    with TestClient(app) as client, client.websocket_connect("/v1/ws") as ws:
+    with TestClient(app, base_url=LOCAL) as client, client.websocket_connect(WS) as ws:
         ready = _hello(ws)
         done = _ws_complete(ws, prefix=PROMPT, max_tokens=8)
         assert done["type"] == "completion.done", done
@@ -70,7 +72,7 @@ def test_http_and_websocket_give_the_same_tokens_and_metrics(app):
 
 def test_http_and_websocket_report_the_same_errors(app):
     too_long = "x " * 2000  # the tiny model's context is 512 tokens
-    with TestClient(app) as client, client.websocket_connect("/v1/ws") as ws:
+    with TestClient(app, base_url=LOCAL) as client, client.websocket_connect(WS) as ws:
         _hello(ws)
         ws_error = _ws_complete(ws, prefix=too_long, max_tokens=4)
         r = client.post("/v1/completions", json={"prompt": too_long, "max_tokens": 4})
