@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from code_signals.privacy import secret_reason
+from server.json_depth import MAX_JSON_DEPTH, json_too_deep
 
 SHAPE = "expected an object with prompt and completion, or text"
 MAX_EXAMPLES_PER_TEXT = 64  # as for one repository file
@@ -32,6 +33,10 @@ def parse(data: bytes) -> list[dict]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        # Checked before json.loads, which recurses once per level: a deep line would end in RecursionError.
+        # No record nests (its values are strings), so the limit refuses no good line.
+        if json_too_deep(line):
+            raise TrainingFileError(f"line {number}: JSON nested deeper than {MAX_JSON_DEPTH} levels; {SHAPE}")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.app.params import refusal
 from server.engines.bridge import GenerationFailed
 from server.errors import ClientError
 
@@ -62,15 +63,10 @@ def from_client_error(exc: ClientError) -> APIError:
 
 def _validation_error(errors: list[dict]) -> APIError:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, "The request body is not valid JSON.", code="invalid_json")
-    param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                        code="unknown_parameter")
-    message = first.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own message
-    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+    # The field at fault, as the websocket's `complete` names it too (server/app/params.py).
+    return from_client_error(refusal(errors))
 
 
 def install_error_handlers(app: FastAPI) -> None:

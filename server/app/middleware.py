@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketClose
 
 from server.app.errors import APIError, error_response
-from server.app.ws.protocol import MAX_JSON_DEPTH, json_too_deep
 from server.config import Settings
+from server.json_depth import MAX_JSON_DEPTH, json_too_deep
 from server.observability.metrics import Metrics, log_event
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,62 +13,36 @@ from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from starlette.background import BackgroundTask
 
+from server.app import params
+from server.app.params import GenerationParams, MaxTokens, Strict, valid_text
 from server.app.state import ServerState
 from server.engines.bridge import Generation
 from server.errors import ClientError
 
 # --- request schemas -------------------------------------------------------
-
-# JSON can carry half of a UTF-16 pair (``"\\ud800"``); json.loads joins real pairs into one code point, so
-# any surrogate left in a str is a lone one, which no tokenizer (nor UTF-8) accepts.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # a 64-bit seed, as OpenAI's; choice j uses seed + j
+# The fields /v1/completions shares with the websocket's `complete` and their rules: server/app/params.py.
 
 
-def valid_text(value):
-    """``value`` (a string, a list of strings or of ``TextPart``s, or None), or ValueError for a lone surrogate."""
-    for text in [value] if isinstance(value, str) else value or ():
-        text = getattr(text, "text", text)
-        if isinstance(text, str) and (bad := _LONE_SURROGATE.search(text)):
-            raise ValueError(f"contains a lone surrogate (U+{ord(bad.group()):04X} at character {bad.start()}); "
-                             "text must be valid Unicode")
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class Sampling(_Strict):
+class Sampling(GenerationParams):
+    """Temperature, top_p, stop and seed as the websocket's ``complete`` takes them (server/app/params.py)."""
+
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @field_validator("stop", "model", "user")
+    @field_validator("model", "user")
     @classmethod
     def _text(cls, value):
         return valid_text(value)
-
-    def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if len(stops) > 16:
-            raise ClientError("invalid_value", "At most 16 stop sequences are allowed.", param="stop")
-        return stops
 
     def seed_of(self, j: int) -> int | None:
         """Choice j's seed: distinct choices of one seeded request sample differently, reproducibly."""
@@ -83,7 +56,7 @@ class Sampling(_Strict):
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     suffix: str | None = None
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: MaxTokens = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     # Extensions (docs/api.md): code completion as an editor wants it.
@@ -101,12 +74,12 @@ class CompletionRequest(Sampling):
         return self.trim and not self.echo and self.logprobs is None
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -124,8 +97,8 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -151,10 +124,7 @@ def resolve_model(state: ServerState, name: str | None, key_id: str | None):
 
 
 def check_max_tokens(state: ServerState, value: int) -> None:
-    limit = state.settings.max_tokens_limit
-    if value > limit:
-        raise ClientError("invalid_value", f"max_tokens is {value}; this server allows at most {limit}.",
-                          param="max_tokens")
+    params.check_max_tokens(value, state.settings.max_tokens_limit)
 
 
 def record_feedback(state: ServerState, key_id, gen: Generation, rid: str, prompts: list[str]) -> None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from server.adaptation.jobs import Job, JobError, JobManager
 from server.app.deps import AUTH, Owner, ServicesDep
 from server.app.errors import APIError
-from server.app.openai import valid_text
+from server.app.params import valid_text
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"], dependencies=AUTH)
 

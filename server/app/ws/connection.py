@@ -20,11 +20,20 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from server.app.auth import AuthError, check_api_key
 from server.app.deps import StateDep
+from server.app.params import valid_text
 from server.app.state import ServerState
-from server.app.ws.protocol import CLOSE_UNAUTHORIZED, MAX_PREFIX_CHARS, MAX_SUFFIX_CHARS, PROTOCOL, validate
+from server.app.ws.protocol import (
+    CLOSE_UNAUTHORIZED,
+    MAX_PREFIX_CHARS,
+    MAX_SUFFIX_CHARS,
+    PROTOCOL,
+    complete_params,
+    validate,
+)
 from server.engines.base import GenerationRequest
 from server.engines.bridge import GenerationFailed
 from server.errors import ClientError
+from server.json_depth import check_json_depth
 from server.sessions import SESSION_PREFIX, snapshot_summary
 
 log = logging.getLogger("dynarank.ws")
@@ -154,8 +163,6 @@ class Connection:
             raise ClientError("invalid_message", "empty frame")
         if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
             raise ClientError("message_too_large", f"messages are limited to {limit} bytes")
-        from server.app.ws.protocol import check_json_depth
-
         check_json_depth(text)  # before json.loads, which recurses once per level
         try:
             return json.loads(text)
@@ -298,9 +305,11 @@ class Connection:
         from code_signals import CodeSignalsError, apply_range_edits
 
         cid = msg["id"]
+        # max_tokens, temperature, top_p, stop, seed, prefix and suffix: /v1/completions' rules (server/app/params.py).
+        params = complete_params(msg, self.settings.max_tokens_limit)
         if cid in self.inflight:
             raise ClientError("duplicate_id", f"completion {cid!r} is already in progress")
-        prefix, suffix = msg.get("prefix"), msg.get("suffix")
+        prefix, suffix = params.prefix, params.suffix
         if "path" in msg and prefix is None:
             with self.session.lock:
                 doc = self.session.docs.get(msg["path"])
@@ -323,19 +332,16 @@ class Connection:
         if not prefix and not (suffix or ("path" in msg and "cursor" in msg)):
             raise ClientError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
         prefix = prefix or ""
-        max_tokens = msg.get("max_tokens", 32)
-        if not 1 <= max_tokens <= self.settings.max_tokens_limit:
-            raise ClientError("invalid_field", f"max_tokens must be 1..{self.settings.max_tokens_limit}")
-        temperature = float(msg.get("temperature", 0.0))
-        if not 0.0 <= temperature <= 2.0:
-            raise ClientError("invalid_field", "temperature must be in [0, 2]")
+        prompt, suffix = prefix[-MAX_PREFIX_CHARS:], (suffix[:MAX_SUFFIX_CHARS] if suffix else None)
+        if "path" in msg and params.prefix is None:  # the document's text: checked here, as a prefix would be
+            try:
+                valid_text([prompt, suffix])
+            except ValueError as exc:
+                raise ClientError("invalid_field", f"complete: the text of {msg['path']} at the cursor {exc}") from None
         mode = msg.get("mode", "block")  # an editor shows one block at the cursor
-        stop = msg.get("stop") or ()
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
         request = GenerationRequest(
-            prompt=prefix[-MAX_PREFIX_CHARS:], suffix=(suffix[:MAX_SUFFIX_CHARS] if suffix else None),
-            max_tokens=max_tokens, temperature=temperature, top_p=float(msg.get("top_p", 1.0)),
-            stop=stop, seed=msg.get("seed"), heal=mode != "raw", trim=mode != "raw",
+            prompt=prompt, suffix=suffix, max_tokens=params.max_tokens, temperature=params.temperature,
+            top_p=params.top_p, stop=params.stops(), seed=params.seed, heal=mode != "raw", trim=mode != "raw",
             mode=None if mode == "raw" else mode,
         )
         snap = self.session.current()  # read once: this completion keeps its version

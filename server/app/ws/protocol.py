@@ -1,9 +1,14 @@
-"""The websocket protocol's messages (protocol 1; docs/protocol.md): schema and validation."""
+"""The websocket protocol's messages (protocol 1; docs/protocol.md): schema and validation.
+
+A message nested too deep is refused before it is parsed (server/json_depth.py); a ``complete``'s
+generation fields are checked by the rules HTTP uses (server/app/params.py).
+"""
 
 from __future__ import annotations
 
-import re
+from pydantic import ValidationError, field_validator
 
+from server.app.params import GenerationParams, MaxTokens, Temperature, check_max_tokens, refusal, valid_text
 from server.errors import ClientError
 
 PROTOCOL = 1
@@ -44,46 +49,45 @@ _SUB_SCHEMA = {
 }
 
 
+class CompleteParams(GenerationParams):
+    """The generation fields of a ``complete``: HTTP's fields and rules (server/app/params.py), the
+    protocol's defaults (greedy, 32 tokens). ``prefix``/``suffix`` follow ``prompt``/``suffix`` there."""
+
+    prefix: str | None = None
+    suffix: str | None = None
+    max_tokens: MaxTokens = 32
+    temperature: Temperature = 0.0
+
+    @field_validator("prefix", "suffix")
+    @classmethod
+    def _text(cls, value):
+        return valid_text(value)
 
 
-# JSON nested deeper than this is refused before it is parsed (websocket messages and HTTP bodies alike):
-# json.loads recurses once per level, so a deep enough document ends in RecursionError.
-MAX_JSON_DEPTH = 64
-# A string to its closing quote, or to the end when unterminated: the match never fails, so no backtracking.
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S]?[^"\\]*)*"?')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# HTTP's codes for a refused field (server/app/params.py) and this protocol's own for the same faults.
+_CODES = {"invalid_value": "invalid_field", "unknown_parameter": "unknown_field"}
 
 
-def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``text`` opens more than ``limit`` arrays/objects inside one another (strings do not count).
+def complete_params(msg: dict, max_tokens_limit: int) -> CompleteParams:
+    """The generation fields of a validated ``complete`` message, checked as HTTP checks them.
 
-    A cheap scan of the raw text, meant to run before ``json.loads``: a count first (most documents have
-    fewer brackets than the limit), then the brackets outside strings only, stopping at the first too deep.
+    What ``/v1/completions`` refuses is refused here too, as ``invalid_field`` naming the field.
     """
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        if ch == "[" or ch == "{":
-            depth += 1
-            if depth > limit:
-                return True
-        else:
-            depth -= 1
-    return False
-
-
-def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> None:
-    """Raise ``ClientError("invalid_json")`` for text nested deeper than ``limit``."""
-    if json_too_deep(text, limit):
-        raise ClientError("invalid_json", f"the JSON is nested deeper than {limit} levels")
+    try:
+        params = CompleteParams.model_validate({k: msg[k] for k in CompleteParams.model_fields if k in msg})
+        check_max_tokens(params.max_tokens, max_tokens_limit)
+        return params
+    except ValidationError as exc:
+        error = refusal(exc.errors(include_input=False, include_url=False))
+    except ClientError as exc:
+        error = exc
+    raise ClientError(_CODES.get(error.code, error.code), f"complete: {error.message}", param=error.param)
 
 
 def _typed(value, types) -> bool:
     if isinstance(value, bool):  # bool is an int in Python, never in this protocol
         return bool in types
     return isinstance(value, types)
-
 
 
 def _without_nulls(msg: dict) -> dict:

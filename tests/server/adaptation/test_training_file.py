@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server.adaptation.training_file import TrainingFileError, examples, parse
+from server.adaptation.training_file import SHAPE, TrainingFileError, examples, parse
 from tests.privacy_repo import AWS_KEY, PRIVATE_KEY
 
 
@@ -40,6 +40,22 @@ def test_parse_names_the_first_bad_line(data, message):
     with pytest.raises(TrainingFileError) as err:
         parse(data)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 100_000 + b"]" * 100_000,  # json.loads would end in RecursionError (a 500 on upload)
+    b'{"text": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+    b'{"prompt": "a", "completion": ' + b"{" * 65 + b"}" * 65 + b"}",  # just past the limit
+], ids=["100k", "5k-in-a-value", "65"])
+def test_a_line_nested_too_deep_is_a_bad_line_like_any_other(line):
+    with pytest.raises(TrainingFileError) as err:
+        parse(jsonl({"text": "a"}) + line + b"\n")
+    assert str(err.value) == "line 2: JSON nested deeper than 64 levels; " + SHAPE
+
+
+def test_brackets_inside_strings_are_not_nesting():
+    record = {"prompt": "x = " + "[" * 200, "completion": "{" * 200 + "]"}
+    assert parse(jsonl(record)) == [record]
 
 
 def test_examples_train_on_the_completion_and_on_all_of_a_text(tokenizer):

@@ -15,11 +15,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app.main import create_app
-from server.app.ws.protocol import json_too_deep
 from server.config import Settings
 from server.engines.base import GenerationChunk
 from server.engines.decoding import sample_token
 from server.engines.gate import ServingGate
+from server.json_depth import json_too_deep
 from tests.conftest import build_tiny_model
 
 JSON = {"content-type": "application/json"}
