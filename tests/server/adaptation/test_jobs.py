@@ -9,17 +9,12 @@ signal. Real tokenizer, tiny random Llama, store under ``tmp_path``.
 from __future__ import annotations
 
 import json
-import threading
 import time
-import types
 
 import pytest
 import torch
 
-from server.adaptation.jobs import JobError, JobManager
-from server.config import Settings
-from server.sessions import SessionManager
-from server.store import AdapterStore
+from server.adaptation.jobs import JobError
 
 WAIT_S = 60.0
 GEOMETRY = (
@@ -37,22 +32,6 @@ def wait_until(predicate, timeout: float = WAIT_S, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def make_jobs(tmp_path, tokenizer, tiny_llama):
-    """make_jobs(**settings) -> namespace(settings, store, sessions, jobs, ready); over the same data dir each time."""
-
-    def make(**overrides):
-        settings = Settings(model="tiny", data_dir=tmp_path / "data", **overrides)
-        store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
-        sessions = SessionManager(settings, tiny_llama, tokenizer, store)
-        jobs = JobManager(settings, tiny_llama, tokenizer, store, sessions)
-        ready = threading.Event()
-        jobs.on_work = ready.set
-        return types.SimpleNamespace(settings=settings, store=store, sessions=sessions, jobs=jobs, ready=ready)
-
-    return make
 
 
 def create_ready(s, owner, body):

@@ -23,28 +23,11 @@ from server.app.routers.fine_tuning import job_events
 from server.config import Settings
 from server.engines.gate import ServingGate
 from server.errors import ClientError
-from server.sessions import SessionManager
-from server.store import AdapterStore, owner_hash
+from server.store import owner_hash
 
 WAIT_S = 60.0
 FILES = [{"path": "geometry.py", "text": "def area(width, height):\n    return width * height\n"},
          {"path": "util.py", "text": "def clamp(x, lo, hi):\n    return max(lo, min(x, hi))\n"}]
-
-
-@pytest.fixture
-def make_jobs(tmp_path, tokenizer, tiny_llama):
-    """make_jobs(**settings) -> namespace(settings, store, jobs, ready); over the same data dir each time."""
-
-    def make(**overrides):
-        settings = Settings(model="tiny", data_dir=tmp_path / "data", **overrides)
-        store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
-        sessions = SessionManager(settings, tiny_llama, tokenizer, store)
-        jobs = JobManager(settings, tiny_llama, tokenizer, store, sessions)
-        ready = threading.Event()
-        jobs.on_work = ready.set
-        return types.SimpleNamespace(settings=settings, store=store, jobs=jobs, ready=ready)
-
-    return make
 
 
 def body(name="geo", steps=2):
