@@ -113,3 +113,13 @@ def run_client(*args, timeout: float = 60.0, **kwargs) -> subprocess.CompletedPr
         out, err = proc.communicate()
         raise AssertionError(f"dynarank-client {' '.join(args)} still ran after {timeout}s:\n{out[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def create_ready(s, owner, body, timeout: float = 60.0):
+    """Create a fine-tuning job on ``s`` (the ``make_jobs`` namespace) and wait until its files are
+    prepared (queued for the workers)."""
+    s.ready.clear()
+    job = s.jobs.create(owner, body)
+    assert s.ready.wait(timeout), f"job never became ready: {job.public()}"
+    assert job.status == "queued", job.public()
+    return job

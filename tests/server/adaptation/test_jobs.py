@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from server.adaptation.jobs import JobError
+from tests.helpers import create_ready
 
 WAIT_S = 60.0
 GEOMETRY = (
@@ -32,15 +33,6 @@ def wait_until(predicate, timeout: float = WAIT_S, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.01)
-
-
-def create_ready(s, owner, body):
-    """Create a job and wait until its files are prepared (queued for the workers)."""
-    s.ready.clear()
-    job = s.jobs.create(owner, body)
-    assert s.ready.wait(WAIT_S), f"job never became ready: {job.public()}"
-    assert job.status == "queued", job.public()
-    return job
 
 
 def run_steps(s, job, limit: int = 1000) -> int:

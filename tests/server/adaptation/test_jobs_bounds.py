@@ -24,6 +24,7 @@ from server.config import Settings
 from server.engines.gate import ServingGate
 from server.errors import ClientError
 from server.store import owner_hash
+from tests.helpers import create_ready
 
 WAIT_S = 60.0
 FILES = [{"path": "geometry.py", "text": "def area(width, height):\n    return width * height\n"},
@@ -32,14 +33,6 @@ FILES = [{"path": "geometry.py", "text": "def area(width, height):\n    return w
 
 def body(name="geo", steps=2):
     return {"adapter_name": name, "files": FILES, "hyperparameters": {"steps": steps}}
-
-
-def create_ready(s, owner, job_body):
-    s.ready.clear()
-    job = s.jobs.create(owner, job_body)
-    assert s.ready.wait(WAIT_S), f"job never became ready: {job.public()}"
-    assert job.status == "queued", job.public()
-    return job
 
 
 def run_steps(s, limit: int = 1000) -> int:
