@@ -157,7 +157,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sessions", default="1,4,16,64", help="session counts, comma-separated")
-    p.add_argument("--policy", default="dynamicrank", help="rank policy of the sessions (server default)")
+    p.add_argument("--policy", default="fixed", help="rank policy of the sessions (server default)")
     p.add_argument("--max-batch", type=int, default=16, help="largest mixed batch")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="best of N per mode")

@@ -77,7 +77,8 @@ class Settings(BaseSettings):
                                                           "(beyond it: too_many_documents)")
     log_level: LogLevel = Field("info", description="uvicorn log level")
     # -- sessions and adaptation (server/sessions/, server/adaptation/) --
-    rank_policy: str = Field("dynamicrank", min_length=1, description="rank policy of session adapters")
+    # fixed r=8 beat dynamicrank on 3 of 4 histories at the same parameters (docs/bench_replay.md)
+    rank_policy: str = Field("fixed", min_length=1, description="rank policy of session adapters")
     rank_budget: float = Field(8.0, ge=0, allow_inf_nan=False,
                                description="LoRA parameters per session, as a mean rank: the parameters a fixed "
                                            "adapter of this rank has on the same modules (0: no cap)")

@@ -115,7 +115,7 @@ def test_existing_flags_keep_their_meaning(clean_env, tmp_path):
         "--model", "smollm2-135m", "--engine", "vllm", "--vllm-option", "max_loras=2", "--vllm-option", "url=http://h:1",
         "--host", "0.0.0.0", "--port", "9001", "--data-dir", str(tmp_path / "d"), "--api-key", "k1",
         "--api-key-file", str(keys), "--max-request-bytes", "1000", "--max-tokens-limit", "64",
-        "--cors-origin", "http://a", "--cors-origin", "http://b", "--rank-policy", "fixed", "--max-sessions", "3",
+        "--cors-origin", "http://a", "--cors-origin", "http://b", "--rank-policy", "dynamicrank", "--max-sessions", "3",
         "--repo-root", "repos", "--edit-quiet-s", "0.5", "--persist-every", "2", "--feedback-weight", "2.5",
         "--feedback-check-s", "1", "--no-feedback-training", "--log-level", "debug",
     )
@@ -125,7 +125,7 @@ def test_existing_flags_keep_their_meaning(clean_env, tmp_path):
     assert s.api_keys == ("k1", "k2", "k3")
     assert (s.max_request_bytes, s.max_tokens_limit, s.max_sessions) == (1000, 64, 3)
     assert s.cors_origins == ("http://a", "http://b")
-    assert s.rank_policy == "fixed"
+    assert s.rank_policy == "dynamicrank"
     assert s.repo_roots == (str((tmp_path / "repos").resolve()),)  # resolved to an absolute path
     assert (s.edit_quiet_s, s.persist_every, s.feedback_weight, s.feedback_check_s) == (0.5, 2, 2.5, 1.0)
     assert s.feedback_training is False
