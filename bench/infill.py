@@ -30,6 +30,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HISTORIES = {"click": "python", "starlette": "python", "cobra": "go", "zustand": "typescript"}
+GATE_TUNED_ON = ("click", "starlette")  # the gate's prior was set on these; the others are held out
 CONTEXT_BEFORE, CONTEXT_AFTER = 1500, 600  # characters of prefix and suffix sent, as an editor would
 MAX_TOKENS = {"line": 24, "block": 64}
 
@@ -118,23 +119,26 @@ def gate_replay(rows: list[dict]) -> dict:
     """Shown share and precision of the shaped completions, gate off vs on (one session per history)."""
     from server.feedback.gate import ConfidenceGate
 
-    shown_on = hits_on = 0
+    candidates, shown = {}, {}
     for history in HISTORIES:
-        gate = ConfidenceGate()
+        gate, candidates[history], shown[history] = ConfidenceGate(), [], []
         for row in (r for r in rows if r["history"] == history):
             shaped = row["shaped"]
             if not shaped["text"].strip():
                 continue  # nothing to suggest
+            candidates[history].append(shaped)
             if gate.should_show(shaped["confidence"]):
-                shown_on += 1
-                hits_on += shaped["exact"]
+                shown[history].append(shaped)
                 gate.update(shaped["confidence"], shaped["exact"])
-    candidates = [r for r in rows if r["shaped"]["text"].strip()]
-    hits_off = sum(r["shaped"]["exact"] for r in candidates)
+    everything = _gate_counts(sum(candidates.values(), []), sum(shown.values(), []))
+    return {**everything, "histories": {h: _gate_counts(candidates[h], shown[h]) for h in HISTORIES}}
+
+
+def _gate_counts(candidates: list[dict], shown: list[dict]) -> dict:
     return {"candidates": len(candidates), "shown_off": len(candidates),
-            "precision_off": _ratio(hits_off, len(candidates)),
-            "shown_on": shown_on, "precision_on": _ratio(hits_on, shown_on),
-            "fewer_shown": 1 - _ratio(shown_on, len(candidates)) if candidates else None}
+            "precision_off": _ratio(sum(c["exact"] for c in candidates), len(candidates)),
+            "shown_on": len(shown), "precision_on": _ratio(sum(c["exact"] for c in shown), len(shown)),
+            "fewer_shown": 1 - _ratio(len(shown), len(candidates)) if candidates else None}
 
 
 def _percent(share):
@@ -176,10 +180,13 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], g
 
     out.mkdir(parents=True, exist_ok=True)
     text = markdown_table(table, COLUMNS)
-    gate_table = markdown_table([
-        {"language": "gate off", "shown": gate["shown_off"], "precision": gate["precision_off"]},
-        {"language": "gate on", "shown": gate["shown_on"], "precision": gate["precision_on"]},
-    ], [("language", "all histories"), ("shown", "suggestions shown"), ("precision", "precision (exact)")])
+    per_history = [(f"{name} ({HISTORIES[name]}{', tuned on' if name in GATE_TUNED_ON else ''})", counts)
+                   for name, counts in gate.get("histories", {}).items()]
+    gate_table = markdown_table([{**counts, "history": name, "fewer_shown": _percent(counts["fewer_shown"])}
+                                 for name, counts in per_history + [("all", gate)]],
+                                [("history", "history"), ("candidates", "suggestions"),
+                                 ("shown_on", "shown, gate on"), ("fewer_shown", "fewer shown %"),
+                                 ("precision_off", "precision, gate off"), ("precision_on", "precision, gate on")])
     lines = [
         "# Infilling benchmark",
         "",
@@ -201,13 +208,16 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], g
         "",
         f"The shaped completions that are not empty ({gate['candidates']}), replayed per history as one "
         "session; a suggestion is accepted when it matches exactly. With the gate on, "
-        "`ConfidenceGate` (logistic model of the confidence, learned online from the shown suggestions' "
-        "outcomes; show when p(accept) > 0.25) decides before each one.",
+        "`ConfidenceGate` (logistic model of the confidence starting from its prior, learned online from the "
+        "shown suggestions' outcomes; show when p(accept) > 0.25) decides before each one. Precision is the "
+        f"share of shown suggestions that match exactly. The prior was set on {' and '.join(GATE_TUNED_ON)} only.",
         "",
         gate_table,
         "",
         f"Fewer suggestions shown with the gate: {fmt(_percent(gate['fewer_shown']))} %.",
         "",
+        *([f"The gate was replayed on this run's completions by `{config['gate_command']}`."]
+          if config.get("gate_command") else []),
     ]
     (out / "bench_infill.md").write_text("\n".join(lines))
     (out / "bench_infill.json").write_text(json.dumps({"config": config, "table": table, "gate": gate,
@@ -225,6 +235,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_infill.md/.json")
     p.add_argument("--progress", type=Path, default=None, help="append one line per point to this file")
+    p.add_argument("--gate-only", type=Path, default=None, metavar="JSON",
+                   help="replay only the confidence gate on the completions of an earlier run's bench_infill.json "
+                        "(the gate reads their confidences and exact matches; nothing is generated)")
     p.set_defaults(func=run)
     return p
 
@@ -235,7 +248,16 @@ def command_line(args) -> str:
             f"--threads {args.threads}")
 
 
+def replay_gate_only(args) -> int:
+    earlier = json.loads(args.gate_only.read_text())
+    config = {**earlier["config"], "gate_command": f"dynarank bench infill --gate-only {args.gate_only.name}"}
+    print(write_report(args.out, config, earlier["points"], earlier["table"], gate_replay(earlier["points"])))
+    return 0
+
+
 def run(args) -> int:
+    if args.gate_only:
+        return replay_gate_only(args)
     import tempfile
 
     import torch

@@ -4,9 +4,8 @@ A suggestion costs the user attention. Following Cursor's write-up of their Tab
 model, a shown suggestion is worth about +0.75 when accepted and -0.25 when
 rejected, so it is worth showing when ``p(accept) > 0.25``. The gate estimates
 ``p(accept)`` with a logistic model of the completion's confidence (mean token
-log-probability and the log-probability of its first token), learned online from
-the session's own accept/reject feedback. It shows everything until the session
-has given ``MIN_OUTCOMES`` outcomes, then becomes selective.
+log-probability and the log-probability of its first token). It starts from a
+prior (below) and learns online from the session's own accept/reject feedback.
 Suggestions never shown get no feedback, so a hidden one never teaches the gate.
 """
 
@@ -18,7 +17,6 @@ import threading
 ACCEPT_REWARD, REJECT_COST = 0.75, 0.25
 SHOW_ABOVE = REJECT_COST / (ACCEPT_REWARD + REJECT_COST)  # p(accept) where showing breaks even: 0.25
 LEARNING_RATE = 0.1  # one outcome moves the gate a little: it takes several to hide a kind of suggestion
-MIN_OUTCOMES = 10  # the gate shows everything until the session has given this many outcomes
 FLOOR = -10.0  # log-probabilities below this carry no more information
 
 
@@ -28,9 +26,23 @@ def features(confidence: dict) -> tuple[float, float, float]:
     return 1.0, max(confidence["mean_logprob"], FLOOR) / 2, first / 4
 
 
+# The prior a new session starts from. Its slope on the mean log-probability is what a
+# logistic fit of exact matches found on the click and starlette points of
+# `dynarank bench infill` (14 on the feature, 7 per nat; the first token's probability
+# separated matches poorly there, so it starts at 0). Its break-even point is set at
+# -0.3 nats per token (a geometric-mean token probability of 0.74) instead of the fitted
+# one: exact match understates acceptance (people take near misses and edit them), and
+# the fitted intercept hid nearly every suggestion. See docs/bench_infill.md.
+PRIOR_SLOPE = 14.0
+BREAK_EVEN_MEAN_LOGPROB = -0.3
+PRIOR_WEIGHTS = (math.log(SHOW_ABOVE / (1 - SHOW_ABOVE))
+                 - PRIOR_SLOPE * features({"mean_logprob": BREAK_EVEN_MEAN_LOGPROB, "first_token_prob": 1.0})[1],
+                 PRIOR_SLOPE, 0.0)
+
+
 class ConfidenceGate:
     def __init__(self, weights: list[float] | None = None):
-        self.weights = list(weights) if weights else [0.0, 0.0, 0.0]
+        self.weights = list(weights) if weights else list(PRIOR_WEIGHTS)
         self.updates = 0
         self._lock = threading.Lock()
 
@@ -39,8 +51,8 @@ class ConfidenceGate:
         return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
     def should_show(self, confidence: dict | None) -> bool:
-        """Show unless the expected reward of showing is negative (no confidence, or too few outcomes yet: show)."""
-        if confidence is None or self.updates < MIN_OUTCOMES:
+        """Show unless the expected reward of showing is negative (no confidence: show)."""
+        if confidence is None:
             return True
         return self.p_accept(confidence) > SHOW_ABOVE
 

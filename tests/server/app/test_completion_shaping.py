@@ -86,7 +86,7 @@ def test_the_session_gate_marks_unlikely_suggestions_hidden_and_counts_them(clie
                 pass
             return msg
 
-        assert complete("shown")["hidden"] is False  # a new gate shows everything
+        assert complete("shown")["hidden"] is False  # a new gate shows a confident suggestion
         gate = session.feedback.gate
         gate.weights, gate.updates = [-10.0, 0.0, 0.0], 50  # as if this session had rejected everything so far
         hidden = complete("hidden")

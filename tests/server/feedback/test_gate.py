@@ -1,25 +1,36 @@
-"""The confidence gate: shows everything at first, then learns from the session's own outcomes."""
+"""The confidence gate: starts from a prior on confidence, then learns from the session's own outcomes."""
 
 from __future__ import annotations
 
 import random
 
 from server.feedback import FeedbackBook
-from server.feedback.gate import MIN_OUTCOMES, SHOW_ABOVE, ConfidenceGate
+from server.feedback.gate import BREAK_EVEN_MEAN_LOGPROB, SHOW_ABOVE, ConfidenceGate
 
 SURE = {"mean_logprob": -0.05, "first_token_prob": 0.95}
 UNSURE = {"mean_logprob": -2.5, "first_token_prob": 0.1}
 
 
-def test_a_new_gate_shows_everything_until_it_has_seen_enough_outcomes():
+def test_a_new_gate_shows_confident_suggestions_and_hides_unsure_ones():
     gate = ConfidenceGate()
-    assert gate.should_show(SURE) and gate.should_show(UNSURE) and gate.should_show(None)
-    for _ in range(MIN_OUTCOMES - 1):
-        gate.update(UNSURE, accepted=False)
-    assert gate.p_accept(UNSURE) < 0.5 and gate.should_show(UNSURE)  # learning, but not enough outcomes yet
-    for _ in range(10):
-        gate.update(UNSURE, accepted=False)
-    assert gate.p_accept(UNSURE) < SHOW_ABOVE and not gate.should_show(UNSURE)
+    assert gate.should_show(SURE) and not gate.should_show(UNSURE) and gate.should_show(None)
+    just_above = {"mean_logprob": BREAK_EVEN_MEAN_LOGPROB + 0.02, "first_token_prob": 0.5}
+    just_below = {"mean_logprob": BREAK_EVEN_MEAN_LOGPROB - 0.02, "first_token_prob": 0.5}
+    assert gate.should_show(just_above) and not gate.should_show(just_below)
+
+
+def test_a_session_that_accepts_unsure_suggestions_gets_them_shown():
+    gate = ConfidenceGate()
+    for _ in range(200):
+        gate.update(UNSURE, accepted=True)
+    assert gate.p_accept(UNSURE) > SHOW_ABOVE and gate.should_show(UNSURE)
+
+
+def test_a_session_that_rejects_confident_suggestions_stops_seeing_them():
+    gate = ConfidenceGate()
+    for _ in range(100):
+        gate.update(SURE, accepted=False)
+    assert gate.p_accept(SURE) < SHOW_ABOVE and not gate.should_show(SURE)
 
 
 def test_it_learns_to_hide_what_gets_rejected_and_keep_what_gets_accepted():
