@@ -5,9 +5,11 @@ builds whole-file examples with code_signals, and trains a fresh adapter one
 step at a time inside the adaptation worker pool (so completions keep priority).
 The result is a named repository adapter in the store: usable as the model
 ``"<base>:<name>"`` and as the starting point of sessions for that repository.
-Records are JSON files written atomically; on restart, jobs that were still
-running are marked failed (there are no checkpoints to resume from: the adapter
-is written only when the job succeeds).
+Records are JSON files written atomically. A job checkpoints (server/adaptation/
+job_checkpoint.py: adapter, optimizer, policy, step) when it is queued and every
+``checkpoint_every`` steps; on restart a queued or running job resumes from its
+checkpoint, and one without a usable checkpoint is failed with the reason, so no
+job is left ``running``.
 
 Bounds: at most ``max_jobs_per_key`` jobs of one key, and ``max_jobs`` of all
 keys, are active (validating, queued or running) at once, beyond which
@@ -28,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from server.adaptation import training_file
+from adapter_core.faults import fault_point
+from server.adaptation import job_checkpoint, training_file
 from server.errors import ClientError
 from server.store import FileStore, check_name, owner_hash, write_json_atomic
 
@@ -38,6 +41,9 @@ ACTIVE = ("validating_files", "queued", "running")
 MAX_EVENTS = 1000  # events a job keeps (in memory and on disk); older ones go first
 MAX_INLINE_FILES = 2000
 MAX_STEPS = 100_000
+# Steps between checkpoints unless the job's hyperparameters say otherwise: a restart repeats at most
+# this many steps, and a checkpoint (a small adapter and its optimizer state) costs about one step.
+CHECKPOINT_EVERY = 10
 
 
 class JobError(ValueError):
@@ -64,8 +70,10 @@ class Job:
         self.adapter = None
         self.policy = None
         self.busy = False
-        self.started_mono = None
+        self.started_mono = None  # when this process started stepping it, at step ``mono_from`` (for the ETA)
+        self.mono_from = 0
         self.lock = threading.Lock()
+        self.ckpt_lock = threading.Lock()  # a checkpoint write and the removal of the job's checkpoint
 
     @property
     def id(self) -> str:
@@ -106,15 +114,68 @@ class JobManager:
                 continue
             job = Job(record, None)
             self.jobs[job.id] = job
-            if record.get("status") in ACTIVE:  # never left `running`: no checkpoint to resume from
-                message = (f"the server restarted before the job finished (at step {record.get('step', 0)}"
-                           f" of {record.get('total_steps')}); create it again")
-                record["status"] = "failed"
-                record["error"] = {"code": "interrupted", "message": message}
-                record.update(finished())
-                self._event(job, "error", message)  # written back
+            if record.get("status") in ACTIVE:  # never left as it was: resumed, or failed with the reason
+                self._resume(job)
+            else:  # ended; a kill right after it ended may have left its checkpoint
+                job_checkpoint.drop(self.root, job.id)
+        job_checkpoint.drop_orphans(self.root, set(self.jobs))
         for oh in {job.record.get("_owner") for job in self.jobs.values()}:
             self._forget_finished(oh)
+
+    def _resume(self, job: Job) -> None:
+        """After a restart: go on from the job's checkpoint, or fail it, saying why."""
+        from adapter_core import new_session_adapter
+
+        record = job.record
+        try:
+            if record["status"] == "validating_files":
+                raise job_checkpoint.CheckpointError("its files were still being prepared")
+            ckpt = job_checkpoint.load(self.root, job.id)
+            examples = job_checkpoint.load_examples(self.root, job.id)
+            owner = ckpt.state.get("owner")
+            if owner_hash(owner) != record.get("_owner"):
+                raise job_checkpoint.CheckpointError("the checkpoint is another key's")
+            if ckpt.state.get("position") != ckpt.step % len(examples):
+                raise job_checkpoint.CheckpointError("the checkpoint was not trained on these examples")
+            adapter, policy = new_session_adapter(self.model, self._adapter_config(record["hyperparameters"]),
+                                                  snapshot=ckpt.snapshot, policy_state=ckpt.policy_state)
+            job_checkpoint.restore_optimizer(adapter, ckpt.optimizer)
+        except Exception as exc:  # noqa: BLE001 - any reason not to resume fails the job, with that reason
+            message = (f"the server restarted before the job finished (at step {record.get('step', 0)}"
+                       f" of {record.get('total_steps')}) and it has no usable checkpoint ({exc}); create it again")
+            record.update(status="failed", error={"code": "interrupted", "message": message}, **finished())
+            self._event(job, "error", message)  # written back
+            job_checkpoint.drop(self.root, job.id)
+            return
+        job.owner, job.examples, job.adapter, job.policy = owner, examples, adapter, policy
+        record.update(step=ckpt.step, trained_tokens=ckpt.state.get("trained_tokens", 0))
+        self._event(job, "info", f"resumed from step {ckpt.step} of {record['total_steps']} after a restart")
+
+    def _adapter_config(self, hp: dict):
+        from adapter_core import RankBounds
+        from server.sessions.adapter_config import session_adapter_config
+
+        return session_adapter_config(self.settings, hp["rank_policy"], lr=hp["learning_rate"],
+                                      bounds=RankBounds(budget=hp["budget"]))
+
+    def _checkpoint(self, job: Job, adapter, policy, step: int, new_examples: list | None = None) -> bool:
+        """Replace the job's checkpoint with its state at ``step`` (and write ``new_examples``, the first
+        time). False if the job ended meanwhile: then nothing is written (its checkpoint is dropped)."""
+        with job.ckpt_lock:
+            with job.lock:
+                if job.status not in ACTIVE:
+                    return False
+                examples = job.examples if new_examples is None else new_examples
+                state = {"step": step, "position": step % len(examples), "owner": job.owner,
+                         "trained_tokens": job.record["trained_tokens"]}
+            if new_examples is not None:
+                job_checkpoint.save_examples(self.root, job.id, new_examples)
+            job_checkpoint.save(self.root, job.id, adapter, policy, state)
+        return True
+
+    def _drop_checkpoint(self, job: Job) -> None:
+        with job.ckpt_lock:
+            job_checkpoint.drop(self.root, job.id)
 
     def _save(self, job: Job) -> None:
         with job.lock:  # a forgotten job's file stays deleted
@@ -135,6 +196,7 @@ class JobManager:
                 job.forgotten = True
                 job.examples, job.adapter, job.policy = [], None, None
                 (self.root / f"{job.id}.json").unlink(missing_ok=True)
+            self._drop_checkpoint(job)
 
     # -- API ---------------------------------------------------------------------
 
@@ -223,7 +285,8 @@ class JobManager:
             n_epochs = hp.pop("n_epochs")
             if n_epochs != "auto":
                 hp["epochs"] = n_epochs
-        allowed = {"rank_policy": str, "steps": int, "epochs": int, "budget": int, "learning_rate": float}
+        allowed = {"rank_policy": str, "steps": int, "epochs": int, "budget": int, "learning_rate": float,
+                   "checkpoint_every": int}
         for key, value in hp.items():
             want = allowed.get(key)
             if want is None:
@@ -233,7 +296,7 @@ class JobManager:
                 raise JobError(f"hyperparameter {key!r} has the wrong type")
         if "steps" in hp and "epochs" in hp:
             raise JobError("give steps or epochs, not both")
-        for key in ("steps", "epochs", "budget"):
+        for key in ("steps", "epochs", "budget", "checkpoint_every"):
             if hp.get(key) is not None and not 0 < hp[key] <= MAX_STEPS * (10**6 if key == "budget" else 1):
                 raise JobError(f"{key} out of range")
         if hp.get("learning_rate") is not None and not 0 < hp["learning_rate"] < 1:
@@ -244,7 +307,8 @@ class JobManager:
         if policy not in POLICIES:
             raise JobError(f"unknown rank_policy {policy!r}; known: {', '.join(sorted(POLICIES))}")
         return {"rank_policy": policy, "steps": hp.get("steps"), "epochs": hp.get("epochs"),
-                "budget": hp.get("budget"), "learning_rate": hp.get("learning_rate") or self.settings.adapter_lr}
+                "budget": hp.get("budget"), "learning_rate": hp.get("learning_rate") or self.settings.adapter_lr,
+                "checkpoint_every": hp.get("checkpoint_every") or CHECKPOINT_EVERY}
 
     def _check_repository(self, repo) -> dict:
         if not isinstance(repo, dict) or not isinstance(repo.get("path"), str) or set(repo) - {"path", "id", "root_name"}:
@@ -294,6 +358,7 @@ class JobManager:
                 job.examples, job.adapter = [], None
         if active:
             self._event(job, "info", "job cancelled")
+            self._drop_checkpoint(job)
             self._forget_finished(job.record.get("_owner"))
         return job
 
@@ -317,6 +382,7 @@ class JobManager:
                               error={"code": "job_failed", "message": message})
             job.adapter = None
         self._event(job, "error", message)
+        self._drop_checkpoint(job)
         self._forget_finished(job.record.get("_owner"))
 
     @staticmethod
@@ -351,9 +417,8 @@ class JobManager:
 
         ``records``: the prompt/completion or text records of a training file (then there are no source files).
         """
-        from adapter_core import RankBounds, new_session_adapter
+        from adapter_core import new_session_adapter
         from code_signals import ExampleBuilder, detect_language, walk_repository
-        from server.sessions.adapter_config import session_adapter_config
 
         try:
             if records is not None:
@@ -374,19 +439,22 @@ class JobManager:
                 raise JobError("no training examples: the repository has no source files we read")
             hp = job.record["hyperparameters"]
             total = hp["steps"] or (hp["epochs"] or 1) * len(examples)
-            config = session_adapter_config(self.settings, hp["rank_policy"], lr=hp["learning_rate"],
-                                            bounds=RankBounds(budget=hp["budget"]))
-            adapter, policy = new_session_adapter(self.model, config, task="new_code")
+            adapter, policy = new_session_adapter(self.model, self._adapter_config(hp), task="new_code")
+            checkpointed = self._checkpoint(job, adapter, policy, 0, examples)  # so a restart resumes it
         except Exception as exc:
             log.warning("job %s failed while preparing: %s", job.id, exc)
             self._fail(job, str(exc))
             return
         with job.lock:
-            if job.status != "validating_files":
-                return  # cancelled meanwhile
-            job.examples, job.adapter, job.policy = examples, adapter, policy
-            job.record.update(status="queued", total_steps=min(total, MAX_STEPS))
-            job.record["repository"]["files"] = len(files)
+            cancelled = job.status != "validating_files"
+            if not cancelled:
+                job.examples, job.adapter, job.policy = examples, adapter, policy
+                job.record.update(status="queued", total_steps=min(total, MAX_STEPS))
+                job.record["repository"]["files"] = len(files)
+        if cancelled:
+            if checkpointed:  # written after the cancel dropped the job's checkpoint
+                self._drop_checkpoint(job)
+            return
         self._event(job, "info", f"{len(files)} files, {len(examples)} examples, {job.record['total_steps']} steps")
         self.on_work()
 
@@ -410,9 +478,10 @@ class JobManager:
                 if job.status not in ("queued", "running") or job.adapter is None:
                     return
                 if job.status == "queued":
-                    job.record.update(status="running", started_at=int(time.time()))
-                    job.started_mono = time.monotonic()
+                    job.record.update(status="running", started_at=job.record["started_at"] or int(time.time()))
                 step = job.record["step"]
+                if job.started_mono is None:
+                    job.started_mono, job.mono_from = time.monotonic(), step
                 example = job.examples[step % len(job.examples)]
                 adapter, policy = job.adapter, job.policy
             stats = train_step(self.model, adapter, example_batch(example), policy)
@@ -422,7 +491,7 @@ class JobManager:
                 job.record["step"] = step = step + 1
                 job.record["trained_tokens"] += stats.tokens
                 total = job.record["total_steps"]
-                eta = (time.monotonic() - job.started_mono) / step * (total - step)
+                eta = (time.monotonic() - job.started_mono) / (step - job.mono_from) * (total - step)
                 ranks = adapter.ranks
                 data = {"step": step, "total_steps": total, "loss": stats.loss, "skipped": stats.skipped,
                         "mean_rank": sum(ranks.values()) / len(ranks), "ranks": list(ranks.values()),
@@ -430,6 +499,13 @@ class JobManager:
             self._event(job, "info", f"step {step}/{total}: loss {stats.loss:.4f}", data)
             if step >= total:
                 self._finish(job)
+            elif step % job.record["hyperparameters"].get("checkpoint_every", CHECKPOINT_EVERY) == 0:
+                fault_point("job.before_checkpoint")
+                try:
+                    self._checkpoint(job, adapter, policy, step)
+                except Exception as exc:  # noqa: BLE001 - the job goes on; a restart resumes from the one before
+                    log.warning("job %s: checkpoint at step %d failed: %s", job.id, step, exc)
+                    self._event(job, "warning", f"could not write the checkpoint at step {step}: {exc}")
         except Exception as exc:
             log.exception("job %s step failed", job.id)
             self._fail(job, f"training failed: {exc}")
@@ -445,6 +521,7 @@ class JobManager:
         adapter.version = max(self.store.versions(job.owner, name), default=0)
         snap = adapter.snapshot(job=job.id)
         repo = job.record["repository"]
+        fault_point("job.before_finish")
         self.store.save(job.owner, name, snap,
                         info={"kind": "repository", "job": job.id,
                               "repository": {"id": repo.get("id"), "root_name": repo.get("root_name")}})
@@ -459,4 +536,5 @@ class JobManager:
             self.store.delete_version(job.owner, name, snap.version)
             return
         self._event(job, "info", f"saved adapter {name} (version {snap.version})")
+        self._drop_checkpoint(job)
         self._forget_finished(job.record.get("_owner"))

@@ -81,7 +81,7 @@ def test_crash_mid_write_keeps_previous(tiny_llama, tmp_path, monkeypatch):
     def boom(path):
         raise OSError("disk died")
 
-    monkeypatch.setattr(atomic, "_fsync_path", boom)  # dies after the files are written, before the swap
+    monkeypatch.setattr(atomic, "fsync_path", boom)  # dies after the files are written, before the swap
     with pytest.raises(OSError):
         save_peft(snap2, target)
     monkeypatch.undo()

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from server.adaptation.jobs import JobError
+from server.adaptation.jobs import CHECKPOINT_EVERY, JobError
 from tests.helpers import create_ready
 
 WAIT_S = 60.0
@@ -73,6 +73,9 @@ BAD_BODIES = [
     ("epochs-zero", lambda tmp: {**body(), "hyperparameters": {"epochs": 0}}, "epochs out of range"),
     ("budget-zero", lambda tmp: {**body(), "hyperparameters": {"budget": 0}}, "budget out of range"),
     ("steps-and-epochs", lambda tmp: {**body(), "hyperparameters": {"steps": 2, "epochs": 1}}, "not both"),
+    ("checkpoint-every-zero", lambda tmp: {**body(), "hyperparameters": {"checkpoint_every": 0}},
+     "checkpoint_every out of range"),
+    ("checkpoint-every-str", lambda tmp: {**body(), "hyperparameters": {"checkpoint_every": "5"}}, "wrong type"),
     ("lr-zero", lambda tmp: {**body(), "hyperparameters": {"learning_rate": 0}}, "learning_rate must be in (0, 1)"),
     ("lr-one", lambda tmp: {**body(), "hyperparameters": {"learning_rate": 1.0}}, "learning_rate must be in (0, 1)"),
     ("lr-bool", lambda tmp: {**body(), "hyperparameters": {"learning_rate": True}}, "wrong type"),
@@ -138,7 +141,10 @@ def test_defaults_and_accepted_hyperparameters(make_jobs):
     job = create_ready(s, None, {"suffix": "geo", "files": FILES, "model": "tiny",
                                  "hyperparameters": {"rank_policy": "fixed", "budget": 5000}})
     hp = job.record["hyperparameters"]
-    assert hp == {"rank_policy": "fixed", "steps": None, "epochs": None, "budget": 5000, "learning_rate": 0.005}
+    assert hp == {"rank_policy": "fixed", "steps": None, "epochs": None, "budget": 5000, "learning_rate": 0.005,
+                  "checkpoint_every": CHECKPOINT_EVERY}
+    every = create_ready(s, None, {**body(name="geo2"), "hyperparameters": {"checkpoint_every": 3}})
+    assert every.record["hyperparameters"]["checkpoint_every"] == 3
     assert job.record["adapter_name"] == "geo" and job.record["model"] == "tiny"
     assert job.public()["object"] == "fine_tuning.job" and not any(k.startswith("_") for k in job.public())
 
@@ -170,6 +176,8 @@ def test_job_runs_to_completion_and_stores_a_repository_adapter(make_jobs):
     assert s.store.info("key-a", "geo")["kind"] == "repository"
     assert s.store.find_for_repository("key-a", {"id": "gh/me/geo"}) == "geo"
     assert s.store.list("key-b") == []
+    # Its examples and checkpoint went with the run: only the record is left.
+    assert [p.name for p in (s.settings.data_dir / "jobs").iterdir()] == [f"{job.id}.json"]
 
     metrics = [e for e in job.events if e["type"] == "metrics"]
     assert [e["data"]["step"] for e in metrics] == [1, 2, 3]
@@ -343,32 +351,42 @@ def test_training_file_job_trains_on_the_completion_given_the_prompt(make_jobs, 
 
 # -- persistence -------------------------------------------------------------------------
 
-def test_a_new_manager_lists_finished_jobs_and_fails_interrupted_ones(make_jobs):
+def test_a_new_manager_lists_finished_jobs_resumes_queued_ones_and_fails_the_unresumable(make_jobs):
     s = make_jobs()
     done = create_ready(s, "k", body(name="done", steps=2))
     run_steps(s, done)
     assert done.status == "succeeded"
     waiting = create_ready(s, "k", body(name="waiting", steps=2))  # queued when the server "stops"
+    broken = create_ready(s, "k", body(name="broken", steps=2))
+    (s.settings.data_dir / "jobs" / f"{broken.id}.ckpt" / "state.json").write_text("{not json")
     (s.settings.data_dir / "jobs" / "ftjob-garbage.json").write_text("{not json")
 
     again = make_jobs()
     by_id = {j.id: j for j in again.jobs.list("k")}
-    assert set(by_id) == {done.id, waiting.id}
+    assert set(by_id) == {done.id, waiting.id, broken.id}
 
     reloaded = by_id[done.id]
     assert reloaded.public() == done.public()
     assert [e["message"] for e in reloaded.events] == [e["message"] for e in done.events]
 
-    interrupted = by_id[waiting.id]
+    interrupted = by_id[broken.id]
     assert interrupted.status == "failed" and interrupted.record["error"]["code"] == "interrupted"
+    assert "no usable checkpoint (checkpoint unreadable" in interrupted.record["error"]["message"]
     assert interrupted.record["finished_at"] is not None
-    assert again.jobs.take() is None  # nothing resumes
+    assert not (s.settings.data_dir / "jobs" / f"{broken.id}.ckpt").exists()
+
+    resumed = by_id[waiting.id]
+    assert resumed.status == "queued" and resumed.events[-1]["message"] == "resumed from step 0 of 2 after a restart"
+    assert run_steps(again, resumed) == 2 and resumed.status == "succeeded"
+    assert again.store.load("k", "waiting").metadata["job"] == waiting.id
     assert again.jobs.list("other") == []
     with pytest.raises(KeyError):
         again.jobs.get("other", done.id)
 
-    # The interruption was written back: a third manager sees the same.
+    # What the restart decided was written back: a third manager sees the same.
     third = make_jobs()
-    assert third.jobs.get("k", waiting.id).record["error"]["code"] == "interrupted"
-    record = json.loads((s.settings.data_dir / "jobs" / f"{waiting.id}.json").read_text())
+    assert third.jobs.get("k", broken.id).record["error"]["code"] == "interrupted"
+    assert third.jobs.get("k", waiting.id).status == "succeeded"
+    assert third.jobs.take() is None
+    record = json.loads((s.settings.data_dir / "jobs" / f"{broken.id}.json").read_text())
     assert record["status"] == "failed"

@@ -12,10 +12,12 @@ import threading
 import types
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import adapter_core
 import server.adaptation.jobs as jobs_module
+from server.adaptation import job_checkpoint
 from server.adaptation.jobs import Job, JobManager
 from server.adaptation.workers import AdaptationWorkers
 from server.app.main import create_app
@@ -31,8 +33,8 @@ FILES = [{"path": "geometry.py", "text": "def area(width, height):\n    return w
          {"path": "util.py", "text": "def clamp(x, lo, hi):\n    return max(lo, min(x, hi))\n"}]
 
 
-def body(name="geo", steps=2):
-    return {"adapter_name": name, "files": FILES, "hyperparameters": {"steps": steps}}
+def body(name="geo", steps=2, **hyperparameters):
+    return {"adapter_name": name, "files": FILES, "hyperparameters": {"steps": steps, **hyperparameters}}
 
 
 def run_steps(s, limit: int = 1000) -> int:
@@ -178,7 +180,8 @@ def test_only_the_newest_finished_jobs_of_a_key_are_kept(make_jobs):
     assert s.store.versions("k", "j0") and s.store.versions("k", "j2")  # their adapters stay
     assert [j.id for j in s.jobs.list("other")] == [other.id]
 
-    # A restart fails the active job (now the newest finished) and keeps the bound.
+    # A restart that cannot resume the active job fails it (now the newest finished) and keeps the bound.
+    job_checkpoint.drop(s.settings.data_dir / "jobs", active.id)
     again = make_jobs(max_finished_jobs_per_key=2)
     assert {j.id for j in again.jobs.list("k")} == {active.id, third.id}
     assert again.jobs.get("k", active.id).status == "failed"
@@ -213,12 +216,40 @@ def test_a_job_keeps_its_last_events(make_jobs, monkeypatch):
 
 # -- restarts ------------------------------------------------------------------------------
 
-def test_a_job_running_when_the_server_stopped_is_failed_with_the_reason(make_jobs):
+def test_a_running_job_resumes_from_its_last_checkpoint_and_ends_as_if_never_stopped(make_jobs):
+    s = make_jobs()
+    straight = create_ready(s, "k", body("straight", steps=8, checkpoint_every=2))
+    run_steps(s)
+    assert straight.status == "succeeded"
+    job = create_ready(s, "k", body(steps=8, checkpoint_every=2))
+    for _ in range(5):  # checkpoints at steps 0, 2 and 4; the record is written as `running` at step 5
+        s.jobs.take()()
+    assert json.loads(record_file(s, job).read_text())["status"] == "running"
+
+    again = make_jobs()  # as after kill -9: the old manager is simply gone
+    reloaded = again.jobs.get("k", job.id)
+    assert reloaded.status == "running" and reloaded.record["step"] == 4
+    assert reloaded.events[-1]["message"] == "resumed from step 4 of 8 after a restart"
+    assert run_steps(again) == 4
+    assert reloaded.status == "succeeded" and reloaded.record["step"] == 8
+    assert [e["data"]["step"] for e in reloaded.events if e["type"] == "metrics"][-4:] == [5, 6, 7, 8]
+
+    # Same examples, same order, factors, optimizer moments and policy state restored: the same adapter
+    # as the run that never stopped (up to the rounding of the stored factors).
+    resumed, uninterrupted = again.store.load("k", "geo"), again.store.load("k", "straight")
+    assert resumed.ranks == uninterrupted.ranks and resumed.metadata["step"] == uninterrupted.metadata["step"] == 8
+    for name in resumed.modules:
+        torch.testing.assert_close(resumed.delta(name), uninterrupted.delta(name), rtol=1e-4, atol=1e-6)
+    assert [p.name for p in record_file(s, job).parent.glob(f"{job.id}*")] == [f"{job.id}.json"]
+
+
+def test_a_job_without_a_usable_checkpoint_is_failed_with_the_reason(make_jobs):
     s = make_jobs()
     job = create_ready(s, "k", body(steps=8))
     for _ in range(5):  # the record is written as `running` at step 5
         s.jobs.take()()
     assert json.loads(record_file(s, job).read_text())["status"] == "running"
+    (s.settings.data_dir / "jobs" / f"{job.id}.examples.safetensors").write_bytes(b"cut short")
 
     again = make_jobs()  # as after kill -9: the old manager is simply gone
     reloaded = again.jobs.get("k", job.id)
@@ -226,10 +257,12 @@ def test_a_job_running_when_the_server_stopped_is_failed_with_the_reason(make_jo
     error = reloaded.record["error"]
     assert error["code"] == "interrupted"
     assert "server restarted" in error["message"] and "step 5 of 8" in error["message"]
+    assert "no usable checkpoint (examples unreadable" in error["message"]
     assert reloaded.events[-1]["level"] == "error" and reloaded.events[-1]["message"] == error["message"]
-    assert again.jobs.take() is None  # not resumed: jobs write no checkpoints
+    assert again.jobs.take() is None
     assert json.loads(record_file(s, job).read_text())["status"] == "failed"
     assert not s.store.list("k")
+    assert [p.name for p in record_file(s, job).parent.iterdir()] == [f"{job.id}.json"]  # checkpoint dropped
 
 
 # -- a step's own TimeoutError ------------------------------------------------------------------
