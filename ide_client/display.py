@@ -29,6 +29,11 @@ def format_event(msg: m.Message) -> str | None:
                 f"ranks [{format_ranks(msg.ranks)}]")
     if isinstance(msg, m.Status):
         return f"{stamp()}  status    v{msg.version:<4} queue {msg.queue_depth}  dropped {msg.dropped}"
+    if isinstance(msg, m.Dropped):
+        return (f"{stamp()}  dropped   {msg.count} example(s): the server is not keeping up "
+                f"(queue {msg.queue_depth}/{msg.max_queue}, {msg.dropped} dropped in all)")
+    if isinstance(msg, m.RolledBack):
+        return f"{stamp()}  rollback  v{msg.version} serves v{msg.restored_version} again"
     if isinstance(msg, m.Error):
         return f"{stamp()}  error     {msg.code}: {msg.message}" + (f" (re {msg.ref})" if msg.ref is not None else "")
     if isinstance(msg, m.Reconnected):

@@ -48,6 +48,29 @@ class Status:
 
 
 @dataclass
+class Dropped:
+    """The session's training queue was full: ``count`` examples dropped now, ``dropped`` in all."""
+
+    count: int = 0
+    dropped: int = 0
+    queue_depth: int = 0
+    max_queue: int = 0
+    type: str = "dropped"
+
+
+@dataclass
+class RolledBack:
+    """The session's adapter now serves stored version ``restored_version`` again, as ``version``."""
+
+    version: int
+    restored_version: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)
+    mean_rank: float = 0.0
+    id: str | int | None = None  # set on the reply to this client's own rollback
+    type: str = "rolled_back"
+
+
+@dataclass
 class CompletionDelta:
     id: str | int
     text: str
@@ -110,11 +133,12 @@ class Unknown:
     type: str = "unknown"
 
 
-Message = Ready | Adapted | Status | CompletionDelta | CompletionDone | Ack | Error | Pong | Reconnected | Unknown
+Message = (Ready | Adapted | Status | Dropped | RolledBack | CompletionDelta | CompletionDone | Ack | Error | Pong
+           | Reconnected | Unknown)
 
 _BY_TYPE = {
-    "ready": Ready, "adapted": Adapted, "status": Status, "completion.delta": CompletionDelta,
-    "completion.done": CompletionDone, "ack": Ack, "error": Error, "pong": Pong,
+    "ready": Ready, "adapted": Adapted, "status": Status, "dropped": Dropped, "rolled_back": RolledBack,
+    "completion.delta": CompletionDelta, "completion.done": CompletionDone, "ack": Ack, "error": Error, "pong": Pong,
 }
 
 
@@ -184,6 +208,10 @@ def feedback(completion_id: str, event: str, accepted_text: str | None = None, r
         raise ValueError(f"event must be one of {', '.join(FEEDBACK_EVENTS)}")
     return _drop_none({"type": "feedback", "completion_id": completion_id, "event": event,
                        "accepted_text": accepted_text, "id": rid})
+
+
+def rollback(version: int, rid=None) -> dict:
+    return _drop_none({"type": "rollback", "version": version, "id": rid})
 
 
 def ping(pid=None) -> dict:

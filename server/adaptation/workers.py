@@ -171,11 +171,13 @@ class AdaptationWorkers:
             if snap is None:
                 return  # skipped step: nothing new to publish
             summary = session.publish(snap, stats.loss)
-            if snap.version - session.persisted_version >= max(1, self.settings.persist_every):
-                try:
-                    self.sessions.persist(session)
-                except Exception:
-                    log.exception("persisting session %s failed", session.id)
+        if snap.version - session.persisted_version >= max(1, self.settings.persist_every):
+            # After the step, not under train_lock; and never waiting for a write of the background writer
+            # already under way (it writes the newest version within persist_interval_s anyway).
+            try:
+                self.sessions.persist(session, wait=False)
+            except Exception:
+                log.exception("persisting session %s failed", session.id)
         self._metric_step(session, stats, snap)
         session.notify({"type": "adapted", "version": snap.version, "loss": round(stats.loss, 6),
                         "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]})

@@ -14,6 +14,7 @@ from server.feedback import FeedbackRegistry
 from server.observability.metrics import Metrics
 from server.sessions import SessionManager
 from server.store import AdapterStore, FileStore
+from server.store.files import remove_stale_temps
 
 
 class AdapterResolver(Protocol):
@@ -45,6 +46,7 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, model, tokenizer, engine: Engine, metrics: Metrics) -> Services:
+        remove_stale_temps(settings.data_dir)  # a killed writer's leftovers; nothing writes yet
         store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
         sessions = SessionManager(settings, model, tokenizer, store, metrics)
         workers = AdaptationWorkers(settings, model, tokenizer, sessions, engine.gate, metrics)
@@ -59,10 +61,12 @@ class Services:
 
     def start(self) -> None:
         self.workers.start()
+        self.sessions.start_background()  # writes what changed within persist_interval_s; retention
 
     def stop(self) -> None:
         """Stop training (the current step finishes), then persist every session and feedback book."""
         self.workers.stop()
+        self.sessions.stop_background()
         self.sessions.persist_all()
         self.feedback.flush()
 

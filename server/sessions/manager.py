@@ -3,12 +3,20 @@
 A session's published snapshot is immutable and swapped by reference under
 ``session.lock``; a completion reads the reference once when it starts, so it
 finishes on that version however many versions the worker publishes meanwhile.
-Only the adaptation worker touches ``session.adapter`` (under ``train_lock``).
+Only the adaptation worker touches ``session.adapter`` (under ``train_lock``; a rollback swaps it there).
+
+Locks: ``_lock`` guards only the resident table (dict operations); each session id has a build lock
+while it is read from disk; a session's files are written under its own ``persist_lock``. No disk I/O
+or model work ever happens under ``_lock``, so one session's slow restore or save never delays another.
+On disk, a session that never trained has only its metadata (its resume tokens) and its open documents;
+its adapter is written once it has trained (docs/protocol.md, "Persistence").
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import secrets
 import threading
@@ -17,8 +25,11 @@ from pathlib import Path
 
 import torch
 
+from adapter_core.faults import fault_point
 from server.errors import ClientError
 from server.feedback import FeedbackBook
+from server.sessions import retention
+from server.sessions.persister import SessionPersister
 from server.sessions.replay import ReplayBuffer, ReplayConfig
 from server.sessions.session import SESSION_ID_RE, Session, _token_hash
 from server.store import (
@@ -51,6 +62,15 @@ class SessionManager:
         self._repo_cache: dict[tuple, object] = {}  # (owner hash, name, version) -> snapshot
         self._build_locks: dict[tuple[str, str], tuple[threading.Lock, int]] = {}  # per session id: lock, users
         self._rr = 0
+        # Writes what changed within persist_interval_s and applies the retention policy; the app's
+        # lifespan starts and stops it (start_background / stop_background).
+        self.persister = SessionPersister(self, settings.persist_interval_s)
+
+    def start_background(self) -> None:
+        self.persister.start()
+
+    def stop_background(self, timeout: float = 60.0) -> None:
+        self.persister.stop(timeout)
 
     # -- adapters ---------------------------------------------------------------
 
@@ -79,6 +99,9 @@ class SessionManager:
     def _policy_path(self, owner: str | None, sid: str) -> Path:
         return self.meta_root / owner_hash(owner) / f"{sid}.policy.pt"
 
+    def _documents_path(self, owner: str | None, sid: str) -> Path:
+        return self.meta_root / owner_hash(owner) / f"{sid}.documents.json"
+
     def _find_by_token(self, owner: str | None, token: str) -> str | None:
         th = _token_hash(token)
         with self._lock:
@@ -87,9 +110,9 @@ class SessionManager:
                     return sid
         d = self.meta_root / owner_hash(owner)
         if d.is_dir():
-            import json
-
             for p in d.glob("*.json"):
+                if not SESSION_ID_RE.match(p.stem):  # <id>.documents.json
+                    continue
                 try:
                     if th in json.loads(p.read_text()).get("token_hashes", []):
                         return p.stem
@@ -129,7 +152,7 @@ class SessionManager:
             self._write_meta(session)
         return session, token
 
-    def _join(self, owner: str | None, sid: str, new: Session | None = None) -> Session | None:
+    def _join(self, owner: str | None, sid: str, new: Session | None = None, connect: bool = True) -> Session | None:
         """The resident session (``new`` is made resident first), counted as one more connection.
 
         Resident and connected in one step under the lock, so no eviction can take a new one in between.
@@ -141,9 +164,23 @@ class SessionManager:
                 self._metrics_track(new)
             session = self._sessions.get((owner_hash(owner), sid))
             if session is not None:
-                session.connections += 1
+                if connect:
+                    session.connections += 1
                 session.last_used = time.time()
             return session
+
+    def _resident(self, owner: str | None, sid: str) -> Session | None:
+        """The session, read back from disk if it is stored but not in memory (no connection is counted);
+        None if it is neither."""
+        with self._building(owner, sid):
+            session = self._join(owner, sid, connect=False)
+            if session is None:
+                restored = self._restore(owner, sid)
+                if restored is None:
+                    return None
+                session = self._join(owner, sid, new=restored, connect=False)
+        self._evict_over_limit(keep=session)
+        return session
 
     @contextlib.contextmanager
     def _building(self, owner: str | None, sid: str | None):
@@ -151,7 +188,12 @@ class SessionManager:
         if sid is None:
             yield
             return
-        key = (owner_hash(owner), sid)
+        with self._building_key((owner_hash(owner), sid)):
+            yield
+
+    @contextlib.contextmanager
+    def _building_key(self, key: tuple[str, str]):
+        """The build lock of (owner hash, session id): held while that session is read, built or deleted."""
         with self._lock:
             lock, users = self._build_locks.get(key, (threading.Lock(), 0))
             self._build_locks[key] = (lock, users + 1)
@@ -184,17 +226,17 @@ class SessionManager:
         if adapter is None:
             adapter, policy = self._new_adapter()
         adapter.metadata["lineage"] = self.lineage(owner, sid)
-        session = Session(sid, owner, adapter, policy, adapter.snapshot(bump=False), repository=repository,
+        snap = adapter.snapshot(bump=False)
+        session = Session(sid, owner, adapter, policy, snap, repository=repository,
                           token_hashes=[_token_hash(token)], max_queue=self.settings.max_queue_per_session,
-                          origin=origin, replay=ReplayBuffer(ReplayConfig.from_settings(self.settings)))
+                          origin=origin, replay=ReplayBuffer(ReplayConfig.from_settings(self.settings)),
+                          origin_version=snap.version if origin is not None else None)
         session.feedback = FeedbackBook(self.settings.feedback_max_records)
         self._write_meta(session)
         log.info("session %s created (origin=%s, version=%d)", sid, origin, session.snapshot.version)
         return session
 
     def _restore(self, owner, sid) -> Session | None:
-        import json
-
         try:
             meta = json.loads(self._meta_path(owner, sid).read_text())
         except (OSError, ValueError):
@@ -202,77 +244,169 @@ class SessionManager:
         name = SESSION_PREFIX + sid
         if meta is None and not self.store.exists(owner, name):
             return None
-        policy_state = None
-        if self._policy_path(owner, sid).is_file():
-            try:
-                policy_state = torch.load(self._policy_path(owner, sid), weights_only=False)
-            except Exception:
-                policy_state = None
-        try:
-            snap = self.store.load(owner, name)
+        meta = meta if isinstance(meta, dict) else {}
+        snap = self._stored_adapter(owner, name)
+        if snap is not None:
+            policy_state = None
+            if self._policy_path(owner, sid).is_file():
+                try:
+                    policy_state = torch.load(self._policy_path(owner, sid), weights_only=False)
+                except Exception:
+                    policy_state = None
             adapter, policy = self._new_adapter(snap, policy_state)
-        except KeyError:
-            adapter, policy = self._new_adapter()
-            snap = None
+        else:  # never trained, so never written: start again where it started
+            start = self._stored_adapter(owner, meta["origin"], meta.get("origin_version")) \
+                if meta.get("origin") else None
+            adapter, policy = self._new_adapter(start)
         adapter.metadata["lineage"] = self.lineage(owner, sid)
-        if snap is None:  # nothing stored yet: serve the fresh adapter
+        if snap is None:
             snap = adapter.snapshot(bump=False)
-        meta = meta or {}
         session = Session(sid, owner, adapter, policy, snap, repository=meta.get("repository"),
                           token_hashes=meta.get("token_hashes", []), max_queue=self.settings.max_queue_per_session,
-                          origin=meta.get("origin"), replay=ReplayBuffer(ReplayConfig.from_settings(self.settings)))
+                          origin=meta.get("origin"), replay=ReplayBuffer(ReplayConfig.from_settings(self.settings)),
+                          origin_version=meta.get("origin_version"))
         session.created = meta.get("created", session.created)
         session.steps = meta.get("steps", 0)
         session.dropped = meta.get("dropped", 0)
         session.last_loss = meta.get("last_loss")
         session.history.extend(meta.get("history", []))
         session.feedback = FeedbackBook.from_json(meta.get("feedback"), self.settings.feedback_max_records)
-        log.info("session %s restored at version %d", sid, snap.version)
+        self._restore_documents(session)
+        log.info("session %s restored at version %d with %d document(s)", sid, snap.version, len(session.docs))
         return session
 
-    def _write_meta(self, session: Session) -> None:
+    def _stored_adapter(self, owner, name: str, version: int | None = None):
+        """The stored snapshot of ``version`` (else the latest), or None when there is none to read."""
+        for v in ((version, None) if version is not None else (None,)):
+            try:
+                return self.store.load(owner, name, v)
+            except KeyError:
+                continue
+            except (OSError, ValueError):
+                log.warning("adapter %s unreadable; starting fresh", name)
+                return None
+        return None
+
+    def _restore_documents(self, session: Session) -> None:
+        """Mirror the documents stored with the session again, under today's limits (one that no longer
+        fits is left out and logged), so a client resuming after a restart need not send them."""
+        try:
+            docs = json.loads(self._documents_path(session.owner, session.id).read_text())["documents"]
+        except (OSError, ValueError, KeyError, TypeError):
+            docs = []
+        for doc in docs if isinstance(docs, list) else []:
+            try:
+                path, text, version = doc["path"], doc["text"], doc["version"]
+                if not (isinstance(path, str) and isinstance(text, str) and type(version) is int):
+                    raise TypeError("malformed stored document")
+                session.open_doc(path, text, version, doc.get("language"), self.settings.edit_quiet_s,
+                                 max_chars=self.settings.max_document_chars,
+                                 max_documents=self.settings.max_open_documents)
+            except (ClientError, KeyError, TypeError) as exc:
+                log.warning("session %s: stored document not restored (%s)", session.id, exc)
         with session.lock:
-            data = {
-                "id": session.id, "token_hashes": session.token_hashes, "repository": session.repository,
-                "origin": session.origin, "created": session.created, "steps": session.steps,
-                "dropped": session.dropped, "last_loss": session.last_loss,
-                "version": session.snapshot.version, "history": list(session.history)[-100:],
-            }
-        data["feedback"] = session.feedback.to_json()
-        write_json_atomic(self._meta_path(session.owner, session.id), data)
+            session.docs_saved_rev = session.docs_rev
+
+    def _write_meta(self, session: Session) -> None:
+        with session.meta_lock:  # one writer: the file always ends with the latest state
+            with session.lock:
+                data = {
+                    "id": session.id, "token_hashes": session.token_hashes, "repository": session.repository,
+                    "origin": session.origin, "origin_version": session.origin_version, "created": session.created,
+                    "last_used": session.last_used, "steps": session.steps, "dropped": session.dropped,
+                    "last_loss": session.last_loss, "version": session.persisted_version,
+                    "history": list(session.history)[-100:],
+                }
+            data["feedback"] = session.feedback.to_json()
+            write_json_atomic(self._meta_path(session.owner, session.id), data)
 
     def write_meta(self, session: Session) -> None:
         """Persist the session's metadata (feedback included) without touching its adapter."""
         self._write_meta(session)
 
-    def persist(self, session: Session, *, force: bool = False) -> None:
-        """Write the session's published snapshot (if newer than the stored one) and its metadata."""
-        snap = session.current()
-        stale = snap.version != session.persisted_version
-        if force or stale or not self.store.exists(session.owner, session.adapter_name):
-            self.store.save(session.owner, session.adapter_name, snap,
-                            info={"kind": "session", "repository": session.repository, "session_id": session.id})
-            session.persisted_version = snap.version
-            try:
-                state = session.policy.state_dict() if session.policy is not None else {}
-                path = self._policy_path(session.owner, session.id)
-                write_file_atomic(path, lambda f: torch.save(state, f), "wb")
-            except Exception:
-                log.warning("could not persist policy state of session %s", session.id)
-        self._write_meta(session)
+    def persist(self, session: Session, *, force: bool = False, wait: bool = True) -> bool:
+        """Write what changed: the published version once the session has trained (``force``: even if it
+        never trained, for an export) with its policy state, the open documents, and the metadata.
+
+        Only this session's ``persist_lock`` is held while writing; its ``train_lock`` only for the moment
+        the version and policy state are taken. ``wait=False``: give up (False, nothing written) rather
+        than wait for a training step or another write of this session in progress.
+        """
+        if not session.persist_lock.acquire(blocking=wait):
+            return False
+        try:
+            snap = session.current()
+            if snap.version != session.persisted_version or (
+                    force and snap.version not in self.store.versions(session.owner, session.adapter_name)):
+                taken = self._take_state(session, wait)
+                if taken is None:
+                    return False
+                snap, policy_state = taken
+                fault_point("session.before_save")
+                self.store.save(session.owner, session.adapter_name, snap,
+                                info={"kind": "session", "repository": session.repository, "session_id": session.id})
+                session.persisted_version = snap.version
+                try:
+                    path = self._policy_path(session.owner, session.id)
+                    write_file_atomic(path, lambda f: torch.save(policy_state, f), "wb")
+                except Exception:
+                    log.warning("could not persist policy state of session %s", session.id)
+            self._write_documents(session)
+            fault_point("session.before_meta")
+            self._write_meta(session)
+        finally:
+            session.persist_lock.release()
+        return True
+
+    @staticmethod
+    def _take_state(session: Session, wait: bool):
+        """(published snapshot, copy of the policy state) taken together between two training steps."""
+        if not session.train_lock.acquire(blocking=wait):
+            return None
+        try:
+            policy = session.policy.state_dict() if session.policy is not None else {}
+            return session.current(), copy.deepcopy(policy)
+        finally:
+            session.train_lock.release()
+
+    def _write_documents(self, session: Session) -> None:
+        """The open documents the privacy rules allow, if the mirror changed since the last write."""
+        with session.lock:
+            if session.docs_rev == session.docs_saved_rev:
+                return
+        rev, docs = session.storable_documents()
+        path = self._documents_path(session.owner, session.id)
+        if docs:
+            write_json_atomic(path, {"documents": docs})
+        else:
+            path.unlink(missing_ok=True)
+        with session.lock:
+            session.docs_saved_rev = rev
 
     def persist_all(self) -> None:
         for session in self.sessions():
-            with session.train_lock:
-                try:
-                    self.persist(session)
-                except Exception:
-                    log.exception("persisting session %s failed", session.id)
+            try:
+                self.persist(session)
+            except Exception:
+                log.exception("persisting session %s failed", session.id)
+
+    def persist_changed(self) -> int:
+        """Persist every resident session whose version or documents changed (the persister's timer)."""
+        written = 0
+        for session in self.sessions():
+            if not session.dirty():
+                continue
+            try:
+                self.persist(session)
+                written += 1
+            except Exception:
+                log.exception("persisting session %s failed", session.id)
+        return written
 
     def _evict_over_limit(self, keep: Session) -> None:
         """Persist and drop the least recently used idle sessions beyond ``max_sessions``.
 
-        Victims are chosen under the manager lock; writing them happens outside it.
+        Victims are chosen under the manager lock; writing them happens outside every lock but their own.
         """
         with self._lock:
             excess = len(self._sessions) - self.settings.max_sessions
@@ -281,20 +415,92 @@ class SessionManager:
         for victim in idle:
             if excess <= 0:
                 return
-            # Never evict mid-step, and never wait for a step: a training session is not idle.
-            if not victim.train_lock.acquire(blocking=False):
+            try:  # never wait for a step: a training session is not idle
+                if not self.persist(victim, wait=False):
+                    continue
+            except Exception:
+                log.exception("persisting session %s failed; it stays in memory", victim.id)
                 continue
-            try:
-                self.persist(victim)
-                with self._lock:
-                    if victim.connections:  # a tab joined while it was written: it stays
+            with self._lock:
+                # A tab joined, a step runs, or something changed while it was written: it stays.
+                if victim.connections or not victim.train_lock.acquire(blocking=False):
+                    continue
+                try:
+                    if victim.dirty():
                         continue
                     self._sessions.pop((owner_hash(victim.owner), victim.id), None)
                     self._metrics_forget(victim)
-                excess -= 1
-            finally:
-                victim.train_lock.release()
-            log.info("session %s evicted (persisted at version %d)", victim.id, victim.snapshot.version)
+                finally:
+                    victim.train_lock.release()
+            excess -= 1
+            log.info("session %s evicted (persisted at version %d)", victim.id, victim.persisted_version)
+
+    # -- stored sessions: retention ---------------------------------------------------
+
+    def apply_retention(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Delete stored sessions unused for ``session_retention_days``, then the least recently used ones
+        while stored sessions take more than ``max_stored_sessions_mb``; never a resident one.
+        Returns the (owner hash, session id) deleted."""
+        now = time.time() if now is None else now
+        stored = retention.scan(self.meta_root, self.store)
+        with self._lock:
+            resident = set(self._sessions)
+        victims = retention.choose(stored, resident, now, max_age_s=self.settings.session_retention_days * 86400,
+                                   max_bytes=int(self.settings.max_stored_sessions_mb * retention.MB))
+        deleted = []
+        for victim in victims:
+            key = (victim.owner_hash, victim.sid)
+            with self._building_key(key):  # no attach reads it meanwhile
+                with self._lock:
+                    if key in self._sessions:  # attached since the scan
+                        continue
+                self._delete_stored(*key)
+            deleted.append(key)
+            log.info("stored session %s deleted (%s; %d bytes)", victim.sid, victim.why, victim.size)
+        return deleted
+
+    def _delete_stored(self, oh: str, sid: str) -> bool:
+        """Remove a session's files (metadata, policy state, documents, adapter); True if any existed."""
+        found = False
+        for suffix in (".json", ".policy.pt", ".documents.json"):
+            p = self.meta_root / oh / f"{sid}{suffix}"
+            if p.exists():
+                p.unlink(missing_ok=True)
+                found = True
+        return self.store.delete_hashed(oh, SESSION_PREFIX + sid) or found
+
+    # -- rollback ------------------------------------------------------------------------
+
+    def rollback(self, owner: str | None, sid: str, version: int, exclude=None) -> tuple[Session, dict]:
+        """Serve stored version ``version`` of the session's adapter again, from now on, as its next
+        version (a version number always names one set of weights; training goes on from there).
+
+        The session is read from disk if it is not resident. Every tab but ``exclude`` (a listener) is
+        told with a ``rolled_back`` push. Returns (session, that message). ClientError
+        ``session_not_found`` / ``version_not_found``.
+        """
+        if not SESSION_ID_RE.match(sid) or (session := self._resident(owner, sid)) is None:
+            raise ClientError("session_not_found", f"no session {sid}", param="session_id")
+        name = session.adapter_name
+        stored = self.store.versions(owner, name)
+        if version not in stored:
+            have = ", ".join(map(str, stored)) or "none"
+            raise ClientError("version_not_found", f"session {sid} has no stored version {version} (stored: {have})",
+                              param="version")
+        snap = self.store.load(owner, name, version)  # read and built outside every lock
+        adapter, policy = self._new_adapter(snap)  # the policy starts fresh: only the latest state is kept
+        adapter.metadata["lineage"] = self.lineage(owner, sid)
+        with session.train_lock:
+            adapter.version = max(session.current().version, stored[-1])
+            new = adapter.snapshot(rolled_back_to=version)
+            summary = session.replace_adapter(adapter, policy, new)
+        log.info("session %s rolled back to version %d, served as version %d", sid, version, new.version)
+        message = {"type": "rolled_back", "version": new.version, "restored_version": version,
+                   "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]}
+        self.persist(session)  # on disk before the answer: it is what the user asked to keep
+        session.notify(message, exclude=exclude)
+        session.notify(session.status(), exclude=exclude)
+        return session, message
 
     # Per-session metric figures follow residency. Both are called under the manager lock, next to the
     # change of ``_sessions``, so a session that leaves and one of the same id that arrives stay in order.
@@ -321,8 +527,6 @@ class SessionManager:
             return self._sessions.get((owner_hash(owner), sid))
 
     def describe_stored(self, owner: str | None, sid: str) -> dict | None:
-        import json
-
         try:
             meta = json.loads(self._meta_path(owner, sid).read_text())
         except (OSError, ValueError):
@@ -336,12 +540,7 @@ class SessionManager:
             session = self._sessions.pop((owner_hash(owner), sid), None)
             if session is not None:
                 self._metrics_forget(session)
-        found = session is not None
-        for p in (self._meta_path(owner, sid), self._policy_path(owner, sid)):
-            if p.exists():
-                p.unlink()
-                found = True
-        return self.store.delete(owner, SESSION_PREFIX + sid) or found
+        return self._delete_stored(owner_hash(owner), sid) or session is not None
 
     # -- AdapterResolver ---------------------------------------------------------
 

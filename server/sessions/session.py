@@ -52,7 +52,8 @@ def _check_size(path: str, text: str, max_chars: int | None, what: str) -> None:
 
 class Session:
     def __init__(self, sid: str, owner: str | None, adapter, policy, snapshot, *, repository=None,
-                 token_hashes: list[str], max_queue: int, origin: str | None = None, replay=None):
+                 token_hashes: list[str], max_queue: int, origin: str | None = None, replay=None,
+                 origin_version: int | None = None):
         self.id = sid
         self.owner = owner
         self.adapter = adapter
@@ -60,6 +61,7 @@ class Session:
         self.snapshot = snapshot  # published, immutable; replaced by reference
         self.repository = repository
         self.origin = origin  # repository adapter this session started from
+        self.origin_version = origin_version  # and its version, the start again until the session trains
         self.token_hashes = list(token_hashes)[-16:]  # one per tab that joined; any resumes
         self.created = time.time()
         self.last_used = time.time()
@@ -78,9 +80,15 @@ class Session:
         self.listeners: set = set()
         self.connections = 0
         self.persisted_version = snapshot.version
+        self.docs_rev = 0  # bumped by every change of the document mirror
+        self.docs_saved_rev = 0  # the docs_rev last written with the session
         self.feedback = FeedbackBook()  # replaced by the manager with its configured size / stored state
+        # No disk I/O under ``lock`` or ``train_lock`` (one step); files are written under the save locks,
+        # which only this session's own writers take, so no other session or owner waits on a write.
         self.lock = threading.RLock()  # snapshot ref, docs, queue, listeners
         self.train_lock = threading.Lock()  # the adapter and policy
+        self.persist_lock = threading.Lock()  # one writer of the adapter, policy state and documents
+        self.meta_lock = threading.Lock()  # one writer of the metadata file
 
     @property
     def adapter_name(self) -> str:
@@ -89,6 +97,19 @@ class Session:
     def current(self):
         with self.lock:
             return self.snapshot
+
+    def dirty(self) -> bool:
+        """Whether the published version or the document mirror changed since they were last written."""
+        with self.lock:
+            return self.snapshot.version != self.persisted_version or self.docs_rev != self.docs_saved_rev
+
+    def replace_adapter(self, adapter, policy, snap) -> dict:
+        """Swap in another trainable adapter and its first snapshot (a rollback); the caller holds
+        ``train_lock``. Completions starting now use ``snap``; returns its summary."""
+        self.adapter, self.policy = adapter, policy
+        with self.lock:
+            self.snapshot = snap
+        return snapshot_summary(snap)
 
     def publish(self, snap, loss: float) -> dict:
         """Swap in a newly trained snapshot (completions starting now use it); returns its summary."""
@@ -102,14 +123,22 @@ class Session:
         return summary
 
     def enqueue(self, examples) -> int:
-        """Queue training examples; the oldest go first when the queue is full."""
+        """Queue training examples; the oldest go first when the queue is full, and the session's clients
+        are told (a ``dropped`` push), so an overloaded server is never silent about lost examples."""
+        dropped = 0
         with self.lock:
             for ex in examples:
                 if len(self.queue) >= self.max_queue:
                     self.queue.popleft()
-                    self.dropped += 1
+                    dropped += 1
                 self.queue.append(ex)
-            return len(self.queue)
+            self.dropped += dropped
+            depth, total = len(self.queue), self.dropped
+        if dropped:
+            log.info("session %s: queue full, %d example(s) dropped (%d in all)", self.id, dropped, total)
+            self.notify({"type": "dropped", "count": dropped, "dropped": total, "queue_depth": depth,
+                         "max_queue": self.max_queue})
+        return depth
 
     # -- document mirror (shared by every tab of the session) ------------------
 
@@ -125,6 +154,7 @@ class Session:
                 raise ClientError("too_many_documents", f"{len(self.docs)} documents are open in this session, "
                                                         f"the most it mirrors: close one before opening {path}")
             self.docs[path] = Document(text, version, language)
+            self.docs_rev += 1
             # Only when they can be trained on: building a document's examples parses the whole file.
             if self.replay.wants_documents and path not in self.seen_paths and len(self.seen_paths) < MAX_SEEN_PATHS:
                 self.seen_paths.add(path)
@@ -140,6 +170,7 @@ class Session:
         with self.lock:
             doc = self.docs[path]
             doc.text, doc.version = new_text, version
+            self.docs_rev += 1
             emitted = self.coalescers[path].feed(new_text, time.monotonic())
             if emitted:
                 self.pending_edits.append((*emitted, path, doc.language))
@@ -147,6 +178,7 @@ class Session:
     def close_doc(self, path: str) -> None:
         with self.lock:
             doc = self.docs.pop(path)
+            self.docs_rev += 1
             c = self.coalescers.pop(path, None)
             emitted = c.flush(force=True) if c is not None else None
             if emitted:
@@ -170,6 +202,18 @@ class Session:
             out, self.pending_documents = self.pending_documents, []
         return [doc for doc in out if self._may_train(f"document {doc[0]}", doc[0], doc[1])]
 
+    def storable_documents(self) -> tuple[int, list[dict]]:
+        """(docs_rev, the open documents that may be written to disk). The privacy rules that keep a
+        document out of training keep it off the disk too: a .env or a file with a key is never stored."""
+        from code_signals.privacy import PrivacyFilter
+
+        with self.lock:
+            rev = self.docs_rev
+            docs = [{"path": p, "text": d.text, "version": d.version, "language": d.language}
+                    for p, d in self.docs.items()]
+        privacy = PrivacyFilter()
+        return rev, [d for d in docs if privacy.reason(d["path"], d["text"]) is None]
+
     def _may_train(self, what: str, path: str, *texts: str) -> bool:
         """Whether the privacy rules let ``path`` with these texts reach training; logs why not."""
         from code_signals.privacy import PrivacyFilter
@@ -180,9 +224,10 @@ class Session:
             log.info("session %s: not training on %s (%s)", self.id, what, why)
         return why is None
 
-    def notify(self, message: dict) -> None:
+    def notify(self, message: dict, exclude=None) -> None:
+        """Send ``message`` to every listener (tab) of the session but ``exclude``."""
         with self.lock:
-            listeners = list(self.listeners)
+            listeners = [fn for fn in self.listeners if fn is not exclude]
         for fn in listeners:
             try:
                 fn(message)

@@ -9,7 +9,9 @@ Layout under ``settings.data_dir``::
 Each version is written by ``adapter_core.save_peft`` into its own directory
 (built in a hidden temp dir and renamed), so a crash mid-write leaves the
 previous versions untouched; readers ignore hidden entries. Owners are API keys,
-stored only as a hash so the data dir never holds a key.
+stored only as a hash so the data dir never holds a key. Writes and removals
+of one adapter are serialised by a lock of that (owner, name) only, so a slow
+save never holds up another adapter's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from adapter_core.faults import fault_point
 from server.store.files import write_json_atomic
 from server.store.names import (
     NAME_RE,
@@ -41,10 +44,16 @@ class AdapterStore:
         self.root = Path(data_dir) / "adapters"
         self.base_model_name = base_model_name
         self.keep_versions = max(1, keep_versions)
-        self._lock = threading.Lock()  # serialises writes/retention per process
+        self._guard = threading.Lock()  # the lock table only; never held while writing
+        self._locks: dict[tuple[str, str], threading.Lock] = {}  # (owner hash, name) -> writes/retention
 
     def _dir(self, owner: str | None, name: str) -> Path:
         return self.root / owner_hash(owner) / check_name(name)
+
+    def _lock(self, oh: str, name: str) -> threading.Lock:
+        """The lock of one adapter: another adapter's save or removal never waits on it."""
+        with self._guard:
+            return self._locks.setdefault((oh, name), threading.Lock())
 
     def versions(self, owner: str | None, name: str) -> list[int]:
         d = self._dir(owner, name)
@@ -63,9 +72,10 @@ class AdapterStore:
 
         d = self._dir(owner, name)
         target = d / f"v{snapshot.version}"
-        with self._lock:
+        with self._lock(owner_hash(owner), name):
             if not (target / "adapter_config.json").is_file():
                 save_peft(snapshot, target, self.base_model_name)
+            fault_point("store.before_info")
             if info is not None:
                 write_json_atomic(d / "info.json", {**info, "name": name, "updated": time.time()})
             for old in self.versions(owner, name)[: -self.keep_versions]:
@@ -138,15 +148,30 @@ class AdapterStore:
         return None
 
     def delete(self, owner: str | None, name: str) -> bool:
-        return self._remove(self._dir(owner, name))
+        return self.delete_hashed(owner_hash(owner), name)
+
+    def delete_hashed(self, oh: str, name: str) -> bool:
+        """``delete`` by owner hash (retention knows stored adapters by hash, never by key)."""
+        return self._remove(self.root / oh / check_name(name), (oh, name))
 
     def delete_version(self, owner: str | None, name: str, version: int) -> bool:
-        return self._remove(self._dir(owner, name) / f"v{int(version)}")
+        return self._remove(self._dir(owner, name) / f"v{int(version)}", (owner_hash(owner), name))
 
-    def _remove(self, path: Path) -> bool:
-        if not path.is_dir():
-            return False
-        with self._lock:
+    def stored(self, prefix: str = ""):
+        """(owner hash, name, directory) of every stored adapter whose name starts with ``prefix``."""
+        if not self.root.is_dir():
+            return
+        for owner_dir in self.root.iterdir():
+            if owner_dir.name.startswith(".") or not owner_dir.is_dir():
+                continue
+            for entry in owner_dir.iterdir():
+                if entry.name.startswith(prefix) and NAME_RE.match(entry.name) and entry.is_dir():
+                    yield owner_dir.name, entry.name, entry
+
+    def _remove(self, path: Path, key: tuple[str, str]) -> bool:
+        with self._lock(*key):
+            if not path.is_dir():
+                return False
             # Rename to a hidden name first so a concurrent reader never sees a half-deleted directory.
             trash = path.parent / f".deleted-{path.name}-{time.time_ns()}"
             os.rename(path, trash)

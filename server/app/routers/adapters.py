@@ -51,9 +51,8 @@ def delete_adapter(name: str, services: ServicesDep, owner: Owner):
 def download_adapter(name: str, services: ServicesDep, owner: Owner, version: int | None = None):
     _checked(name)
     session = services.sessions.get(owner, name[len(SESSION_PREFIX):]) if name.startswith(SESSION_PREFIX) else None
-    if session is not None:
-        with session.train_lock:  # export what serving uses now
-            services.sessions.persist(session)
+    if session is not None:  # export what serving uses now (written first, even if it never trained)
+        services.sessions.persist(session, force=True)
     try:
         data = services.store.export_tar(owner, name, version)
     except KeyError:

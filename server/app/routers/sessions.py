@@ -1,4 +1,5 @@
-"""``/v1/sessions``: IDE sessions of this key, resident or stored, their feedback stats and adaptation figures.
+"""``/v1/sessions``: IDE sessions of this key, resident or stored, their feedback stats and adaptation figures,
+and rollback to a stored version.
 
 Per-session figures (steps, loss, rank per module, queue) are served here, to the session's key only;
 ``/metrics`` carries server-wide aggregates and nothing that names a session.
@@ -7,9 +8,11 @@ Per-session figures (steps, loss, rank per module, queue) are served here, to th
 from __future__ import annotations
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.app.deps import AUTH, Owner, ServicesDep, StateDep
 from server.app.errors import APIError
+from server.errors import ClientError
 from server.sessions import SESSION_ID_RE
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=AUTH)
@@ -45,6 +48,24 @@ def session_stats(session_id: str, services: ServicesDep, state: StateDep, owner
             "adapter_version": session.current().version, "feedback": session.feedback.stats(),
             "adaptation": adaptation_figures(state.metrics, session),
             "models": services.feedback.model_stats(owner)}
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: int = Field(ge=0)  # a version the store keeps (GET /v1/adapters lists them)
+
+
+@router.post("/{session_id}/rollback")
+def rollback_session(session_id: str, body: RollbackBody, services: ServicesDep, owner: Owner):
+    """Serve stored version ``version`` of the session's adapter again, as its next version; its tabs are
+    told (``rolled_back``). 404 for an unknown session or a version that is not stored."""
+    try:
+        session, message = services.sessions.rollback(owner, session_id, body.version)
+    except ClientError as exc:
+        if exc.code == "version_not_found":
+            raise APIError(404, exc.message, code=exc.code, param="version") from None
+        raise
+    return {**session.describe(), "resident": True, "restored_version": message["restored_version"]}
 
 
 def adaptation_figures(metrics, session) -> dict:

@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from tests.session_server import FILE_V1, FILE_V2, Client, adapt_once, run
+from tests.session_server import FILE_V1, FILE_V2, Client, Server, adapt_once, run
 
 # -- tests ---------------------------------------------------------------------
 
@@ -268,3 +268,114 @@ def test_job_cancel(server):
     time.sleep(0.5)
     assert httpx.get(server.url(f"/v1/fine_tuning/jobs/{job_id}")).json()["step"] == step
     assert all(a["name"] != "long-job" for a in httpx.get(server.url("/v1/adapters")).json()["data"])
+
+
+# -- issue 17: rollback, persistence within the interval, documents back after a crash ----------------------
+
+
+def stored_versions(server, sid: str) -> tuple[list[int], int | None]:
+    """(versions of session-<sid> on disk, its live version) from GET /v1/adapters."""
+    rows = {r["name"]: r for r in httpx.get(server.url("/v1/adapters")).json()["data"]}
+    row = rows.get(f"session-{sid}", {})
+    return row.get("versions", []), row.get("live_version")
+
+
+def wait_until_stored(server, sid: str, timeout: float = 60.0) -> list[int]:
+    """Poll until the live version is on disk (persist_interval_s, 5 s by default); its stored versions."""
+    deadline = time.monotonic() + timeout
+    while True:
+        versions, live = stored_versions(server, sid)
+        if live is not None and live in versions:
+            return versions
+        assert time.monotonic() < deadline, f"live version {live} not on disk within {timeout}s: {versions}"
+        time.sleep(0.2)
+
+
+def test_rollback_over_the_websocket_and_http(server):
+    async def go():
+        tab = await Client.connect(server.port)
+        ready = await tab.hello()
+        sid = ready["session_id"]
+        other = await Client.connect(server.port)
+        await other.hello(session_id=sid)
+        await adapt_once(tab, "first.py")
+        await asyncio.to_thread(wait_until_stored, server, sid)
+        await adapt_once(tab, "second.py")
+        versions = await asyncio.to_thread(wait_until_stored, server, sid)
+        _, live = stored_versions(server, sid)
+        target = versions[0]
+        assert target < live
+
+        await tab.send({"type": "rollback", "version": target, "id": "rb1"})
+        reply = await tab.wait_for("rolled_back", 30)
+        assert reply["id"] == "rb1" and reply["restored_version"] == target and reply["version"] > live
+        pushed = await other.wait_for("rolled_back", 30)  # the other tab is told, without the id
+        assert "id" not in pushed and pushed["version"] == reply["version"]
+        _, done = await tab.complete("after", prefix="def f(", max_tokens=2)
+        assert done["adapter_version"] >= reply["version"]
+
+        await tab.send({"type": "rollback", "version": 10_000, "id": "rb2"})
+        err = await tab.wait_for("error", 30)
+        assert err["code"] == "version_not_found" and err["ref"] == "rb2"
+
+        url = server.url(f"/v1/sessions/{sid}/rollback")
+        r = await asyncio.to_thread(httpx.post, url, json={"version": target}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["restored_version"] == target and body["version"] > reply["version"]
+        assert (await other.wait_for("rolled_back", 30, lambda m: m["version"] == body["version"]))
+        for bad, status, code in (({"version": 10_000}, 404, "version_not_found"), ({"version": "1"}, 400, None),
+                                  ({"version": -1}, 400, None), ({}, 400, None), ({"version": 1, "x": 1}, 400, None)):
+            r = await asyncio.to_thread(httpx.post, url, json=bad)
+            assert r.status_code == status, (bad, r.text)
+            assert code is None or r.json()["error"]["code"] == code
+        r = await asyncio.to_thread(httpx.post, server.url("/v1/sessions/no-such-session/rollback"),
+                                    json={"version": 1})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+        await tab.close()
+        await other.close()
+
+    run(go())
+
+
+def test_a_crash_loses_no_version_older_than_the_interval_and_documents_come_back(tiny_dir, tmp_path):
+    """kill -9 after a version was published and left idle: the restarted server resumes the session at that
+    version with its open documents, and a session that only said hello left no adapter behind."""
+    srv = Server(tiny_dir, tmp_path / "data", extra=["--persist-interval-s", "0.5", "--persist-every", "1000"])
+    srv.start()
+    try:
+        async def before():
+            c = await Client.connect(srv.port)
+            ready = await c.hello(session_id="durable")
+            await c.send({"type": "open", "path": "keep.py", "text": FILE_V1, "version": 3})
+            adapted = await adapt_once(c)
+            idle = await Client.connect(srv.port)
+            hello_only = (await idle.hello())["session_id"]
+            return ready, adapted["version"], hello_only
+
+        ready, version, hello_only = run(before())
+        assert wait_until_stored(srv, "durable")[-1] == version
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "data" / "sessions").rglob("durable.documents.json")):
+            assert time.monotonic() < deadline, "open documents not written within 60 s"
+            time.sleep(0.2)
+        srv.proc.kill()  # no shutdown: only what was already on disk survives
+        srv.stop()
+        srv.start()
+
+        async def after():
+            c = await Client.connect(srv.port)
+            again = await c.hello(resume_token=ready["resume_token"])
+            _, done = await c.complete("k", path="keep.py", cursor={"line": 1, "character": 4}, max_tokens=2)
+            await c.close()
+            return again, done
+
+        again, done = run(after())
+        assert again["session_id"] == "durable" and again["adapter_version"] == version
+        assert again["documents"] == {"keep.py": 3}  # the client need not send it again
+        assert done["type"] == "completion.done" and done["adapter_version"] == version
+        names = [a["name"] for a in httpx.get(srv.url("/v1/adapters")).json()["data"]]
+        assert f"session-{hello_only}" not in names and "session-durable" in names
+    finally:
+        out = srv.stop()
+    assert "Traceback" not in out, out[-3000:]

@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
-from server.config import Settings
-from server.sessions import SessionManager
-from server.store import AdapterStore
-
 WAIT_S = 60
-
-
-@pytest.fixture
-def make_manager(tmp_path, tokenizer, tiny_llama):
-    def make(**overrides) -> SessionManager:
-        settings = Settings(model="tiny", data_dir=tmp_path, **overrides)
-        store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
-        return SessionManager(settings, tiny_llama, tokenizer, store)
-
-    return make
 
 
 def test_two_tabs_join_one_session_and_a_new_manager_restores_it(make_manager):
@@ -95,6 +79,8 @@ def test_idle_sessions_beyond_the_limit_are_persisted_and_evicted(make_manager):
     manager.attach("key-a", "third")
     assert manager.get("key-a", "idle") is None  # the idle one went to disk
     assert manager.get("key-a", "busy") is busy
-    assert manager.store.exists("key-a", "session-idle")
+    # It never trained: its metadata (resume tokens) is stored, its adapter is not.
+    assert manager.describe_stored("key-a", "idle") is not None
+    assert not manager.store.exists("key-a", "session-idle")
     back, _ = manager.attach("key-a", "idle")  # and comes back from it
     assert back.id == "idle" and back is not idle
