@@ -234,8 +234,21 @@ def cmd_serve(args) -> int:
     model, tokenizer = load_model(path)
     log.info("loaded %s from %s in %.1fs", settings.served_name, path, time.time() - t0)
     app = create_app(settings, model=model, tokenizer=tokenizer)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **transport_options(settings))
     return 0
+
+
+def transport_options(settings: Settings) -> dict:
+    """uvicorn's options for the connections themselves (docs/api.md, Limits; docs/protocol.md)."""
+    from server.app.http_protocol import read_deadline_protocol
+
+    return {
+        # A request must arrive whole within read_timeout_s (uvicorn has no such timeout of its own).
+        "http": read_deadline_protocol(settings.read_timeout_s),
+        # A websocket message up to twice the limit is read and refused with an error reply
+        # (message_too_large); a larger one is not buffered: the socket closes with 1009.
+        "ws_max_size": 2 * settings.max_ws_message_bytes,
+    }
 
 
 if __name__ == "__main__":

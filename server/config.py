@@ -67,7 +67,13 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(32, ge=1, description="completion requests in flight before 429")
     max_ws_inflight_per_connection: int = Field(4, ge=1, description="websocket completions one connection may "
                                                                      "have in flight (beyond it: too_many_requests)")
-    max_ws_message_bytes: int = Field(1024 * 1024, ge=1, description="largest websocket message accepted")
+    max_ws_message_bytes: int = Field(1024 * 1024, ge=1, description="largest websocket message accepted (up to "
+                                                                     "twice that gets an error reply; larger closes "
+                                                                     "the socket with code 1009)")
+    read_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False,
+                                  description="seconds a client has to send a whole HTTP request, headers and body, "
+                                              "from its first byte (or from connecting); then the connection is "
+                                              "closed")
     max_edit_changes: int = Field(256, ge=1, description="range changes one websocket edit may carry (beyond it: "
                                                          "too_many_changes; send the full text instead)")
     max_document_chars: int = Field(1024 * 1024, ge=1, description="largest document a session mirrors, in characters, "
@@ -99,8 +105,20 @@ class Settings(BaseSettings):
     train_threads: int = Field(1, ge=0, description="torch intra-op threads per training thread on CPU "
                                                     "(serving keeps the rest; 0: leave torch's setting)")
     persist_every: int = Field(4, ge=1, description="write a session's adapter to disk every N published "
-                                                        "versions (and on shutdown or eviction)")
+                                                        "versions (and on shutdown or eviction; a session that "
+                                                        "never trained is not written)")
+    persist_interval_s: float = Field(5.0, ge=0, allow_inf_nan=False,
+                                      description="also write a session's latest adapter version and open "
+                                                  "documents at most this many seconds after they change "
+                                                  "(0: only every --persist-every versions)")
     keep_versions: int = Field(3, ge=1, description="versions kept per adapter in the store")
+    session_retention_days: float = Field(30.0, ge=0, allow_inf_nan=False,
+                                          description="delete stored sessions not used for this many days "
+                                                      "(0: keep them however old)")
+    max_stored_sessions_mb: float = Field(4096.0, ge=0, allow_inf_nan=False,
+                                          description="disk space stored sessions may take, in MB; beyond it the "
+                                                      "least recently used ones that are not in memory are "
+                                                      "deleted (0: no cap)")
     edit_quiet_s: float = Field(0.75, ge=0, allow_inf_nan=False,
                                 description="seconds of quiet after which a burst of edits becomes training examples")
     # -- completion feedback (server/feedback/) --

@@ -29,6 +29,9 @@ class GenerationRequest:
     heal: bool = False  # back off the prompt's last token and regenerate it (token healing)
     trim: bool = False  # shape the text as an editor shows it (decoding.CompletionShaper)
     mode: str | None = None  # with trim: "line" or "block" (None: only fences and suffix repeats end it)
+    # Cut a prompt too long for the model's context to fit (decoding.fit_to_context): code completion at a
+    # cursor, where the text nearest it matters most. Off: such a prompt is refused (context_length_exceeded).
+    fit_context: bool = False
 
 
 @dataclasses.dataclass

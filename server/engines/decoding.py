@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from adapter_core import use_adapter
-from code_signals.prompts import completion_prompt_ids
-from server.engines.base import GenerationChunk, GenerationRequest
+from code_signals.prompts import completion_prompt_ids, has_fim
+from server.engines.base import ContextLengthError, GenerationChunk, GenerationRequest
 
 _DETOK_CONTEXT = 5  # prompt tokens that seed the incremental decoder (leading-space handling)
 
@@ -115,12 +115,89 @@ class Prompt:
     healed: str = ""  # text backed off the end of the prompt: the completion must begin with it
 
 
-def encode_prompt(tokenizer, request: GenerationRequest) -> Prompt:
-    """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine."""
+def encode_prompt(tokenizer, request: GenerationRequest, max_context: int | None = None) -> Prompt:
+    """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine.
+
+    With ``request.fit_context`` and a ``max_context``, a prompt too long for the model is cut to fit
+    (``fit_to_context``); any other is encoded whole, and the engine refuses it if it does not fit.
+    """
     ids, healed = completion_prompt_ids(
         tokenizer, request.prompt, request.suffix, heal=request.heal, add_special_tokens=request.add_special_tokens
     )
+    if request.fit_context and max_context and len(ids) > prompt_room(request, max_context):
+        return fit_to_context(tokenizer, request, max_context, len(ids))
     return Prompt(ids, healed)
+
+
+def prompt_room(request: GenerationRequest, max_context: int) -> int:
+    """Tokens a cut prompt may take: the context less room for the completion (at most a quarter of it)."""
+    return max_context - min(request.max_tokens, max_context // 4)
+
+
+_FIT_TRIES = 4
+
+
+def fit_to_context(tokenizer, request: GenerationRequest, max_context: int, n_ids: int) -> Prompt:
+    """The prompt of a code completion cut to ``prompt_room`` tokens: the prefix loses its start and the
+    suffix its end (the text nearest the cursor matters most), each at a line break when one is in reach.
+
+    The suffix's share is a quarter of the room, the prefix's the rest; what one side does not need goes to
+    the other. The pieces are measured apart, so the cut prompt is encoded again and cut further while it is
+    still too long; ContextLengthError if it cannot fit at all.
+    """
+    room = prompt_room(request, max_context)
+    prefix = request.prompt
+    suffix = (request.suffix or "") if has_fim(tokenizer) else ""  # without FIM tokens the prompt has no suffix
+    n_prefix, n_suffix = _count(tokenizer, prefix), _count(tokenizer, suffix)
+    overhead = max(0, n_ids - n_prefix - n_suffix)  # BOS, FIM markers
+    for _ in range(_FIT_TRIES):
+        avail = max(0, room - overhead)
+        keep_suffix = min(n_suffix, max(avail // 4, avail - n_prefix))
+        keep_prefix = min(n_prefix, avail - keep_suffix)
+        cut = dataclasses.replace(request, prompt=_tail(tokenizer, prefix, keep_prefix, n_prefix),
+                                  suffix=request.suffix if not suffix else _head(tokenizer, suffix, keep_suffix,
+                                                                                  n_suffix))
+        ids, healed = completion_prompt_ids(tokenizer, cut.prompt, cut.suffix, heal=cut.heal,
+                                            add_special_tokens=cut.add_special_tokens)
+        if len(ids) <= room:
+            return Prompt(ids, healed)
+        overhead += len(ids) - room  # the pieces came out longer together than apart: cut that much more
+    raise ContextLengthError(f"the prompt does not fit this model's context of {max_context} tokens")
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def _token_starts(tokenizer, text: str, n_tokens: int) -> list[int]:
+    """Where each token of ``text`` starts; proportional estimates for a tokenizer without offsets (the
+    caller measures the result again)."""
+    if getattr(tokenizer, "is_fast", False):
+        return [a for a, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    return [len(text) * i // n_tokens for i in range(n_tokens)]
+
+
+def _tail(tokenizer, text: str, n: int, n_tokens: int) -> str:
+    """The end of ``text`` holding its last ``n`` tokens, from the first line start in it when there is one."""
+    if n >= n_tokens:
+        return text
+    if n <= 0:
+        return ""
+    starts = _token_starts(tokenizer, text, n_tokens)
+    start = starts[len(starts) - n]
+    line = text.find("\n", start)
+    return text[line + 1:] if 0 <= line < len(text) - 1 else text[start:]
+
+
+def _head(tokenizer, text: str, n: int, n_tokens: int) -> str:
+    """The start of ``text`` holding its first ``n`` tokens, to the last line end in it when there is one."""
+    if n >= n_tokens:
+        return text
+    if n <= 0:
+        return ""
+    end = _token_starts(tokenizer, text, n_tokens)[n]  # where token n, the first one left out, starts
+    line = text.rfind("\n", 0, end)
+    return text[:line + 1] if line > 0 else text[:end]
 
 
 def stop_token_ids(tokenizer, model_eos=()) -> set[int]:
@@ -340,8 +417,10 @@ class TokenizerEngine:
     tokenizer: Any
     stop_ids: set[int]  # set by the engine: stop_token_ids(tokenizer, the model's EOS ids)
 
+    max_context: int | None = None  # set by the engine when the model's context is known
+
     def encode(self, request: GenerationRequest) -> Prompt:
-        return encode_prompt(self.tokenizer, request)
+        return encode_prompt(self.tokenizer, request, self.max_context)
 
     @functools.cached_property
     def vocab(self) -> VocabIndex:

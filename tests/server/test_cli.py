@@ -221,7 +221,8 @@ def test_non_local_bind_without_keys_falls_back_to_loopback(clean_env, monkeypat
     monkeypatch.setitem(sys.modules, "server.app.main", fake_main)
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level, **transport: seen.update(host=host,
+                                                                                                   port=port))
     assert cli.main(["serve", "--model", "base", "--host", "0.0.0.0", "--port", "9300"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["settings"].host == "127.0.0.1" and seen["port"] == 9300
     assert "binding to 127.0.0.1 instead of 0.0.0.0" in caplog.text

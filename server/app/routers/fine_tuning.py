@@ -16,22 +16,26 @@ router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"], dependencies=
 MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 
 
-def _check_paths(body) -> None:
-    """A repository path and inline file paths (and texts) must be text a file system and a tokenizer take:
-    no NUL, no lone surrogate, paths at most MAX_PATH_CHARS. 400 ``invalid_value`` naming the field."""
+def _check_fields(body) -> None:
+    """The body's text fields must be strings (or null) a file system and a tokenizer take: no NUL, no lone
+    surrogate, paths at most MAX_PATH_CHARS. 400 ``invalid_value`` naming the field; the job manager checks
+    the rest (shapes, names, hyperparameters)."""
     if not isinstance(body, dict):
         return  # the job manager says what is wrong with it
-    fields = []
+    fields = [(name, body.get(name), False) for name in ("training_file", "adapter_name", "suffix", "model")]
     repo, files = body.get("repository"), body.get("files")
     if isinstance(repo, dict):
-        fields.append(("repository.path", repo.get("path"), True))
+        fields += [("repository.path", repo.get("path"), True), ("repository.id", repo.get("id"), False),
+                   ("repository.root_name", repo.get("root_name"), False)]
     if isinstance(files, list):
         for i, f in enumerate(files):
             if isinstance(f, dict):
                 fields += [(f"files.{i}.path", f.get("path"), True), (f"files.{i}.text", f.get("text"), False)]
     for param, value, is_path in fields:
-        if not isinstance(value, str):
+        if value is None:
             continue
+        if not isinstance(value, str):
+            raise APIError(400, f"{param} must be a string.", code="invalid_value", param=param)
         try:
             valid_text(value)
         except ValueError as exc:
@@ -56,7 +60,7 @@ async def create_job(request: Request, services: ServicesDep, owner: Owner):
         body = await request.json()
     except ValueError:
         raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-    _check_paths(body)
+    _check_fields(body)
     try:
         job = await asyncio.to_thread(services.jobs.create, owner, body)  # checks paths, writes the record
     except JobError as exc:
@@ -77,7 +81,7 @@ def get_job(job_id: str, services: ServicesDep, owner: Owner):
 def _event_number(after: str) -> int:
     """``after`` is the last event seen: its id (``ftevent-N``, what OpenAI clients send) or N."""
     number = after.removeprefix("ftevent-")
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):  # str.isdigit takes "²", which int() refuses
         raise APIError(400, f"after must be an event id (ftevent-N), got {after!r}", code="invalid_value",
                        param="after")
     return int(number)

@@ -5,6 +5,10 @@ anything happens, so a bad message gets an ``error`` reply and changes nothing.
 A ``complete`` runs as a task through the app's ``GenerationBridge`` (the same
 path as HTTP: admission, errors, metrics), so this loop keeps reading and a
 ``cancel`` reaches the engine's cancel event at once.
+
+The event loop never waits on a thread lock that other threads hold for real work: whatever takes a
+session's locks (the document mirror, attach, rollback, the feedback book) runs in a worker thread
+(``asyncio.to_thread``), so a training step or a disk write elsewhere cannot stall this loop.
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
-            self._cleanup()
+            await self._cleanup()
 
     def _decode(self, frame) -> dict:
         limit = self.settings.max_ws_message_bytes
@@ -182,14 +186,17 @@ class Connection:
         handler = getattr(self, f"on_{kind}")
         await handler(msg)
 
-    def _cleanup(self) -> None:
+    async def _cleanup(self) -> None:
         self._closed = True
         for event in self.inflight.values():
             event.set()
-        if self.session is not None:
-            with self.session.lock:
-                self.session.listeners.discard(self._listener)
-            self.services.sessions.detach(self.session)
+        if self.session is not None:  # off the loop: it takes the session's and the manager's locks
+            await asyncio.to_thread(self._leave)
+
+    def _leave(self) -> None:
+        with self.session.lock:
+            self.session.listeners.discard(self._listener)
+        self.services.sessions.detach(self.session)
 
     async def ack(self, msg: dict, version) -> None:
         """Acknowledge a document message only when the client asked (gave an id)."""
@@ -210,16 +217,9 @@ class Connection:
         if not ok:
             raise ClientError("unauthorized", "missing or invalid api_key")
         self.owner = owner
-        session, token = await asyncio.to_thread(
-            self.services.sessions.attach, self.owner, msg.get("session_id"), msg.get("resume_token"),
-            msg.get("repository"),
-        )
+        self._listener = self._push_threadsafe  # one object: notify(exclude=...) compares by identity
+        session, token, snap, docs = await asyncio.to_thread(self._attach, msg)
         self.session = session
-        self._listener = self._push_threadsafe
-        with session.lock:
-            session.listeners.add(self._listener)
-            snap = session.snapshot
-            docs = {p: d.version for p, d in session.docs.items()}
         summary = snapshot_summary(snap)
         await self.send({
             "type": "ready", "protocol": PROTOCOL, "session_id": session.id, "resume_token": token,
@@ -228,6 +228,14 @@ class Connection:
             "origin": session.origin,
         })
 
+    def _attach(self, msg: dict):
+        """(session, resume token, snapshot, {path: version}) with this connection listening."""
+        session, token = self.services.sessions.attach(self.owner, msg.get("session_id"), msg.get("resume_token"),
+                                                       msg.get("repository"))
+        with session.lock:
+            session.listeners.add(self._listener)
+            return session, token, session.snapshot, {p: d.version for p, d in session.docs.items()}
+
     async def on_open(self, msg: dict) -> None:
         language = msg.get("language")
         if language is None:
@@ -235,19 +243,26 @@ class Connection:
 
             language = detect_language(msg["path"])
         # Beyond max_document_chars or max_open_documents: document_too_large / too_many_documents, nothing opened.
-        self.session.open_doc(msg["path"], msg["text"], msg["version"], language, self.settings.edit_quiet_s,
-                              max_chars=self.settings.max_document_chars,
-                              max_documents=self.settings.max_open_documents)
+        await asyncio.to_thread(self.session.open_doc, msg["path"], msg["text"], msg["version"], language,
+                                self.settings.edit_quiet_s, max_chars=self.settings.max_document_chars,
+                                max_documents=self.settings.max_open_documents)
         await self.ack(msg, msg["version"])
 
     async def on_edit(self, msg: dict) -> None:
-        from code_signals import CodeSignalsError, apply_range_edits
-
-        session, path = self.session, msg["path"]
         limit = self.settings.max_edit_changes
         if len(msg.get("changes", ())) > limit:
             raise ClientError("too_many_changes", f"an edit may carry at most {limit} changes, this one has "
                                                   f"{len(msg['changes'])}: send the full text instead")
+        # Off the event loop: a long document or many changes must not stall other clients or /health,
+        # nor may the session's lock, which the trainer holds while it settles edits.
+        await asyncio.to_thread(self._edit, msg)
+        self.services.workers.wake()
+        await self.ack(msg, msg["version"])
+
+    def _edit(self, msg: dict) -> None:
+        from code_signals import CodeSignalsError, apply_range_edits
+
+        session, path = self.session, msg["path"]
         with session.lock:
             doc = session.docs.get(path)
             if doc is None:
@@ -258,8 +273,8 @@ class Connection:
         if "text" in msg:
             new_text = msg["text"]
         else:
-            try:  # off the event loop: a long document or many changes must not stall other clients or /health
-                new_text = await asyncio.to_thread(apply_range_edits, text, msg["changes"])
+            try:  # outside the lock: the changes are applied to the text read above
+                new_text = apply_range_edits(text, msg["changes"])
             except CodeSignalsError as exc:
                 raise ClientError("invalid_range", str(exc)) from None
         with session.lock:
@@ -267,24 +282,39 @@ class Connection:
             if doc is None or doc.text is not text:  # another tab changed it meanwhile
                 raise ClientError("stale_version", f"{path} changed meanwhile; resend against the new version")
             session.edit_doc(path, msg["version"], new_text, max_chars=self.settings.max_document_chars)
-        self.services.workers.wake()
-        await self.ack(msg, msg["version"])
 
     async def on_close(self, msg: dict) -> None:
-        with self.session.lock:
-            if msg["path"] not in self.session.docs:
-                raise ClientError("unknown_document", f"{msg['path']} is not open")
-            version = self.session.docs[msg["path"]].version
-            self.session.close_doc(msg["path"])
+        version = await asyncio.to_thread(self._close, msg["path"])
         self.services.workers.wake()
         await self.ack(msg, version)
 
-    async def on_status(self, msg: dict) -> None:
-        status = self.session.status()
+    def _close(self, path: str) -> int:
         with self.session.lock:
-            status["documents"] = {p: d.version for p, d in self.session.docs.items()}
+            if path not in self.session.docs:
+                raise ClientError("unknown_document", f"{path} is not open")
+            version = self.session.docs[path].version
+            self.session.close_doc(path)
+            return version
+
+    async def on_status(self, msg: dict) -> None:
+        status = await asyncio.to_thread(self._status)
         if "id" in msg:  # pushed statuses never carry one, so a reply is unambiguous
             status["id"] = msg["id"]
+        await self.send(status)
+
+    def _status(self) -> dict:
+        with self.session.lock:
+            return {**self.session.status(), "documents": {p: d.version for p, d in self.session.docs.items()}}
+
+    async def on_rollback(self, msg: dict) -> None:
+        """Serve a stored version again; this tab gets the answer (with its id), the others a push."""
+        def rollback():
+            _, message = self.services.sessions.rollback(self.owner, self.session.id, msg["version"],
+                                                         exclude=self._listener)
+            return message, self.session.status()
+
+        message, status = await asyncio.to_thread(rollback)
+        await self.send({**message, **({"id": msg["id"]} if "id" in msg else {})})
         await self.send(status)
 
     async def on_feedback(self, msg: dict) -> None:
@@ -310,10 +340,9 @@ class Connection:
         if cid in self.inflight:
             raise ClientError("duplicate_id", f"completion {cid!r} is already in progress")
         prefix, suffix = params.prefix, params.suffix
+        # The document's text and the adapter version this completion keeps, read once, off the loop.
+        text, snap = await asyncio.to_thread(self._read, msg.get("path") if prefix is None else None)
         if "path" in msg and prefix is None:
-            with self.session.lock:
-                doc = self.session.docs.get(msg["path"])
-                text = doc.text if doc is not None else None
             if text is None:
                 raise ClientError("unknown_document", f"{msg['path']} is not open")
             if "cursor" in msg:
@@ -327,7 +356,7 @@ class Connection:
                 i = marked.index(marker)
                 prefix, suffix = text[:i], text[i:]
             else:
-                prefix, suffix = text, suffix
+                prefix = text
         # An empty prefix is fine at the start of a document (a suffix, or a cursor at 1:1 of an open one).
         if not prefix and not (suffix or ("path" in msg and "cursor" in msg)):
             raise ClientError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
@@ -343,8 +372,8 @@ class Connection:
             prompt=prompt, suffix=suffix, max_tokens=params.max_tokens, temperature=params.temperature,
             top_p=params.top_p, stop=params.stops(), seed=params.seed, heal=mode != "raw", trim=mode != "raw",
             mode=None if mode == "raw" else mode,
+            fit_context=True,  # an editor's document may outgrow the model's context: keep the text near the cursor
         )
-        snap = self.session.current()  # read once: this completion keeps its version
         cancel = threading.Event()
         model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
         # Admission before anything runs, shared with HTTP: at most max_inflight_requests generations in all,
@@ -358,6 +387,12 @@ class Connection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _: gen.close())  # also if the task never ran (idempotent)
+
+    def _read(self, path: str | None):
+        """(text of the open document ``path``, or None; the published snapshot)."""
+        with self.session.lock:
+            doc = self.session.docs.get(path) if path is not None else None
+            return (doc.text if doc is not None else None), self.session.snapshot
 
     async def _generate(self, cid, gen, request: GenerationRequest, snap, cancel: threading.Event,
                         path=None) -> None:
@@ -387,11 +422,16 @@ class Connection:
             finish = "cancelled"
         completion_id, version = "cmpl-" + secrets.token_hex(12), snap.version if snap is not None else 0
         book = self.session.feedback
-        # The session's gate: a suggestion unlikely to be accepted is marked hidden (the client shows nothing).
         text = "".join(parts)
-        hidden = request.trim and text.strip() != "" and not book.gate.should_show(confidence)
-        book.record(completion_id, version=version, model=model, text=text, prompt=request.prompt,
-                    path=path, confidence=confidence, hidden=hidden)
+
+        def record() -> bool:  # the book's lock is also held while the session's metadata is written
+            # The session's gate: a suggestion unlikely to be accepted is marked hidden (the client shows nothing).
+            hidden = request.trim and text.strip() != "" and not book.gate.decide(confidence)
+            book.record(completion_id, version=version, model=model, text=text, prompt=request.prompt,
+                        path=path, confidence=confidence, hidden=hidden)
+            return hidden
+
+        hidden = await asyncio.to_thread(record)
         await self.send({
             "type": "completion.done", "id": cid, "text": text, "adapter_version": version,
             "finish_reason": finish or "stop", "completion_id": completion_id, "model": model,

@@ -41,6 +41,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "feedback": {"completion_id": (_STR, _REQ), "event": (_STR, _REQ), "accepted_text": (_STR, _OPT),
                  "id": (_ID, _OPT)},
     "ping": {"id": (_ID, _OPT)},
+    # Serve a stored version of the session's adapter again (as its next version).
+    "rollback": {"version": (_INT, _REQ), "id": (_ID, _OPT)},
 }
 _SUB_SCHEMA = {
     "client": {"name": _STR, "version": _STR},
@@ -96,6 +98,28 @@ def _without_nulls(msg: dict) -> dict:
             for k, v in msg.items() if v is not None}
 
 
+def _texts(msg: dict):
+    """(field, text) for every string a message carries: fields, sub-fields, and the texts of edit changes."""
+    for field, value in msg.items():
+        if isinstance(value, str):
+            yield field, value
+        elif isinstance(value, dict) and field in _SUB_SCHEMA:
+            yield from ((f"{field}.{k}", v) for k, v in value.items() if isinstance(v, str))
+        elif field == "changes":
+            yield from ((f"changes.{i}.text", c["text"]) for i, c in enumerate(value)
+                        if isinstance(c, dict) and isinstance(c.get("text"), str))
+
+
+def _check_text(kind: str, msg: dict) -> None:
+    """Text must be valid Unicode, as over HTTP: a lone surrogate (JSON can escape one) is ``invalid_field``,
+    so no document, path or feedback holds text a tokenizer or UTF-8 refuses."""
+    for field, text in _texts(msg):
+        try:
+            valid_text(text)
+        except ValueError as exc:
+            raise ClientError("invalid_field", f"{kind}: {field} {exc}") from None
+
+
 def validate(msg) -> dict:
     """Check one decoded message against SCHEMA; return it with null fields dropped.
 
@@ -128,6 +152,7 @@ def validate(msg) -> dict:
             for key, value in msg[field].items():
                 if not _typed(value, sub[key]):
                     raise ClientError("invalid_field", f"{kind}.{field}.{key} has the wrong type")
+    _check_text(kind, msg)
     if "path" in msg and not (0 < len(msg["path"]) <= MAX_PATH_CHARS):
         raise ClientError("invalid_field", f"{kind}: path must be 1..{MAX_PATH_CHARS} characters")
     if kind == "edit" and (("text" in msg) == ("changes" in msg)):
@@ -138,6 +163,8 @@ def validate(msg) -> dict:
         raise ClientError("invalid_field", "complete: cursor needs line and character")
     if kind == "complete" and msg.get("mode", "block") not in COMPLETION_MODES:
         raise ClientError("invalid_field", f"complete: mode must be one of {', '.join(COMPLETION_MODES)}")
+    if kind == "rollback" and msg["version"] < 0:
+        raise ClientError("invalid_field", "rollback: version must be 0 or more")
     if kind == "complete" and isinstance(msg.get("stop"), list) and not all(isinstance(s, str) for s in msg["stop"]):
         raise ClientError("invalid_field", "complete: stop must be a string or a list of strings")
     return msg

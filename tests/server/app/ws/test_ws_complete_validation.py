@@ -124,16 +124,17 @@ def test_the_edges_of_every_range_are_accepted_by_both(client):
             assert done["type"] == "completion.done", done
 
 
-def test_a_lone_surrogate_in_an_open_document_is_refused_at_complete(client):
-    """A prefix taken from the mirrored document is held to the rule a sent prefix is."""
+def test_a_lone_surrogate_in_a_document_is_refused_at_open(client):
+    """A document is held to the rule a sent prefix is: it is not opened, so no completion reads it."""
     with client.websocket_connect("ws://127.0.0.1/v1/ws") as ws:
         ready(ws)
         ws.send_text(as_json({"type": "open", "path": "a.py", "text": "x = '\ud800'\ny = ", "version": 1, "id": 1}))
-        assert receive(ws)["type"] == "ack"
+        reply = receive(ws)
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "invalid_field", 1), reply
+        assert "text" in reply["message"] and "surrogate" in reply["message"]
         ws.send_json({"type": "complete", "id": "d1", "path": "a.py", "cursor": {"line": 1, "character": 4}})
         reply = receive(ws)
-        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "invalid_field", "d1"), reply
-        assert "a.py" in reply["message"] and "surrogate" in reply["message"]
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "unknown_document", "d1"), reply
         ws.send_json({"type": "ping", "id": 8})
         assert receive(ws) == {"type": "pong", "id": 8}
 

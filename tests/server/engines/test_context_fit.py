@@ -1,0 +1,103 @@
+"""A prompt too long for the model's context: a code completion at a cursor (the websocket's ``complete``) is
+cut to fit, the prefix from its start and the suffix from its end; any other (HTTP, as OpenAI) is refused
+with ``context_length_exceeded``."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
+
+from server.app.main import create_app
+from server.config import Settings
+from server.engines.base import ContextLengthError, GenerationRequest
+from server.engines.decoding import encode_prompt, prompt_room
+from server.models import DEFAULT_MODEL, ensure_model
+from tests.conftest import build_tiny_model
+
+CONTEXT = 512  # the tiny models' max_position_embeddings
+CODE = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(300))  # thousands of tokens
+CURSOR_LINE = "def target(a, b):\n    return a"
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    """The default model's tokenizer (FIM tokens), without the model."""
+    return AutoTokenizer.from_pretrained(ensure_model(DEFAULT_MODEL, progress=False))
+
+
+def test_a_long_fim_prompt_keeps_the_text_nearest_the_cursor(qwen_tokenizer):
+    request = GenerationRequest(prompt=CODE + CURSOR_LINE, suffix="\n\n" + CODE, max_tokens=32, heal=True,
+                                fit_context=True)
+    prompt = encode_prompt(qwen_tokenizer, request, CONTEXT)
+    room = prompt_room(request, CONTEXT)
+    assert room == CONTEXT - 32
+    assert room - 40 <= len(prompt.ids) <= room  # cut to fit, not far below (line breaks take a few tokens)
+    text = qwen_tokenizer.decode(prompt.ids)
+    prefix, _, rest = text.removeprefix("<|fim_prefix|>").partition("<|fim_suffix|>")
+    suffix = rest.removesuffix("<|fim_middle|>")
+    assert (prefix + prompt.healed).endswith(CURSOR_LINE)  # the cursor keeps its place (less the healed token)
+    kept = (prefix + prompt.healed)[: -len(CURSOR_LINE)]
+    assert CODE.endswith(kept) and CODE[-len(kept) - 1] == "\n"  # the end of the code, from a line start
+    assert suffix.startswith("\n\ndef f0(x):") and suffix.endswith("\n") and CODE.startswith(suffix[2:])
+    n_suffix = len(qwen_tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    assert room // 4 - 20 <= n_suffix <= room // 4  # the suffix's share; the prefix has the rest
+
+
+def test_a_short_suffix_leaves_its_share_to_the_prefix(qwen_tokenizer):
+    request = GenerationRequest(prompt=CODE + CURSOR_LINE, suffix="\n", max_tokens=16, fit_context=True)
+    prompt = encode_prompt(qwen_tokenizer, request, CONTEXT)
+    assert prompt_room(request, CONTEXT) - 20 <= len(prompt.ids) <= prompt_room(request, CONTEXT)
+    assert qwen_tokenizer.decode(prompt.ids).endswith(CURSOR_LINE + "<|fim_suffix|>\n<|fim_middle|>")
+
+
+def test_a_prompt_that_fits_is_not_cut(qwen_tokenizer):
+    request = GenerationRequest(prompt=CURSOR_LINE, suffix="\n", max_tokens=16, heal=True)
+    fitted = encode_prompt(qwen_tokenizer, GenerationRequest(**{**request.__dict__, "fit_context": True}), CONTEXT)
+    assert fitted == encode_prompt(qwen_tokenizer, request, CONTEXT)
+
+
+def test_without_fit_context_the_prompt_is_whole(qwen_tokenizer):
+    prompt = encode_prompt(qwen_tokenizer, GenerationRequest(prompt=CODE), CONTEXT)
+    assert len(prompt.ids) > CONTEXT  # the engine refuses it (context_length_exceeded)
+
+
+def test_a_prompt_that_cannot_fit_is_refused(qwen_tokenizer):
+    # A context of 2 tokens: the FIM markers alone take 3.
+    request = GenerationRequest(prompt=CODE, suffix=CODE, max_tokens=1, fit_context=True)
+    with pytest.raises(ContextLengthError):
+        encode_prompt(qwen_tokenizer, request, 2)
+
+
+@pytest.fixture(scope="module")
+def client(tokenizer, tmp_path_factory):
+    model = build_tiny_model("llama", len(tokenizer))
+    assert model.config.max_position_embeddings == CONTEXT
+    app = create_app(Settings(model="tiny", data_dir=tmp_path_factory.mktemp("data")), model=model,
+                     tokenizer=tokenizer)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+def test_the_websocket_cuts_a_long_document_and_http_refuses_it(client):
+    """A document longer than the model's context completes over the websocket (an editor cannot know the
+    model's tokens); the same prompt over HTTP is a 400, as OpenAI answers it."""
+    prefix = CODE[-7000:] + CURSOR_LINE  # within the protocol's 8000 characters, past 512 tokens
+    with client.websocket_connect("ws://127.0.0.1/v1/ws") as ws:
+        ws.send_json({"type": "hello"})
+        assert ws.receive_json()["type"] == "ready"
+        ws.send_json({"type": "complete", "id": "c1", "prefix": prefix, "suffix": "\n" + CODE[:3000],
+                      "max_tokens": 4})
+        while (reply := ws.receive_json())["type"] in ("completion.delta", "status", "adapted"):
+            pass
+        assert reply["type"] == "completion.done" and reply["id"] == "c1", reply
+    r = client.post("/v1/completions", json={"prompt": prefix, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_without_fim_tokens_the_prefix_has_all_the_room(tokenizer):
+    """SmolLM2 has no FIM tokens: its prompt is the prefix alone, so the suffix takes no share."""
+    request = GenerationRequest(prompt=CODE + CURSOR_LINE, suffix="\n" + CODE, max_tokens=16, fit_context=True)
+    prompt = encode_prompt(tokenizer, request, CONTEXT)
+    assert prompt_room(request, CONTEXT) - 20 <= len(prompt.ids) <= prompt_room(request, CONTEXT)
+    assert tokenizer.decode(prompt.ids).endswith(CURSOR_LINE)
