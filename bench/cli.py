@@ -18,6 +18,7 @@ BENCHMARKS = {
     "latency": ("bench.latency", "completion latency of a real server while sessions adapt"),
     "scale": ("bench.scale", "memory and throughput of many concurrent session adapters"),
     "infill": ("bench.infill", "fill-in-the-middle on real files: raw vs healed and shaped, and the confidence gate"),
+    "soak": ("bench.soak", "a bounded load run: websocket sessions replay real edits and ask for completions"),
 }
 
 

@@ -127,10 +127,10 @@ def gate_replay(rows: list[dict]) -> dict:
             if not shaped["text"].strip():
                 continue  # nothing to suggest
             candidates[history].append(shaped)
-            if gate.should_show(shaped["confidence"]):
+            if gate.decide(shaped["confidence"]):
                 shown[history].append(shaped)
                 gate.update(shaped["confidence"], shaped["exact"])
-    everything = _gate_counts(sum(candidates.values(), []), sum(shown.values(), []))
+    everything = _gate_counts([c for h in HISTORIES for c in candidates[h]], [c for h in HISTORIES for c in shown[h]])
     return {**everything, "histories": {h: _gate_counts(candidates[h], shown[h]) for h in HISTORIES}}
 
 
