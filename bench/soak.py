@@ -679,8 +679,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or model directory")
     # The defaults keep 64 sessions on two CPU cores below saturation: about one completion a second over
     # all sessions, each on a window of 1,000 characters (a 2,000-token prefill takes seconds there).
-    p.add_argument("--edit-interval", type=float, default=30.0, help="seconds between a session's edits")
-    p.add_argument("--completion-interval", type=float, default=60.0,
+    p.add_argument("--edit-interval", type=float, default=60.0, help="seconds between a session's edits")
+    p.add_argument("--completion-interval", type=float, default=240.0,
                    help="seconds between a session's completion requests (one in flight per session)")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each completion")
     p.add_argument("--prefix-chars", type=int, default=1000,
