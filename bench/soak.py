@@ -677,8 +677,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--sessions", type=int, default=64, help="websocket sessions (default: %(default)s)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or model directory")
-    # The defaults keep 64 sessions on two CPU cores below saturation: about one completion a second over
-    # all sessions, each on a window of 1,000 characters (a 2,000-token prefill takes seconds there).
+    # The defaults keep 64 sessions on two CPU cores below saturation: about 16 completions and 64 edits a
+    # minute over all sessions, each completion on a window of 1,000 characters (a 2,000-token prefill
+    # takes seconds there); a completion a minute per session overloaded them (docs/bench.md, "Soak").
     p.add_argument("--edit-interval", type=float, default=60.0, help="seconds between a session's edits")
     p.add_argument("--completion-interval", type=float, default=240.0,
                    help="seconds between a session's completion requests (one in flight per session)")
