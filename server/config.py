@@ -89,7 +89,8 @@ class Settings(BaseSettings):
                                description="LoRA parameters per session, as a mean rank: the parameters a fixed "
                                            "adapter of this rank has on the same modules (0: no cap)")
     max_sessions: int = Field(64, ge=1, description="sessions kept in memory (beyond it, idle sessions are saved "
-                                                     "and evicted, least recently used first)")
+                                                     "and evicted, least recently used first; when all are "
+                                                     "connected, a new one is refused with too_many_sessions)")
     max_queue_per_session: int = Field(32, ge=1, description="training examples queued per session (the oldest drop "
                                                               "when it is full)")
     adapter_lr: float = Field(5e-4, gt=0, lt=1, allow_inf_nan=False, description="learning rate of session adapters")

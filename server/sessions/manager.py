@@ -134,6 +134,7 @@ class SessionManager:
         with self._building(owner, session_id):
             session = self._join(owner, session_id) if session_id else None
             if session is None:
+                self._make_room()
                 # Reading and building the adapter happen outside the manager lock, so other
                 # sessions' lookups go on meanwhile; the build lock keeps this id built once.
                 session = self._restore(owner, session_id) if session_id else None
@@ -160,6 +161,7 @@ class SessionManager:
         """
         with self._lock:
             if new is not None:
+                self._check_room()  # under the same lock as the insert: no two attaches overshoot together
                 self._sessions[(owner_hash(owner), sid)] = new
                 self._metrics_track(new)
             session = self._sessions.get((owner_hash(owner), sid))
@@ -175,6 +177,7 @@ class SessionManager:
         with self._building(owner, sid):
             session = self._join(owner, sid, connect=False)
             if session is None:
+                self._make_room()
                 restored = self._restore(owner, sid)
                 if restored is None:
                     return None
@@ -403,13 +406,26 @@ class SessionManager:
                 log.exception("persisting session %s failed", session.id)
         return written
 
-    def _evict_over_limit(self, keep: Session) -> None:
-        """Persist and drop the least recently used idle sessions beyond ``max_sessions``.
+    def _make_room(self) -> None:
+        """Before another session becomes resident: evict an idle one if the table is full, and refuse
+        (``too_many_sessions``) when every resident session is connected, so memory stays bounded."""
+        self._evict_over_limit(keep=None, room_for=1)
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if len(self._sessions) >= self.settings.max_sessions:
+            raise ClientError("too_many_sessions", f"the server already holds {self.settings.max_sessions} "
+                                                   "sessions, all connected (--max-sessions); try again later")
+
+    def _evict_over_limit(self, keep: Session | None, room_for: int = 0) -> None:
+        """Persist and drop the least recently used idle sessions beyond ``max_sessions`` (less
+        ``room_for``, the sessions about to come in).
 
         Victims are chosen under the manager lock; writing them happens outside every lock but their own.
         """
         with self._lock:
-            excess = len(self._sessions) - self.settings.max_sessions
+            excess = len(self._sessions) + room_for - self.settings.max_sessions
             idle = sorted((s for s in self._sessions.values() if s.connections == 0 and s is not keep),
                           key=lambda s: s.last_used)
         for victim in idle:

@@ -64,7 +64,7 @@ def test_a_session_that_never_trained_leaves_no_adapter_on_disk(make_manager):
     manager = make_manager(max_sessions=1)
     hello, token = manager.attach("k", "hello-only")
     manager.detach(hello)
-    manager.attach("k", "next")  # over max_sessions: the idle one is evicted ...
+    following, _ = manager.attach("k", "next")  # over max_sessions: the idle one is evicted ...
     manager.persist_all()  # ... and the other written as at shutdown
     for sid in ("hello-only", "next"):
         # Only the small metadata that keeps its resume token valid across a restart.
@@ -73,6 +73,7 @@ def test_a_session_that_never_trained_leaves_no_adapter_on_disk(make_manager):
     back, _ = make_manager().attach("k", resume_token=token)
     assert back.id == "hello-only" and back.current().version == 0
 
+    manager.detach(following)  # max_sessions is 1: make room
     trained, _ = manager.attach("k", "trained")
     step(trained)
     manager.persist(trained)

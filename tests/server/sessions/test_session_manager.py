@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from server.errors import ClientError
+
 WAIT_S = 60
 
 
@@ -76,11 +80,25 @@ def test_idle_sessions_beyond_the_limit_are_persisted_and_evicted(make_manager):
     idle, _ = manager.attach("key-a", "idle")
     manager.detach(idle)
     busy, _ = manager.attach("key-a", "busy")  # still connected
-    manager.attach("key-a", "third")
+    third, _ = manager.attach("key-a", "third")
     assert manager.get("key-a", "idle") is None  # the idle one went to disk
     assert manager.get("key-a", "busy") is busy
     # It never trained: its metadata (resume tokens) is stored, its adapter is not.
     assert manager.describe_stored("key-a", "idle") is not None
     assert not manager.store.exists("key-a", "session-idle")
-    back, _ = manager.attach("key-a", "idle")  # and comes back from it
+    manager.detach(third)
+    back, _ = manager.attach("key-a", "idle")  # and comes back from it (taking the room of the idle third)
     assert back.id == "idle" and back is not idle
+
+
+def test_when_every_resident_session_is_connected_a_new_one_is_refused_until_one_leaves(make_manager):
+    manager = make_manager(max_sessions=2)
+    first, _ = manager.attach("key-a", "first")
+    manager.attach("key-a", "second")
+    with pytest.raises(ClientError) as refused:
+        manager.attach("key-a", "third")
+    assert refused.value.code == "too_many_sessions"
+    assert len(manager.sessions()) == 2 and manager.describe_stored("key-a", "third") is None
+    manager.detach(first)
+    third, _ = manager.attach("key-a", "third")  # the idle one makes room
+    assert third.id == "third" and manager.get("key-a", "first") is None and len(manager.sessions()) == 2
