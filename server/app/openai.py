@@ -181,7 +181,7 @@ async def respond(request: Request, gen: Generation, *, stream: bool, body: Call
         finally:
             watcher.cancel()
             gen.close()
-        on_finished()
+        await asyncio.to_thread(on_finished)  # a key's first completion reads its feedback books from disk
         if offload:
             return await asyncio.to_thread(lambda: JSONResponse(body()))
         return JSONResponse(body())
@@ -190,7 +190,7 @@ async def respond(request: Request, gen: Generation, *, stream: bool, body: Call
         try:
             async for event in events():
                 yield event
-            on_finished()
+            await asyncio.to_thread(on_finished)
             if usage is not None:
                 yield usage()
         finally:
