@@ -19,6 +19,7 @@ BENCHMARKS = {
     "scale": ("bench.scale", "memory and throughput of many concurrent session adapters"),
     "infill": ("bench.infill", "fill-in-the-middle on real files: raw vs healed and shaped, and the confidence gate"),
     "soak": ("bench.soak", "a bounded load run: websocket sessions replay real edits and ask for completions"),
+    "stall": ("bench.stall", "what one client can do to others: /health stalls from heavy messages, a completion flood"),
 }
 
 

@@ -58,7 +58,10 @@ def test_a_prompt_that_fits_is_not_cut(qwen_tokenizer):
 
 
 def test_without_fit_context_the_prompt_is_whole(qwen_tokenizer):
-    prompt = encode_prompt(qwen_tokenizer, GenerationRequest(prompt=CODE), CONTEXT)
+    from server.engines.decoding import HEAD_CHARS_PER_TOKEN
+
+    just_past = CODE[: CONTEXT * HEAD_CHARS_PER_TOKEN]  # past the context, but not past the head's size
+    prompt = encode_prompt(qwen_tokenizer, GenerationRequest(prompt=just_past), CONTEXT)
     assert len(prompt.ids) > CONTEXT  # the engine refuses it (context_length_exceeded)
 
 
@@ -101,3 +104,18 @@ def test_without_fim_tokens_the_prefix_has_all_the_room(tokenizer):
     prompt = encode_prompt(tokenizer, request, CONTEXT)
     assert prompt_room(request, CONTEXT) - 20 <= len(prompt.ids) <= prompt_room(request, CONTEXT)
     assert tokenizer.decode(prompt.ids).endswith(CURSOR_LINE)
+
+
+def test_a_prompt_far_past_the_context_is_refused_from_its_head_without_tokenizing_all_of_it(qwen_tokenizer):
+    from server.engines.decoding import HEAD_CHARS_PER_TOKEN
+
+    seen = []
+
+    def tokenizer(text, **kwargs):
+        seen.append(len(text))
+        return qwen_tokenizer(text, **kwargs)
+
+    huge = CODE * 200  # about 6 MB
+    with pytest.raises(ContextLengthError, match=f"more than {CONTEXT} tokens"):
+        encode_prompt(tokenizer, GenerationRequest(prompt=huge, max_tokens=4), CONTEXT)
+    assert seen == [CONTEXT * HEAD_CHARS_PER_TOKEN]  # only the head was tokenized
