@@ -24,10 +24,8 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ from safetensors.torch import load_file
 from adapter_core.faults import GATE_ENV, MARKER_ENV, POINT_ENV
 from server.store.files import remove_stale_temps
 from tests.helpers import ROOT, free_port, server_output, start_server, stop_child, stop_server, wait_for_http
-from tests.session_server import FILE_V1, FILE_V2, Client, adapt_once, run, save_tiny_model
+from tests.session_server import FILE_V1, FILE_V2, Client, adapt_once, run
 
 WAIT_S = 120.0
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)-|^\.deleted-")
@@ -67,14 +65,6 @@ JOB_POINTS = {
     "dir.after_swap": ("resumed", 2),  # the step-2 checkpoint swapped in, the old one not yet removed
     "job.before_finish": ("resumed", 4),  # the adapter not yet saved
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer):
-    d = Path(tempfile.mkdtemp(prefix="dynarank-tiny-")) / "tiny"
-    save_tiny_model(d, tokenizer)
-    yield d
-    shutil.rmtree(d.parent, ignore_errors=True)
 
 
 class Crash:

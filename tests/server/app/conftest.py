@@ -1,4 +1,4 @@
-"""Fixtures of the end-to-end app tests: a tiny model saved once per module and a server on it."""
+"""Fixtures of the end-to-end app tests: a server on the tiny model that tests/server/conftest.py saves."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.session_server import Server, save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer):
-    d = Path(tempfile.mkdtemp(prefix="dynarank-tiny-")) / "tiny"
-    save_tiny_model(d, tokenizer)
-    yield d
-    shutil.rmtree(d.parent, ignore_errors=True)
+from tests.session_server import Server
 
 
 @pytest.fixture(scope="module")
