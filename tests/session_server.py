@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,6 +120,19 @@ class Server:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+
+def served(model_dir: Path, extra: list[str] = ()):
+    """Body of a module fixture: a started ``Server`` on a fresh data dir, yielded; afterwards it is stopped,
+    its data dir removed and its output checked for tracebacks, and that output is returned
+    (``out = yield from served(...)``)."""
+    data = Path(tempfile.mkdtemp(prefix="dynarank-data-"))
+    srv = Server(model_dir, data, extra=extra).start()
+    yield srv
+    out = srv.stop()
+    shutil.rmtree(data, ignore_errors=True)
+    assert "Traceback" not in out, out[-3000:]
+    return out
 
 
 async def adapt_once(client: Client, path: str = "geometry.py") -> dict:

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from tests.session_server import Server
+from tests.session_server import served
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    data = Path(tempfile.mkdtemp(prefix="dynarank-data-"))
-    srv = Server(tiny_dir, data).start()
-    yield srv
-    out = srv.stop()
-    shutil.rmtree(data, ignore_errors=True)
-    assert "Traceback" not in out, out[-3000:]
+    yield from served(tiny_dir)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +20,7 @@ from websockets.sync.client import connect
 from server.app.ws.protocol import _SUB_SCHEMA, SCHEMA, CompleteParams
 from tests.fuzz import FUZZ, TEXT, encoded, valid, weighted
 from tests.helpers import ROOT
-from tests.session_server import Server
+from tests.session_server import served
 
 LIMIT = 4096  # --max-ws-message-bytes: small, so oversized frames are cheap to send
 TRANSPORT_LIMIT = 2 * LIMIT  # larger messages close the socket with 1009 (server/cli.py transport_options)
@@ -116,12 +113,7 @@ def frames(draw) -> tuple[str | bytes, int]:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    data = Path(tempfile.mkdtemp(prefix="dynarank-data-"))
-    srv = Server(tiny_dir, data, extra=["--max-ws-message-bytes", str(LIMIT)]).start()
-    yield srv
-    out = srv.stop()
-    shutil.rmtree(data, ignore_errors=True)
-    assert "Traceback" not in out, out[-3000:]
+    yield from served(tiny_dir, ["--max-ws-message-bytes", str(LIMIT)])
 
 
 class Peer:

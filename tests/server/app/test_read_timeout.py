@@ -5,18 +5,15 @@ keeps answering other clients (server/app/http_protocol.py)."""
 from __future__ import annotations
 
 import selectors
-import shutil
 import socket
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from server.cli import transport_options
 from server.config import Settings
-from tests.session_server import Server
+from tests.session_server import served
 
 TIMEOUT_S = 2.0
 PATIENCE_S = 60.0  # generous: the machine may be busy; the server must close them long before this
@@ -26,12 +23,7 @@ HEADERS = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: ap
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    data = Path(tempfile.mkdtemp(prefix="dynarank-data-"))
-    srv = Server(tiny_dir, data, extra=["--read-timeout-s", str(TIMEOUT_S)]).start()
-    yield srv
-    out = srv.stop()
-    shutil.rmtree(data, ignore_errors=True)
-    assert "Traceback" not in out, out[-3000:]
+    out = yield from served(tiny_dir, ["--read-timeout-s", str(TIMEOUT_S)])
     assert "event=read_timeout" in out
 
 
