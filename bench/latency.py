@@ -37,11 +37,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# `dynarank serve` that writes every thread's stack to its log on SIGUSR1 (a hang can then be read).
+SERVE = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+         "from server.cli import main; sys.exit(main())")
+
+
 def start_server(model: str, port: int, data_dir: Path, log_path: Path, extra=()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "serve", "--model", model, "--port", str(port),
-           "--data-dir", str(data_dir), "--edit-quiet-s", "0.3", *extra]
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-c", SERVE, "serve", "--model", model, "--port", str(port), "--data-dir", str(data_dir),
+           *extra]
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -275,7 +280,7 @@ def run(args) -> int:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="dynarank-bench-latency-"))
-    proc = start_server(args.model, port, work / "data", work / "server.log")
+    proc = start_server(args.model, port, work / "data", work / "server.log", extra=("--edit-quiet-s", "0.3"))
     results = {"config": {"model": args.model, "rate": args.rate, "max_tokens": args.max_tokens,
                           "phase_s": args.phase_s, "sessions": args.sessions, "trials": args.trials}}
     sessions: list[EditingSession] = []

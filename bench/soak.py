@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from bench.edits import read_jsonl_edits
-from bench.latency import free_port, percentile
+from bench.latency import free_port, percentile, start_server
 from bench.replay import _history_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,20 +422,9 @@ def session_totals(sessions: list[dict]) -> dict:
 # -- the server process -------------------------------------------------------------------
 
 
-# `dynarank serve`, able to write every thread's stack to its log on SIGUSR1: a server that hangs
-# on the way out says where before it is killed.
-SERVE = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
-         "from server.cli import main; sys.exit(main())")
-
-
-def start_server(model: str, port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", SERVE, "serve", "--model", model, "--port", str(port), "--data-dir", str(data_dir)]
-    with open(log_path, "w") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
 def stop_server(proc: subprocess.Popen, timeout: float = 120.0) -> dict:
-    """SIGTERM (the server persists its sessions on the way out); past ``timeout`` a thread dump, then SIGKILL.
+    """SIGTERM (the server persists its sessions on the way out); past ``timeout`` a thread dump (the server
+    of ``bench.latency.start_server`` writes one on SIGUSR1), then SIGKILL.
 
     uvicorn re-raises the SIGTERM once it has shut down, so a clean stop exits with -SIGTERM (or 0).
     """

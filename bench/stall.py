@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.latency import free_port, percentile, wait_ready
-from bench.soak import start_server, stop_server
+from bench.latency import free_port, percentile, start_server, wait_ready
+from bench.soak import stop_server
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 POLL_S = 0.02
