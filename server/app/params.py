@@ -80,9 +80,31 @@ def refusal(errors: list[dict]) -> ClientError:
     ``unknown_parameter`` for a field the model does not declare, else ``invalid_value`` with pydantic's
     message (or a validator's own), prefixed by the field.
     """
-    first = errors[0] if errors else {}
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    if first.get("type") == "extra_forbidden":
+    if not errors:
+        return ClientError("invalid_value", "invalid request")
+    # A value that fits no member of a union (``stop: str | list[str]``) fails once per member; the member
+    # that got furthest into the value (``stop.1``) says most, and equally deep members are named together.
+    first_param = _param(errors[0])
+    related = [e for e in errors if (_param(e) or "").startswith(first_param or "")] if first_param else errors[:1]
+    deepest = max(len(_field_path(e)) for e in related)
+    chosen = [e for e in related if len(_field_path(e)) == deepest]
+    param = _param(chosen[0])
+    if chosen[0].get("type") == "extra_forbidden":
         return ClientError("unknown_parameter", f"Unrecognized request argument supplied: {param}", param=param)
-    message = first.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own message
+    messages = dict.fromkeys(e.get("msg", "invalid request").removeprefix("Value error, ") for e in chosen)
+    message = " or ".join(messages)  # a validator's own message has pydantic's "Value error, " prefix dropped
     return ClientError("invalid_value", f"{param}: {message}" if param else message, param=param)
+
+
+def _field_path(error: dict) -> list:
+    """The request fields of pydantic's ``loc``: without ``body`` and union member tags (``str``, ``list[str]``)."""
+    return [p for p in error.get("loc", ()) if p != "body" and not (isinstance(p, str) and _UNION_TAG.match(p))]
+
+
+def _param(error: dict) -> str | None:
+    return ".".join(str(p) for p in _field_path(error)) or None
+
+
+# pydantic names each member of a union in ``loc`` by its schema: a type (``str``, ``int``), a generic
+# (``list[str]``) or a wrapped one (``function-after[...]``, ``constrained-str``). No request field has such a name.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z-]+\[.*\]|[a-z]+-[a-z-]+)$")

@@ -85,3 +85,20 @@ def test_framework_errors_have_the_same_shape():
     assert (too_big["type"], too_big["code"]) == ("invalid_request_error", "request_too_large")
     bug = error_of(client.get("/bug"), 500)
     assert bug["type"] == "server_error" and "boom" not in bug["message"]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"stop": 5}, "stop", ("valid string", "valid list")),  # fits no member of str | list[str]: both named
+    ({"stop": ["a", 3]}, "stop.1", ("valid string",)),  # the list member got furthest: its item is named
+    ({"seed": 1.5}, "seed", ("integer",)),
+])
+def test_refusal_names_the_request_field_not_pydantic_union_tags(body, param, words):
+    from pydantic import ValidationError
+
+    from server.app.params import GenerationParams, refusal
+
+    with pytest.raises(ValidationError) as caught:
+        GenerationParams(**body)
+    error = refusal(caught.value.errors())
+    assert error.param == param and error.code == "invalid_value"
+    assert error.message.startswith(f"{param}: ") and all(w in error.message for w in words)
