@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(32, ge=1, description="completion requests in flight before 429")
     max_ws_inflight_per_connection: int = Field(4, ge=1, description="websocket completions one connection may "
                                                                      "have in flight (beyond it: too_many_requests)")
+    max_ws_connections_per_key: int = Field(32, ge=1, description="websocket sessions one API key (without keys: "
+                                                                 "all local clients) may have open at once (beyond "
+                                                                 "it: hello is refused with too_many_connections)")
     max_ws_message_bytes: int = Field(1024 * 1024, ge=1, description="largest websocket message accepted (up to "
                                                                      "twice that gets an error reply; larger closes "
                                                                      "the socket with code 1009)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 # HTTP status of the codes that are not a plain 400.
 _STATUS = {"unknown_completion": 404, "session_not_found": 404, "model_not_found": 404, "duplicate_feedback": 409,
            "contradictory_feedback": 409, "unauthorized": 401, "too_many_requests": 429,
-           "too_many_sessions": 429}
+           "too_many_sessions": 429, "too_many_connections": 429}
 
 
 class ClientError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Protocol
 
@@ -82,3 +83,5 @@ class ServerState:
     bridge: GenerationBridge | None = None
     services: Services | None = None
     adapters: AdapterResolver | None = None  # the session manager when services exist
+    # Open websocket sessions per owner (None: no API keys); changed only on the event loop.
+    ws_open: collections.Counter = dataclasses.field(default_factory=collections.Counter)

@@ -73,6 +73,7 @@ class Connection:
         self._pusher_scheduled = False
         # Who this connection is to admission and the engine's turns (a small key, not the connection itself).
         self._client_key = ("ws", uuid.uuid4().hex)
+        self._counted_owner: tuple | None = None  # (owner,) while this connection counts as one of its sessions
 
     # -- sending -----------------------------------------------------------------
 
@@ -188,6 +189,7 @@ class Connection:
 
     async def _cleanup(self) -> None:
         self._closed = True
+        self._uncount_connection()
         for event in self.inflight.values():
             event.set()
         if self.session is not None:  # off the loop: it takes the session's and the manager's locks
@@ -216,9 +218,14 @@ class Connection:
         ok, owner = authenticate(self.settings, msg.get("api_key"))
         if not ok:
             raise ClientError("unauthorized", "missing or invalid api_key")
+        self._count_connection(owner)
         self.owner = owner
         self._listener = self._push_threadsafe  # one object: notify(exclude=...) compares by identity
-        session, token, snap, docs = await asyncio.to_thread(self._attach, msg)
+        try:
+            session, token, snap, docs = await asyncio.to_thread(self._attach, msg)
+        except BaseException:
+            self._uncount_connection()
+            raise
         self.session = session
         summary = snapshot_summary(snap)
         await self.send({
@@ -227,6 +234,23 @@ class Connection:
             "model": f"{self.settings.served_name}:{SESSION_PREFIX}{session.id}", "documents": docs,
             "origin": session.origin,
         })
+
+    def _count_connection(self, owner) -> None:
+        """Count this connection against its owner's ``max_ws_connections_per_key`` (on the loop: no race)."""
+        limit = self.settings.max_ws_connections_per_key
+        if self.state.ws_open[owner] >= limit:
+            raise ClientError("too_many_connections", f"this key already has {limit} websocket sessions open; "
+                                                      "close one, or try again later")
+        self.state.ws_open[owner] += 1
+        self._counted_owner = (owner,)
+
+    def _uncount_connection(self) -> None:
+        if self._counted_owner is not None:
+            owner, = self._counted_owner
+            self.state.ws_open[owner] -= 1
+            if self.state.ws_open[owner] <= 0:
+                del self.state.ws_open[owner]
+            self._counted_owner = None
 
     def _attach(self, msg: dict):
         """(session, resume token, snapshot, {path: version}) with this connection listening."""
