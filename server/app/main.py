@@ -52,6 +52,7 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine: Engine | 
                         engine=engine)
     if engine is not None:
         state.bridge = GenerationBridge(engine, metrics, settings.max_inflight_requests)
+        metrics.watch_replicas(engine)  # vllm-remote: each replica's health on /metrics
     if model is not None and engine is not None:
         state.services = Services.build(settings, model, state.tokenizer, engine, metrics)
         state.adapters = state.services.sessions

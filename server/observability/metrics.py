@@ -35,6 +35,17 @@ Sessions and fine-tuning jobs (read from the session layer at scrape time, all k
   training_queue_depth Gauge      training_queue_depth  (examples waiting, all resident sessions)
   fine_tuning_jobs     Gauge      fine_tuning_jobs{state}  (state: one of JOB_STATES, zeros included)
 
+vLLM replicas (``--engine vllm`` with several ``url``s; read from the engine at scrape time,
+``replica`` = the server's URL, a configured and bounded set):
+  vllm_replica_up              Gauge    {replica}  (1 up, 0 down)
+  vllm_replica_inflight        Gauge    {replica}  (requests streaming there now)
+  vllm_replica_loaded_versions Gauge    {replica}  (adapter versions loaded there)
+  vllm_replica_requests_total  Counter  {replica}  (attempts sent there)
+  vllm_replica_failures_total  Counter  {replica}  (times marked down)
+  vllm_routed_total            Counter  {outcome}  (hit: a replica held the version; cold: loaded first;
+                                                    base; retried / resumed: moved after a failure)
+  vllm_stale_requests_total    Counter  (ran on an older version: theirs was not loaded yet)
+
 Per session (``Metrics.figures``, never in ``/metrics``): steps and swaps since
 the session became resident, last loss, rank per module, queue depth. The
 session manager calls ``track_session`` when a session becomes resident and
@@ -101,10 +112,18 @@ class Metrics:
         self.step_loss = Histogram(p + "adaptation_loss", "Loss of adaptation steps, all sessions",
                                    registry=r, buckets=_LOSS_BUCKETS)
         self.figures = SessionFigures()
+        self._replica_engines: list = []  # engines whose replicas /metrics reports (watch_replicas)
 
     def watch_feedback(self, source) -> None:
         """Expose ``source.metric_rows()`` (a FeedbackRegistry) on every scrape."""
         self.registry.register(_FeedbackCollector(source))
+
+    def watch_replicas(self, engine) -> None:
+        """Expose ``engine.replica_metrics()`` on every scrape (once per engine; engines without it: nothing)."""
+        if not hasattr(engine, "replica_metrics") or any(e is engine for e in self._replica_engines):
+            return
+        self._replica_engines.append(engine)
+        self.registry.register(_ReplicaCollector(engine))
 
     def watch_services(self, sessions, jobs) -> None:
         """Expose session and job counts of a SessionManager and a JobManager on every scrape."""
@@ -237,6 +256,41 @@ class _FeedbackCollector:
 
     def describe(self):
         return []  # collected lazily: nothing to check at registration
+
+
+class _ReplicaCollector:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = self.engine.replica_metrics()
+        p = "dynarank_vllm_"
+        families = {
+            "up": GaugeMetricFamily(p + "replica_up", "vLLM replica up (1) or down (0)", labels=["replica"]),
+            "inflight": GaugeMetricFamily(p + "replica_inflight", "Requests streaming on the replica",
+                                          labels=["replica"]),
+            "loaded": GaugeMetricFamily(p + "replica_loaded_versions", "Adapter versions loaded on the replica",
+                                        labels=["replica"]),
+            "requests": CounterMetricFamily(p + "replica_requests", "Requests sent to the replica",
+                                            labels=["replica"]),
+            "failures": CounterMetricFamily(p + "replica_failures", "Times the replica was marked down",
+                                            labels=["replica"]),
+        }
+        for row in figures["replicas"]:
+            for key, family in families.items():
+                family.add_metric([row["url"]], float(row[key]))
+        yield from families.values()
+        routed = CounterMetricFamily(p + "routed", "Requests by routing outcome", labels=["outcome"])
+        for outcome, n in figures["routed"].items():
+            routed.add_metric([outcome], n)
+        yield routed
+        yield CounterMetricFamily(p + "stale_requests", "Requests run on an older adapter version than asked",
+                                  value=figures["stale"])
+
+    def describe(self):
+        return []
 
 
 class _ServicesCollector:

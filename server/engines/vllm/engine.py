@@ -49,6 +49,7 @@ from server.engines.vllm.options import (
     DEFAULT_ALLOWED_RANKS,
     allowed_lora_ranks,
     choose_max_lora_rank,
+    cuda_available,
     import_vllm,
 )
 from server.engines.vllm.versions import AdapterVersion, AdapterVersions
@@ -91,6 +92,9 @@ class VLLMEngine(TokenizerEngine):
         self.max_lora_rank = int(max_lora_rank) if max_lora_rank else choose_max_lora_rank(r_max)
         if self.max_lora_rank not in DEFAULT_ALLOWED_RANKS + allowed_lora_ranks():
             raise ValueError(f"max_lora_rank must be one of {allowed_lora_ranks()}, got {self.max_lora_rank}")
+        if self.max_lora_rank < r_max:
+            log.warning("max_lora_rank %d < the rank policies' r_max %d: adapters with a larger rank will fail "
+                        "to load", self.max_lora_rank, r_max)
         self.max_loras = int(max_loras)
         self.max_cpu_loras = int(max_cpu_loras or max(self.max_loras, 8))
         if self.max_cpu_loras < self.max_loras:
@@ -150,7 +154,7 @@ class VLLMEngine(TokenizerEngine):
         return import_vllm()
 
     async def _start(self, args):
-        if not _cuda_available():
+        if not cuda_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self.kv_cache_gib)))))
         return self._v["AsyncLLM"].from_engine_args(self._v["AsyncEngineArgs"](**args))
 
@@ -330,6 +334,11 @@ class VLLMEngine(TokenizerEngine):
     def release(self, v: AdapterVersion) -> None:
         self.versions.release(v)
 
+    def prefetch(self, snapshot) -> None:
+        """A version was just published: write and load it now, so the requests for it find it loaded
+        (with replicas: on its lineage's home). Does not wait."""
+        self.versions.prefetch(snapshot)
+
     def _enqueue(self, v: AdapterVersion) -> None:
         self._loop.call_soon_threadsafe(self._load_queue.put_nowait, v)
 
@@ -404,11 +413,3 @@ class VLLMEngine(TokenizerEngine):
         """Wait until no version is pending or being removed (tests)."""
         return self.versions.wait_idle(timeout)
 
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False

@@ -33,12 +33,9 @@ def torch_version() -> str | None:
 
 
 def has_cuda() -> bool:
-    try:
-        import torch
+    from server.engines.vllm.options import cuda_available
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return cuda_available()
 
 
 def install_command(python: str = sys.executable, cuda: bool | None = None) -> list[str]:

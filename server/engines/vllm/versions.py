@@ -14,6 +14,10 @@ as it is idle; lineage heads are bounded by ``max_cpu_loras`` (least recently
 used idle heads go first), and the head of a lineage whose snapshot object was
 garbage-collected goes too.
 
+``prefetch`` registers a version as soon as it is published, so it loads before
+a request asks for it; ``stats["stale"]`` counts the requests that ran on an
+older version because theirs was not loaded yet.
+
 The registry does no I/O on vLLM itself: the engine's loader writes and
 registers what ``on_new`` queues (``claim`` -> ``loaded``/``failed``) and
 unregisters what ``on_doomed`` hands it (-> ``removed``). All state is guarded
@@ -68,6 +72,18 @@ def lineage_of(snapshot) -> str | None:
     return None
 
 
+def lora_name(lineage_slug: str, version: int, int_id: int) -> str:
+    """The name a version is registered under in vLLM: ``<slug>@v<version>#<int id>`` (new per version)."""
+    return f"{lineage_slug}@v{version}#{int_id}"
+
+
+def slug_of_lora_name(name: str) -> str | None:
+    """The lineage slug of a name ``lora_name`` made, or None for any other name (e.g. an operator's adapter)."""
+    head, at, tail = str(name).rpartition("@v")
+    version, hash_, int_id = tail.partition("#")
+    return head if at and hash_ and version.isdigit() and int_id.isdigit() else None
+
+
 def slug(lineage: Hashable) -> str:
     """A directory name for a lineage: ``<owner[:8]>-<name>-<hash>`` for ``owner/name``."""
     if isinstance(lineage, tuple) and lineage and lineage[0] == "snapshot":
@@ -97,7 +113,8 @@ class AdapterVersions:
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._dead: queue.SimpleQueue = queue.SimpleQueue()  # int ids whose snapshot died (weakref callbacks)
-        self.stats = {"loaded": 0, "removed": 0, "skipped": 0, "failed": 0}
+        # stale: requests that ran on an older version of their lineage because theirs was not loaded yet
+        self.stats = {"loaded": 0, "removed": 0, "skipped": 0, "failed": 0, "stale": 0}
 
     # -- requests -------------------------------------------------------------------
 
@@ -116,6 +133,8 @@ class AdapterVersions:
             else:
                 use.inflight += 1
                 use.last_used = time.monotonic()
+                if use is not v:
+                    self.stats["stale"] += 1
                 return use
         deadline = time.monotonic() + self.load_timeout_s
         try:
@@ -133,6 +152,11 @@ class AdapterVersions:
             v.inflight += 1
             v.last_used = time.monotonic()
             return v
+
+    def prefetch(self, snapshot) -> AdapterVersion:
+        """Register ``snapshot`` now (if new) so it is written and loaded before a request asks for it."""
+        with self.lock:
+            return self._register(snapshot)
 
     def release(self, v: AdapterVersion) -> None:
         with self.lock:
@@ -257,7 +281,7 @@ class AdapterVersions:
         nv = AdapterVersion(int_id=int_id, lineage=lineage, slug=name, version=version,
                             seq=v.seq if v is not None else next(self._seq), path=path,
                             ref=weakref.ref(snapshot, lambda _r, i=int_id: self._dead.put(i)), snap=snapshot)
-        nv.lora = self.make_lora(f"{name}@v{version}#{int_id}", int_id, str(path))
+        nv.lora = self.make_lora(lora_name(name, version, int_id), int_id, str(path))
         self._by_snap[snapshot] = nv
         self._versions[int_id] = nv
         lineage_list = self._lineages.setdefault(lineage, [])

@@ -9,13 +9,9 @@ SmolLM2-135M with ``--enable-lora --max-lora-rank >= 16``. Skipped without vLLM.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 
 import pytest
-import torch
 
 from server.engines.base import GenerationRequest
 from server.engines.vllm.options import vllm_available
@@ -24,7 +20,7 @@ if not vllm_available():
     pytest.skip("vLLM is not installed (install with `dynarank install-vllm`)", allow_module_level=True)
 
 from server.engines.vllm.remote import RemoteVLLMEngine  # noqa: E402
-from tests.helpers import free_port, wait_for_http  # noqa: E402
+from tests.server.engines.vllm_serve import random_snapshot, start_vllm_server, wait_ready  # noqa: E402
 
 PROMPT = "def fibonacci(n):"
 
@@ -35,25 +31,12 @@ def vllm_url(smollm2_path, tmp_path_factory):
     if url:
         yield url
         return
-    port = free_port()
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_CPU_KVCACHE_SPACE="1")
-    log = open(tmp_path_factory.mktemp("vllm-serve") / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_path),
-         "--served-model-name", "smollm2-135m", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-         "--max-cpu-loras", "4", "--max-model-len", "1024", "--max-num-seqs", "4", "--dtype", "float32",
-         "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_vllm_server(smollm2_path, tmp_path_factory.mktemp("vllm-serve") / "serve.log")
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout=300)
-        yield f"http://127.0.0.1:{port}"
+        wait_ready(server, timeout=300)
+        yield server.url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,25 +45,6 @@ def remote(vllm_url, smollm2_path, tokenizer, tmp_path_factory):
                               data_dir=tmp_path_factory.mktemp("remote"), r_max=16, max_cpu_loras=4)
     yield engine
     engine.close()
-
-
-def snapshot(version, seed):
-    from adapter_core import AdapterSnapshot
-
-    g = torch.Generator().manual_seed(seed)
-    ranks = [1, 3, 8, 16, 5, 12, 2]
-    shapes = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
-              "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
-    A, B, S = {}, {}, {}
-    for layer in range(30):
-        for i, (short, (n_in, n_out)) in enumerate(shapes.items()):
-            part = "self_attn" if short.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            name = f"model.layers.{layer}.{part}.{short}"
-            r = ranks[(layer + i) % len(ranks)]
-            A[name] = torch.randn(r, n_in, generator=g) * 0.05
-            B[name] = torch.randn(n_out, r, generator=g) * 0.05
-            S[name] = 2.0
-    return AdapterSnapshot.from_tensors(version, A, B, S, {"lineage": "owner/remote-test"})
 
 
 def run(engine, request, adapter=None):
@@ -114,7 +78,7 @@ def test_stop_logprobs_cancel(remote):
 def test_versions_load_and_unload(remote):
     request = GenerationRequest(prompt=PROMPT, max_tokens=16)
     base = run(remote, request)[0]
-    v1, v2 = snapshot(1, 1), snapshot(2, 2)
+    v1, v2 = random_snapshot(1, 1), random_snapshot(2, 2)
     assert remote.wait_loaded(v1)
     out1 = run(remote, request, v1)[0]
     assert out1 != base
