@@ -11,6 +11,10 @@ from adapter_core.policies.base import ModuleInfo
 from adapter_core.resize import grow_factors, resize_factors
 from adapter_core.snapshot import AdapterSnapshot
 
+# LoRA factors (and so their grads and AdamW moments) stay float32 on a lower-precision base:
+# bfloat16 moments and small updates would round away.
+FACTOR_DTYPE = torch.float32
+
 # rsLoRA (Kalajdzievski 2023): scale = lora_alpha / sqrt(r), so a larger rank does not
 # mean a larger update. This alpha gives 2.0 at r = 8, the constant scale used before.
 RS_ALPHA = 2.0 * math.sqrt(8)
@@ -36,7 +40,9 @@ class Adapter:
     """LoRA factors as ``nn.Parameter`` per module, a scale per module and an AdamW optimizer.
 
     Bind it with ``use_adapter(model, adapter)`` to train; publish with
-    :meth:`snapshot`. Only the thread that trains should touch it.
+    :meth:`snapshot`. Only the thread that trains should touch it. The factors live on
+    ``device`` (the model's; default: where the given tensors are) in ``FACTOR_DTYPE``, so
+    gradients, optimizer state and snapshots do too; the resize generator stays on the CPU.
 
     Optimizer state across a resize: growing appends directions (``grow_factors``) and
     keeps the module's AdamW moments, with zeros for the new entries. Shrinking
@@ -57,10 +63,14 @@ class Adapter:
         version: int = 0,
         seed: int = 0,
         metadata: dict | None = None,
+        device: torch.device | str | None = None,
     ):
+        def factor(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().to(device=device or t.device, dtype=FACTOR_DTYPE, copy=True))
+
         self.modules = {name: modules[name] for name in A}
-        self.A = {n: nn.Parameter(t.detach().clone().float()) for n, t in A.items()}
-        self.B = {n: nn.Parameter(t.detach().clone().float()) for n, t in B.items()}
+        self.A = {n: factor(t) for n, t in A.items()}
+        self.B = {n: factor(t) for n, t in B.items()}
         self.scale = {n: float(scale[n]) for n in A}
         self.version = version
         self.step = 0
@@ -75,7 +85,8 @@ class Adapter:
             seed: int = 0, **kw):
         """Fresh adapter: A as PEFT initialises it (kaiming-uniform), B zero, so it starts as the base model.
 
-        Each module's scale is rsLoRA's ``lora_alpha / sqrt(r)`` at its initial rank.
+        Each module's scale is rsLoRA's ``lora_alpha / sqrt(r)`` at its initial rank. A is drawn on
+        the CPU (the same factors on every device for a seed) and moved to ``device`` (keyword).
         """
         gen = torch.Generator().manual_seed(seed)
         A, B = {}, {}
@@ -116,6 +127,10 @@ class Adapter:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.A.values())).device
 
     @property
     def lr(self) -> float:
@@ -173,6 +188,6 @@ class Adapter:
         with torch.no_grad():
             for name in self.A:
                 for p, src in ((self.A[name], snap.A[name]), (self.B[name], snap.B[name])):
-                    p.data = src.detach().clone().to(p.dtype)
+                    p.data = src.detach().to(device=p.device, dtype=p.dtype, copy=True)
                     p.grad = None
                     self.optimizer.state.pop(p, None)

@@ -33,8 +33,14 @@ def _make_policy(config: AdapterConfig, modules: dict[str, ModuleInfo], name: st
     return make_policy(name, modules, session_bounds(config, modules), **options)
 
 
+def _model_device(model):
+    """Where the adapter's factors, optimizer state and snapshots live: with the model's weights."""
+    return next(model.parameters()).device
+
+
 def new_adapter(model, config: AdapterConfig | None = None, task: str | None = None) -> tuple[Adapter, RankPolicy]:
-    """Inject (idempotent), build ``config.policy``, and create an adapter at its initial ranks.
+    """Inject (idempotent), build ``config.policy``, and create an adapter at its initial ranks, on the
+    model's device.
 
     For the ``fixed`` policy, ``config.r_init`` is the rank unless ``policy_options`` sets ``rank``.
     """
@@ -45,6 +51,7 @@ def new_adapter(model, config: AdapterConfig | None = None, task: str | None = N
     adapter = Adapter.new(
         modules, ranks, lora_alpha=config.lora_alpha, seed=config.seed, lr=config.lr,
         weight_decay=config.weight_decay, metadata={"policy": config.policy, "task": task},
+        device=_model_device(model),
     )
     return adapter, policy
 
@@ -60,6 +67,7 @@ def new_session_adapter(
     """A trainable adapter and its policy: fresh (``snapshot=None``) or resumed from ``snapshot``.
 
     Fresh: as :func:`new_adapter`, at the policy's initial ranks for ``task``.
+    Either way the factors are on the model's device (a snapshot read from disk is on the CPU).
     Resumed: the snapshot's factors, version and metadata with a fresh optimizer; the
     policy is the one the snapshot names (``metadata["policy"]``), or ``config.policy``
     when it names none or one that cannot be built (unknown name, changed options).
@@ -78,7 +86,7 @@ def new_session_adapter(
             policy = _make_policy(config, modules)
         adapter = Adapter.from_snapshot(
             snapshot, {n: modules[n] for n in snapshot.A if n in modules},
-            lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+            lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, device=_model_device(model),
         )
     if policy_state:
         try:

@@ -8,6 +8,9 @@ Written layout (loads with ``peft.PeftModel.from_pretrained`` and vLLM):
   ``alpha_pattern == rank_pattern`` (PEFT scale alpha/r = 1), ``r = lora_alpha`` = the
   largest rank, ``target_modules`` = the short names;
 - ``dynarank.json``: version, ranks, our scales (to unfold B on import), metadata.
+
+Whatever the snapshot's device and dtype, the file holds float32 CPU copies; ``load_peft``
+returns a CPU float32 snapshot (``AdapterSnapshot.to`` moves it to the model's device).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def save_peft(snapshot: AdapterSnapshot, directory, base_model_name_or_path: str
     tensors = {}
     for name in snapshot.modules:
         a, b, s = snapshot.lora_factors(name)
+        # Fold the scale on the factors' device, then copy to the CPU: safetensors writes host memory.
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().float().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = (b.detach().float() * s).contiguous().cpu()
     ours = {

@@ -13,13 +13,26 @@ def _frozen(d: Mapping) -> Mapping:
     return types.MappingProxyType(dict(d))
 
 
+def _settled(tensors) -> None:
+    """Wait, on this thread, for the CUDA copies just queued into ``tensors``.
+
+    A snapshot is then complete for every reader on any stream (serving, persisting) without
+    them waiting on anything. The wait is the publisher's (the training thread's, on its own
+    stream); the serving stream is never synchronized. Nothing to do on the CPU.
+    """
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AdapterSnapshot:
     """One published adapter version: per module ``A (r x in)``, ``B (out x r)``, ``scale``.
 
     The update of module ``m`` is ``scale[m] * B[m] @ A[m]``. Tensors are private
-    clones (detached); treat them as read-only. Compared by identity, so a batch
-    groups its rows by the snapshot object they carry.
+    clones (detached); treat them as read-only. They stay on the device and in the
+    dtype they were made in (a live adapter's: the model's device, float32); export
+    copies them to the CPU. Compared by identity, so a batch groups its rows by the
+    snapshot object they carry.
     """
 
     version: int
@@ -44,13 +57,27 @@ class AdapterSnapshot:
         """Build from tensors the caller may still mutate: clones and detaches them."""
         if not isinstance(scale, Mapping):
             scale = {name: float(scale) for name in A}
+        A = {k: v.detach().clone().requires_grad_(False) for k, v in A.items()}
+        B = {k: v.detach().clone().requires_grad_(False) for k, v in B.items()}
+        _settled([*A.values(), *B.values()])
         return cls(
             version=int(version),
-            A={k: v.detach().clone().requires_grad_(False) for k, v in A.items()},
-            B={k: v.detach().clone().requires_grad_(False) for k, v in B.items()},
+            A=A,
+            B=B,
             scale={k: float(v) for k, v in scale.items()},
             metadata=dict(metadata or {}),
         )
+
+    def to(self, device) -> AdapterSnapshot:
+        """The same version with its factors on ``device`` (this snapshot if they are there already),
+        e.g. one read from disk, moved once to the model's device instead of at every forward."""
+        device = torch.device(device)
+        if all(t.device == device for t in (*self.A.values(), *self.B.values())):
+            return self
+        A = {k: v.to(device) for k, v in self.A.items()}
+        B = {k: v.to(device) for k, v in self.B.items()}
+        _settled([*A.values(), *B.values()])
+        return dataclasses.replace(self, A=A, B=B)
 
     @property
     def modules(self) -> list[str]:

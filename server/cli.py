@@ -15,6 +15,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from server.config import Settings
+from server.devices import resolve_device, resolve_dtype
 from server.models import (
     EMBEDDED_MODELS,
     ModelError,
@@ -231,8 +232,11 @@ def cmd_serve(args) -> int:
         settings = settings.model_copy(update={"host": "127.0.0.1"})
     t0 = time.time()
     path = resolve_model(settings.model, progress=True)
-    model, tokenizer = load_model(path)
-    log.info("loaded %s from %s in %.1fs", settings.served_name, path, time.time() - t0)
+    device = resolve_device(settings.device)  # present: Settings checked it
+    dtype = resolve_dtype(settings.dtype, device)
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    log.info("loaded %s from %s on %s as %s in %.1fs", settings.served_name, path, device,
+             str(dtype).removeprefix("torch."), time.time() - t0)
     app = create_app(settings, model=model, tokenizer=tokenizer)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **transport_options(settings))
     return 0

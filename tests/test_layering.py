@@ -27,7 +27,7 @@ ALLOWED = {
 
 # Inside server/: each layer may import its own and lower layers only.
 SERVER_LAYERS = [
-    {"server.errors", "server.json_depth", "server.models"},
+    {"server.errors", "server.json_depth", "server.models", "server.devices"},
     {"server.config"},
     {"server.store"},
     {"server.feedback"},

@@ -81,7 +81,7 @@ def important_mass(
         s = s / raw_mean
     threshold = torch.full_like(s, tau)
     if classes is not None and code_classes:
-        is_code = torch.isin(cls.long(), torch.tensor(sorted(code_classes), dtype=torch.long))
+        is_code = torch.isin(cls.long(), torch.tensor(sorted(code_classes), dtype=torch.long, device=cls.device))
         threshold[is_code] = code_tau
     return float(s[s > threshold].sum()) / s.numel(), raw_mean
 

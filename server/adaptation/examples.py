@@ -26,29 +26,27 @@ def document_examples(builder, text: str, path: str | None, language: str | None
     return builder.from_file(text, path=path, language=language, max_examples=DOCUMENT_CHUNKS)
 
 
-def example_batch(example) -> dict:
+def example_batch(example, device=None) -> dict:
     """One TrainingExample as a batch of one row."""
-    return examples_batch([example])
+    return examples_batch([example], device)
 
 
-def examples_batch(examples) -> dict:
-    """TrainingExamples as a batch, one row each, right-padded (padding: attention mask 0, weight 0).
+def examples_batch(examples, device=None) -> dict:
+    """TrainingExamples as a batch, one row each, right-padded (padding: attention mask 0, weight 0),
+    on ``device`` (the model's; default the CPU). Weights stay float32 whatever the model's dtype.
 
     The task is the first example's (the new edit's; replayed rows follow it).
     """
     width = max(len(ex.input_ids) for ex in examples)
 
-    def rows(field, pad, dtype):
-        return torch.tensor([list(getattr(ex, field)) + [pad] * (width - len(ex.input_ids)) for ex in examples],
-                            dtype=dtype)
+    def rows(values, pad, dtype):
+        return torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=dtype, device=device)
 
     return {
-        "input_ids": rows("input_ids", 0, torch.long),
-        "attention_mask": torch.tensor([[1] * len(ex.input_ids) + [0] * (width - len(ex.input_ids))
-                                        for ex in examples], dtype=torch.long),
-        "loss_weights": rows("loss_weights", 0.0, torch.float32),
-        "token_classes": torch.tensor([[int(c) for c in ex.token_classes] + [0] * (width - len(ex.input_ids))
-                                       for ex in examples], dtype=torch.long),
-        "example_weights": torch.tensor([ex.weight for ex in examples], dtype=torch.float32),
+        "input_ids": rows((ex.input_ids for ex in examples), 0, torch.long),
+        "attention_mask": rows(([1] * len(ex.input_ids) for ex in examples), 0, torch.long),
+        "loss_weights": rows((ex.loss_weights for ex in examples), 0.0, torch.float32),
+        "token_classes": rows(([int(c) for c in ex.token_classes] for ex in examples), 0, torch.long),
+        "example_weights": torch.tensor([ex.weight for ex in examples], dtype=torch.float32, device=device),
         "task": getattr(examples[0], "edit_type", None),
     }

@@ -147,7 +147,8 @@ def load(root: Path, job_id: str) -> Checkpoint:
 
 
 def restore_optimizer(adapter, tensors: dict[str, torch.Tensor]) -> None:
-    """Put a checkpoint's AdamW state and generator state back into ``adapter`` (resumed from its snapshot)."""
+    """Put a checkpoint's AdamW state (read on the CPU) and generator state back into ``adapter``
+    (resumed from its snapshot, on the model's device)."""
     params = {"A": adapter.A, "B": adapter.B}
     state: dict = {}
     for key, value in tensors.items():
@@ -161,7 +162,8 @@ def restore_optimizer(adapter, tensors: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"optimizer state of a module the adapter lacks: {name}")
         if value.ndim and value.shape != p.shape:
             raise CheckpointError(f"optimizer state of {name} does not fit its factor")
-        state.setdefault(p, {})[field] = value
+        # Moments go where their factor is; AdamW keeps its scalar step count on the CPU.
+        state.setdefault(p, {})[field] = value.to(p.device) if value.ndim else value
     adapter.optimizer.state.update(state)
 
 

@@ -484,7 +484,7 @@ class JobManager:
                     job.started_mono, job.mono_from = time.monotonic(), step
                 example = job.examples[step % len(job.examples)]
                 adapter, policy = job.adapter, job.policy
-            stats = train_step(self.model, adapter, example_batch(example), policy)
+            stats = train_step(self.model, adapter, example_batch(example, adapter.device), policy)
             with job.lock:
                 if job.status != "running":
                     return

@@ -37,7 +37,7 @@ def idle_step(model, adapter, policy, replay: ReplayBuffer) -> tuple[StepStats |
 
 
 def _step(model, adapter, policy, rows) -> tuple[StepStats, AdapterSnapshot | None]:
-    stats = train_step(model, adapter, examples_batch(rows), policy)
+    stats = train_step(model, adapter, examples_batch(rows, adapter.device), policy)
     if stats.skipped:
         return stats, None
     return stats, adapter.snapshot(loss=stats.loss)

@@ -48,7 +48,9 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, model, tokenizer, engine: Engine, metrics: Metrics) -> Services:
         remove_stale_temps(settings.data_dir)  # a killed writer's leftovers; nothing writes yet
-        store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions)
+        # Stored adapters move to the model's device once, when read, not at every forward.
+        store = AdapterStore(settings.data_dir, settings.served_name, settings.keep_versions,
+                             device=next(model.parameters()).device)
         sessions = SessionManager(settings, model, tokenizer, store, metrics)
         workers = AdaptationWorkers(settings, model, tokenizer, sessions, engine.gate, metrics)
         files = FileStore(settings.data_dir)

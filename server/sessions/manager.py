@@ -253,7 +253,7 @@ class SessionManager:
             policy_state = None
             if self._policy_path(owner, sid).is_file():
                 try:
-                    policy_state = torch.load(self._policy_path(owner, sid), weights_only=False)
+                    policy_state = torch.load(self._policy_path(owner, sid), map_location="cpu", weights_only=False)
                 except Exception:
                     policy_state = None
             adapter, policy = self._new_adapter(snap, policy_state)

@@ -40,10 +40,14 @@ _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
 class AdapterStore:
-    def __init__(self, data_dir: Path, base_model_name: str, keep_versions: int = 3):
+    """``device``: where ``load`` puts the factors (the model's, so a stored adapter is moved once, not
+    at every forward); None leaves them on the CPU. ``save`` always writes from a CPU copy."""
+
+    def __init__(self, data_dir: Path, base_model_name: str, keep_versions: int = 3, device=None):
         self.root = Path(data_dir) / "adapters"
         self.base_model_name = base_model_name
         self.keep_versions = max(1, keep_versions)
+        self.device = device
         self._guard = threading.Lock()  # the lock table only; never held while writing
         self._locks: dict[tuple[str, str], threading.Lock] = {}  # (owner hash, name) -> writes/retention
 
@@ -103,7 +107,8 @@ class AdapterStore:
             raise KeyError(name)
         v = versions[-1] if version is None else version
         snap = load_peft(self._dir(owner, name) / f"v{v}")
-        return dataclasses.replace(snap, metadata={**snap.metadata, "lineage": adapter_lineage(owner, name)})
+        snap = dataclasses.replace(snap, metadata={**snap.metadata, "lineage": adapter_lineage(owner, name)})
+        return snap if self.device is None else snap.to(self.device)
 
     def exists(self, owner: str | None, name: str) -> bool:
         try:

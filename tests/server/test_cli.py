@@ -215,7 +215,7 @@ def test_bad_value_in_a_real_process_exits_2():
 def test_non_local_bind_without_keys_falls_back_to_loopback(clean_env, monkeypatch, caplog):
     seen = {}
     monkeypatch.setattr(cli, "resolve_model", lambda model, progress: Path(model))
-    monkeypatch.setattr(cli, "load_model", lambda path: (None, None))
+    monkeypatch.setattr(cli, "load_model", lambda path, **placement: (None, None))
     fake_main = types.ModuleType("server.app.main")
     fake_main.create_app = lambda settings, **kw: seen.setdefault("settings", settings)
     monkeypatch.setitem(sys.modules, "server.app.main", fake_main)

@@ -1,0 +1,153 @@
+"""Where the model runs and in what precision (``--device``, ``--dtype``), and the CUDA streams of
+serving and training.
+
+``resolve_device`` / ``resolve_dtype`` turn the settings' text into torch objects against this
+machine, with a clear error for a device that is not there. On CUDA, serving runs on a
+high-priority stream and training on a low-priority one (``serving_stream``, ``training_stream``);
+on the CPU both are no-ops. See docs/architecture.md, "Devices".
+
+torch is imported inside the functions: server.config checks the settings' syntax with this
+module and must not pull torch in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from typing import Literal, get_args
+
+DEVICE_SYNTAX = "auto, cpu, cuda or cuda:N"
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
+# What --dtype auto means on the CPU: the CPU engine's choice, in one place. float32, measured
+# (docs/bench_engine_speed.md): on an AVX-512 BF16 CPU without AMX, bfloat16 decodes at most ~1.15x
+# faster but prefills at about half the speed, so whole requests were slower (0.80-0.95x). Were it
+# set to bfloat16, resolve_dtype still falls back to float32 where the CPU would emulate it.
+CPU_AUTO_DTYPE = "float32"
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")
+
+
+class DeviceError(ValueError):
+    """A device or dtype that is malformed or not available on this machine."""
+
+
+def check_device_text(text: str) -> str:
+    """``text`` normalised (``" CUDA:0 "`` -> ``"cuda:0"``); DeviceError unless it is auto, cpu, cuda or cuda:N."""
+    value = str(text).strip().lower()
+    if not _DEVICE_RE.match(value):
+        raise DeviceError(f"unknown device {text!r}: use {DEVICE_SYNTAX}")
+    return value
+
+
+def resolve_device(text: str):
+    """The ``torch.device`` that ``text`` names on this machine: ``auto`` is cuda when a CUDA device
+    is visible, else cpu. DeviceError for a malformed name or an absent device."""
+    import torch
+
+    value = check_device_text(text)
+    if value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return torch.device("cpu")
+    if not torch.backends.cuda.is_built():
+        raise DeviceError(f"{value} requested but this torch ({torch.__version__}) was built without CUDA")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise DeviceError(f"{value} requested but no CUDA device is visible (check the driver and "
+                          "CUDA_VISIBLE_DEVICES)")
+    index = int(_DEVICE_RE.match(value).group(2) or 0)  # "cuda" is the first visible device
+    if index >= count:
+        raise DeviceError(f"{value} requested but only {count} CUDA device{'s are' if count > 1 else ' is'} visible")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(text: str, device):
+    """The ``torch.dtype`` that ``text`` names for a model on ``device``. ``auto``: bfloat16 on CUDA
+    (float16 on a GPU without native bfloat16, before compute capability 8.0); on the CPU
+    ``CPU_AUTO_DTYPE``, float32 instead of a bfloat16 the CPU would emulate."""
+    import torch
+
+    value = str(text).strip().lower()
+    if value not in DTYPE_NAMES:
+        raise DeviceError(f"unknown dtype {text!r}: use {', '.join(DTYPE_NAMES)}")
+    if value == "auto" and torch.device(device).type == "cuda":
+        value = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    elif value == "auto":
+        value = "float32" if CPU_AUTO_DTYPE == "bfloat16" and not cpu_has_native_bf16() else CPU_AUTO_DTYPE
+    return getattr(torch, value)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (x86: AVX-512 BF16 or AMX). torch exposes the
+    checks only as private functions; without them the answer is no (float32 is the safe side)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+# -- CUDA streams --------------------------------------------------------------------------------
+# Lower numbers run first. 0, the default stream's priority, is the lowest; torch maps a number
+# beyond the device's range to its highest. So serving needs a stream of its own to outrank
+# training; training stays at 0.
+SERVING_PRIORITY = -100
+TRAINING_PRIORITY = 0
+
+_streams: dict[tuple[str, int], object] = {}
+_streams_lock = threading.Lock()
+
+
+def _stream(role: str, device, priority: int):
+    import torch
+
+    key = (role, torch.cuda.current_device() if device.index is None else device.index)
+    with _streams_lock:
+        if key not in _streams:
+            _streams[key] = torch.cuda.Stream(device=key[1], priority=priority)
+        return _streams[key]
+
+
+@contextlib.contextmanager
+def serving_stream(device):
+    """Queue the block's CUDA work on the high-priority serving stream of ``device`` (no-op off CUDA).
+
+    Serving reads its results on the host (sampling) before the next token, so nothing it makes
+    outlives the block unfinished.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    stream = _stream("serving", device, SERVING_PRIORITY)
+    stream.wait_stream(torch.cuda.current_stream(device))  # inputs queued before the block (weights, cache)
+    with torch.cuda.stream(stream):
+        yield
+
+
+@contextlib.contextmanager
+def training_stream(device):
+    """Queue the block's CUDA work (a train step, its batch, the snapshot) on the low-priority
+    training stream of ``device`` (no-op off CUDA).
+
+    On leaving, the training thread waits for its own stream, so the factors, optimizer state and
+    snapshots are complete for any later reader (persisting, export, the next step) whatever stream
+    it uses. That wait is on the host of the training thread only: the serving stream is never
+    synchronized.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    stream = _stream("training", device, TRAINING_PRIORITY)
+    stream.wait_stream(torch.cuda.current_stream(device))  # inputs queued before the block (a batch, a resume)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        stream.synchronize()
