@@ -19,6 +19,7 @@ from adapter_core.attention import eager_attention, supports_weights
 from adapter_core.hessian import hutchinson_trace
 from adapter_core.importance import _normalise, attention_received, token_importance
 from adapter_core.layer import use_adapter
+from adapter_core.pause_points import pause_point
 from adapter_core.policies.base import RankPolicy, StepObservation
 from adapter_core.resize import fit_to_budget
 
@@ -68,7 +69,7 @@ def _weighted_loss(nll, token_weights, sel, example_weights=None) -> tuple[torch
     num = nll.new_zeros(n_rows).index_add(0, rows, nll * token_weights)
     den = nll.new_zeros(n_rows).index_add(0, rows, token_weights.to(nll.dtype))
     has_targets = den > 0
-    omega = torch.ones(n_rows) if example_weights is None else example_weights.detach().float().reshape(n_rows)
+    omega = torch.ones(n_rows, device=nll.device) if example_weights is None else example_weights.detach().float().reshape(n_rows)
     omega = omega[has_targets].to(nll.dtype)
     loss = (omega * num[has_targets] / den[has_targets]).sum() / omega.sum()
     return loss, min(MAX_STEP_WEIGHT, float(omega.mean()))
@@ -128,6 +129,7 @@ def train_step(
         emb = emb.detach().requires_grad_(True)
     with use_adapter(model, adapter), eager_attention(eager):
         out = model.model(inputs_embeds=emb, attention_mask=mask, use_cache=False, output_attentions=want_importance)
+        pause_point("head")  # the decoder layers pause in forward and backward (adapter_core.pause_points)
         nll = _selected_nll(model, out.last_hidden_state, sel, targets)
         loss, step_weight = _weighted_loss(nll, weights, sel, batch.get("example_weights"))
     timings["forward"] = time.perf_counter() - t0
@@ -157,6 +159,7 @@ def train_step(
     if want_grads:
         grad_A = {n: param_grads[2 * i].clone() for i, n in enumerate(adapter.A)}
         grad_B = {n: param_grads[2 * i + 1].clone() for i, n in enumerate(adapter.A)}
+    pause_point("optimizer")
     for p, g in zip(params, param_grads):
         p.grad = g
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -171,6 +174,7 @@ def train_step(
         return stats(loss_value, grad_norm, False)
 
     # -- policy ------------------------------------------------------------------
+    pause_point("policy")
     t0 = time.perf_counter()
     obs = StepObservation(
         step=step,
@@ -222,6 +226,6 @@ def evaluate_nll(model, snapshot, batch: dict) -> torch.Tensor:
     with use_adapter(model, snapshot):
         hidden = model.model(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
         nll = _selected_nll(model, hidden, sel, targets)
-    result = torch.full(ids.shape, float("nan"))
+    result = torch.full(ids.shape, float("nan"), device=ids.device)
     result[:, 1:][sel] = nll.to(result.dtype)
     return result

@@ -1,15 +1,20 @@
-"""Many concurrent sessions, in process: memory per session, mixed-adapter batch
-throughput, and the time to restore an evicted session from the store.
+"""Many concurrent sessions, in process: memory per session, throughput of concurrent
+completions through the serving engine, and the time to restore an evicted session.
 
     python -m bench.scale --sessions 1,4,16,64
+    python -m bench.scale --model qwen2.5-coder-0.5b --threads 2   # the issue's targets
     dynarank bench scale
 
 Sessions are made by the server's ``SessionManager`` (its adapter construction,
-rank policy and store). Throughput: greedy generation of a batch whose rows each
-use a different session's snapshot (``use_adapter(model, [snap1, snap2, ...])``)
-vs. the same batch on one adapter and on the base model. Restore: the session is
-persisted, then attached from a fresh ``SessionManager`` over the same data dir
-(what happens after eviction or a restart). Writes docs/bench_scale.md.
+rank policy and store). Throughput goes through ``HFEngine.generate``, one thread
+per request as the server runs them, so the engine's continuous batching is what
+is measured: aggregate completion tokens/s of 1, 2, 4, 8 concurrent greedy
+requests on one session adapter against one request alone; and, per session
+level, as many concurrent requests (capped at ``--max-batch``) each on its own
+session's snapshot against the same requests on one shared adapter and on the
+base model. Restore: the session is persisted, then attached from a fresh
+``SessionManager`` over the same data dir (what happens after eviction or a
+restart). Writes docs/bench_scale.md.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,34 +56,59 @@ def make_manager(model, tokenizer, data_dir: Path, policy: str, max_sessions: in
     return SessionManager(settings, model, tokenizer, store)
 
 
-def generate_tokens_per_s(model, tokenizer, bindings: dict, rows: int, new_tokens: int, repeats: int) -> dict:
-    """Tokens/s per binding; modes interleaved within each repeat and the best repeat kept (shared CPU)."""
-    import torch
+def engine_tokens_per_s(engine, adapters: list, new_tokens: int) -> float:
+    """Completion tokens/s of ``len(adapters)`` greedy requests sent together, request i on ``adapters[i]``,
+    from their start to the end of the last one (prefill included)."""
+    from server.engines.base import GenerationRequest
 
-    from adapter_core import use_adapter
+    request = GenerationRequest(prompt=PROMPT, max_tokens=new_tokens)
+    counts = [0] * len(adapters)
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(adapters) + 1)
 
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.repeat(rows, 1)
-    best = {name: float("inf") for name in bindings}
+    def complete(i: int) -> None:
+        go.wait()
+        try:
+            for chunk in engine.generate(request, adapters[i]):
+                counts[i] += len(chunk.token_ids)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(adapters))]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(counts) / elapsed
+
+
+def best_tokens_per_s(engine, modes: dict[str, list], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Tokens/s per mode (its per-request adapters); modes interleaved within each repeat and the best repeat
+    kept (shared CPU)."""
+    best = {name: 0.0 for name in modes}
     for _ in range(repeats):
-        for name, binding in bindings.items():
-            t0 = time.perf_counter()
-            with torch.no_grad(), use_adapter(model, binding):
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: rows * new_tokens / t for name, t in best.items()}
+        for name, adapters in modes.items():
+            best[name] = max(best[name], engine_tokens_per_s(engine, adapters, new_tokens))
+    return best
 
 
 def run(args) -> int:
     import torch
 
     from adapter_core import inject_adapters
+    from server.engines.hf import HFEngine
     from server.models import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
     levels = sorted(int(x) for x in args.sessions.split(","))
     model, tokenizer = load_model(resolve_model(args.model, progress=False))
     inject_adapters(model)
+    engine = HFEngine(model, tokenizer, args.model, prompt_lookup=args.prompt_lookup)
     work = Path(tempfile.mkdtemp(prefix="dynarank-bench-scale-"))
     manager = make_manager(model, tokenizer, work / "data", args.policy, max(levels) + 1)
     rows_out, sessions, held = [], [], {}
@@ -91,8 +122,8 @@ def run(args) -> int:
         snaps = [s.current() for s in sessions[:n]]
         snap_bytes = statistics.mean(sn.num_params * sn.A[next(iter(sn.A))].element_size() for sn in snaps)
         rows = min(n, args.max_batch)
-        tps = generate_tokens_per_s(model, tokenizer, {"mixed": snaps[:rows], "one": snaps[0], "base": None},
-                                    rows, args.new_tokens, args.repeats)
+        tps = best_tokens_per_s(engine, {"mixed": snaps[:rows], "one": [snaps[0]] * rows, "base": [None] * rows},
+                                args.new_tokens, args.repeats)
         mixed, one, base = tps["mixed"], tps["one"], tps["base"]
         row = {"sessions": n, "batch_rows": rows, "snapshot_mb": snap_bytes / 2**20,
                "live_adapter_mb": 3 * snap_bytes / 2**20,  # factors + AdamW's two moments once it has stepped
@@ -100,6 +131,14 @@ def run(args) -> int:
                "tok_s_mixed": mixed, "tok_s_one": one, "tok_s_base": base, "mixed_vs_one": mixed / one}
         print(row, flush=True)
         rows_out.append(row)
+    # Concurrency: n requests on one session adapter against one request alone.
+    levels_c = sorted(int(x) for x in args.concurrency.split(","))
+    one = sessions[0].current()
+    tps = best_tokens_per_s(engine, {n: [one] * n for n in levels_c}, args.new_tokens, args.repeats)
+    alone = tps[levels_c[0]] if levels_c[0] == 1 else engine_tokens_per_s(engine, [one], args.new_tokens)
+    concurrency = [{"requests": n, "tok_s": tps[n], "vs_one_request": tps[n] / alone} for n in levels_c]
+    for row in concurrency:
+        print(row, flush=True)
     # Restore: persist one session, then attach it from a fresh manager (nothing in memory).
     restore = []
     for i in range(args.restores):
@@ -114,9 +153,10 @@ def run(args) -> int:
         same = all(torch.equal(restored.current().B[k], victim.current().B[k]) for k in victim.current().B)
         restore.append({"persist_s": persist_s, "restore_s": restore_s, "identical": same})
     result = {"config": {"model": args.model, "policy": args.policy, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                         "max_batch": args.max_batch, "threads": args.threads, "prompt_tokens":
+                         "max_batch": args.max_batch, "threads": args.threads,
+                         "prompt_lookup": args.prompt_lookup, "prompt_tokens":
                          int(tokenizer(PROMPT, return_tensors="pt").input_ids.shape[1])},
-              "levels": rows_out, "restore": restore}
+              "levels": rows_out, "concurrency": concurrency, "restore": restore}
     print(write_report(result, args.out))
     return 0
 
@@ -130,6 +170,8 @@ def write_report(result: dict, out: Path) -> str:
             ("tok_s_mixed", "tok/s mixed adapters"), ("tok_s_one", "tok/s one adapter"),
             ("tok_s_base", "tok/s base"), ("mixed_vs_one", "mixed / one")]
     table = markdown_table(result["levels"], cols).replace("|---:|", "|---|", 1)
+    concurrency = markdown_table(result["concurrency"], [("requests", "concurrent requests"), ("tok_s", "tok/s"),
+                                                        ("vs_one_request", "vs one request")]).replace("|---:|", "|---|", 1)
     r = result["restore"]
     cfg = result["config"]
     restore_line = (f"Restore an evicted session (persist, then attach from a fresh SessionManager): persist "
@@ -138,18 +180,23 @@ def write_report(result: dict, out: Path) -> str:
                     f"{all(x['identical'] for x in r)}.") if r else ""
     text = "\n".join([
         "# Scale: many sessions", "",
-        f"In process, model `{cfg['model']}`, session adapters from `SessionManager` (policy `{cfg['policy']}`, "
-        f"fresh, initial ranks). Throughput: greedy generation, {cfg['prompt_tokens']}-token prompt, "
-        f"{cfg['new_tokens']} new tokens per row, best of {cfg.get('repeats', '?')} (modes interleaved), batch rows = sessions capped at {cfg['max_batch']}; 'mixed' binds "
-        f"one session snapshot per row, 'one' binds the first session's snapshot to every row. Snapshot MB: "
-        f"factors of one published version; live adapter MB: factors plus AdamW moments (3x, once it has "
-        f"trained); RSS / session: process RSS growth divided by sessions (fresh sessions hold their live "
-        f"factors and one snapshot). Machine: {machine()}, shared with other work.", "",
+        (f"In process, model `{cfg['model']}`, session adapters from `SessionManager` (policy `{cfg['policy']}`, "
+         f"fresh, initial ranks). Throughput: concurrent greedy requests through `HFEngine.generate` (one thread "
+         f"each, continuous batching), {cfg['prompt_tokens']}-token prompt, up to {cfg['new_tokens']} new tokens "
+         f"per request, aggregate completion tokens/s from their start to the last one's end (prefill included), "
+         f"best of {cfg.get('repeats', '?')} (modes interleaved); prompt-lookup drafts "
+         f"{'on' if cfg.get('prompt_lookup') else 'off'} (a request alone would draft, rows in a batch do not)."), "",
+        concurrency, "",
+        (f"Per session level: requests = sessions capped at {cfg['max_batch']}; 'mixed' sends each on its own "
+         f"session's snapshot, 'one' all on the first session's snapshot, 'base' without an adapter. Snapshot MB: "
+         f"factors of one published version; live adapter MB: factors plus AdamW moments (3x, once it has "
+         f"trained); RSS / session: process RSS growth divided by sessions (fresh sessions hold their live "
+         f"factors and one snapshot). Machine: {machine()}, shared with other work."), "",
         table, "", restore_line, "",
     ])
     (out / "bench_scale.md").write_text(text)
     (out / "bench_scale.json").write_text(json.dumps(result, indent=1))
-    return table + "\n\n" + restore_line
+    return concurrency + "\n\n" + table + "\n\n" + restore_line
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -158,11 +205,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sessions", default="1,4,16,64", help="session counts, comma-separated")
     p.add_argument("--policy", default="fixed", help="rank policy of the sessions (server default)")
-    p.add_argument("--max-batch", type=int, default=16, help="largest mixed batch")
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=16, help="most concurrent requests per session level")
+    p.add_argument("--concurrency", default="1,2,4,8", help="concurrent requests on one adapter, comma-separated")
+    p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="best of N per mode")
     p.add_argument("--restores", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="let a request alone draft (off: the ratios measure batching, not drafts; engine-speed "
+                        "measures those)")
     p.add_argument("--out", type=Path, default=DOCS)
     p.set_defaults(func=run)
     return p

@@ -1,10 +1,13 @@
 """Background adaptation: worker threads that train session adapters and jobs.
 
 Each loop turn settles coalesced edits into examples, takes the next piece of
-work round robin across sources (sessions, then fine-tuning jobs), waits for a
-quiet moment in serving (``ServingGate``), and runs one ``train_step`` on the
-shared frozen base model. A session step publishes a new snapshot by reference
-and tells the session's listeners.
+work round robin across sources (sessions, then fine-tuning jobs), and runs one
+``train_step`` on the shared frozen base model in a ``ServingGate`` training
+slice: the step starts when serving is quiet or its fair share is due, and
+pauses at every decoder-layer boundary while a completion runs (the pause
+points are installed on the model once, here). A session step publishes a new
+snapshot by reference and tells the session's listeners before anything is
+written to disk.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import time
 
 import torch
 
+from adapter_core.pause_points import install_pause_points
 from server.adaptation.examples import document_examples, edit_example_builder
 from server.adaptation.learner import adapt_on_example, idle_step
+from server.devices import training_stream
 from server.engines.gate import ServingGate
 from server.feedback import settle_feedback
+from server.observability.metrics import log_event
 from server.sessions import Session, SessionManager
 
 log = logging.getLogger("dynarank.workers")
 
-# A step waits at most this long for serving to go quiet, then runs anyway so a
-# stream of completions cannot starve adaptation for ever.
-MAX_YIELD_S = 3.0
+# How often an idle worker looks for settled edits: an edit settles edit_quiet_s after its last
+# keystroke, and this poll adds up to that much to the time until its step starts.
+SETTLE_POLL_S = 0.05
 
 
 class AdaptationWorkers:
@@ -44,6 +50,9 @@ class AdaptationWorkers:
         self._threads: list[threading.Thread] = []
         self._turn = 0
         self._take_lock = threading.Lock()
+        self._device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        if model is not None:  # before any thread runs on the model: hooks are added to live modules
+            install_pause_points(model)
 
     @property
     def builder(self):
@@ -75,13 +84,14 @@ class AdaptationWorkers:
         if self.settings.train_threads and not torch.cuda.is_available():
             # Per-thread on CPU: serving threads keep the process-wide count.
             torch.set_num_threads(self.settings.train_threads)
+        self._warm_up()
         while not self._stop.is_set():
             try:
                 self.settle_edits()
                 work = self._take()
                 if work is None:
                     self._train_idle()
-                    self._wake.wait(0.1)
+                    self._wake.wait(SETTLE_POLL_S)
                     self._wake.clear()
                     continue
                 self.run_step(work)
@@ -89,19 +99,27 @@ class AdaptationWorkers:
                 log.exception("adaptation step failed")
                 time.sleep(0.5)
 
-    def run_step(self, work) -> None:
-        """Run one taken step, exactly once: in a training slice, or, if serving stayed busy for
-        MAX_YIELD_S, without one. Only the gate's TimeoutError means that; one the step raises is the
-        step's own failure and goes to the caller."""
-        started = False
+    def _warm_up(self) -> None:
+        """Build the example builder and parse once before the first edit arrives, so that edit's
+        time to live does not pay for it (about 0.15 s)."""
+        if self._tokenizer is None:
+            return
         try:
-            with self.gate.training_slice(timeout=MAX_YIELD_S):
-                started = True
-                work()
-        except TimeoutError:
-            if started:
-                raise  # the step's own
-            work()  # serving stayed busy: run anyway, so completions cannot starve adaptation
+            self.builder.from_edit("x = 1\n", "x = 2\n", path="warm_up.py", language="python")
+        except Exception:
+            log.warning("warming up the example builder failed", exc_info=True)
+
+    def run_step(self, work) -> None:
+        """Run one taken step, exactly once, in a training slice: it starts when serving is quiet or the
+        gate's fair share is due and pauses at layer boundaries while serving is busy (ServingGate).
+        An exception of the step goes to the caller; a dict it returns joins its log line."""
+        t0 = time.monotonic()
+        with self.gate.training_slice() as yielded, training_stream(self._device):
+            done = work()
+        # One line per step: how long it took, how much of that it gave to serving, and what it published.
+        published = done if isinstance(done, dict) else {}
+        log_event("training_step", total_s=round(time.monotonic() - t0, 4), waited_s=round(yielded.waited_s, 4),
+                  paused_s=round(yielded.paused_s, 4), pauses=yielded.pauses, **published)
 
     def _take(self):
         with self._take_lock:
@@ -128,8 +146,7 @@ class AdaptationWorkers:
         if not waiting or not self.gate.wait_idle(timeout=0):
             return
         session = max(waiting, key=lambda s: s.last_used)
-        with self.gate.training_slice():  # idle a moment ago: waits only if a completion just started
-            self.train_session(session)
+        self.run_step(lambda: self.train_session(session))  # idle a moment ago: pauses if a completion starts
 
     def settle_edits(self, now: float | None = None) -> None:
         """Turn settled edit bursts into examples on each session's queue."""
@@ -159,18 +176,24 @@ class AdaptationWorkers:
 
     # -- one session step ---------------------------------------------------------
 
-    def train_session(self, session: Session, example=None) -> None:
-        """One step on ``example`` with the session's replay rows, or (``example=None``) one idle step."""
+    def train_session(self, session: Session, example=None) -> dict | None:
+        """One step on ``example`` with the session's replay rows, or (``example=None``) one idle step.
+        Returns ``{"session", "version"}`` of the version it published, None if it published none."""
         with session.train_lock:
             if self.sessions.get(session.owner, session.id) is not session:
-                return  # evicted meanwhile
+                return None  # evicted meanwhile
             if example is None:
                 stats, snap = idle_step(self.model, session.adapter, session.policy, session.replay)
             else:
                 stats, snap = adapt_on_example(self.model, session.adapter, session.policy, example, session.replay)
             if snap is None:
-                return  # skipped step: nothing new to publish
+                return None  # skipped step: nothing new to publish
             summary = session.publish(snap, stats.loss)
+        # The version is live: tell the tabs before writing it (the write is not what they wait for).
+        self._metric_step(session, stats, snap)
+        session.notify({"type": "adapted", "version": snap.version, "loss": round(stats.loss, 6),
+                        "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]})
+        session.notify(session.status())
         if snap.version - session.persisted_version >= max(1, self.settings.persist_every):
             # After the step, not under train_lock; and never waiting for a write of the background writer
             # already under way (it writes the newest version within persist_interval_s anyway).
@@ -178,10 +201,7 @@ class AdaptationWorkers:
                 self.sessions.persist(session, wait=False)
             except Exception:
                 log.exception("persisting session %s failed", session.id)
-        self._metric_step(session, stats, snap)
-        session.notify({"type": "adapted", "version": snap.version, "loss": round(stats.loss, 6),
-                        "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]})
-        session.notify(session.status())
+        return {"session": session.id, "version": snap.version}
 
     # -- metrics (owned by server/observability/metrics.py; used only if present) ---------------
     # Server-wide counters go to /metrics; per-session figures stay keyed by (owner, session id) and

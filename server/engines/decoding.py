@@ -93,9 +93,14 @@ class StopMatcher:
         return out
 
 
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0, or its limit: dividing by a vanishing temperature (1e-300) gives inf/nan."""
+    return temperature < 1e-4
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
     """Greedy at temperature 0, else temperature + nucleus sampling from ``generator``."""
-    if temperature < 1e-4:  # 0, or its limit: dividing by a vanishing temperature (1e-300) gives inf/nan
+    if is_greedy(temperature):
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:

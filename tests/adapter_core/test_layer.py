@@ -8,7 +8,8 @@ import torch
 from adapter_core import Adapter, inject_adapters, merge_into, unmerge, use_adapter
 
 
-def _snap(model, seed, rank=4, version=1):
+def random_snapshot(model, seed, rank=4, version=1):
+    """A snapshot of every injected module at ``rank`` with a non-zero B (it changes the output)."""
     modules = inject_adapters(model)
     ad = Adapter.new(modules, {n: rank for n in modules}, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
@@ -34,7 +35,7 @@ def test_inject_is_idempotent_and_freezes(tiny_model):
 def test_no_adapter_is_base(tiny_model):
     ids = _ids()
     ref = tiny_model(ids).logits
-    snap = _snap(tiny_model, 0)
+    snap = random_snapshot(tiny_model, 0)
     torch.testing.assert_close(tiny_model(ids).logits, ref)
     with use_adapter(tiny_model, snap):
         assert (tiny_model(ids).logits - ref).abs().max() > 1e-3
@@ -43,7 +44,7 @@ def test_no_adapter_is_base(tiny_model):
 
 
 def test_mixed_batch_matches_separate_calls(tiny_model):
-    a, b = _snap(tiny_model, 0), _snap(tiny_model, 1)
+    a, b = random_snapshot(tiny_model, 0), random_snapshot(tiny_model, 1)
     ids = _ids(4)
     rows = [a, b, None, a]
     with use_adapter(tiny_model, rows):
@@ -55,7 +56,7 @@ def test_mixed_batch_matches_separate_calls(tiny_model):
 
 
 def test_threads_see_their_own_adapter(tiny_model):
-    snaps = [_snap(tiny_model, s) for s in range(3)]
+    snaps = [random_snapshot(tiny_model, s) for s in range(3)]
     ids = _ids(2)
     expected = []
     for s in snaps:
@@ -85,7 +86,7 @@ def test_threads_see_their_own_adapter(tiny_model):
 
 
 def test_generate_with_adapter(tiny_model):
-    snap = _snap(tiny_model, 0)
+    snap = random_snapshot(tiny_model, 0)
     ids = _ids(2, 5)
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -103,7 +104,7 @@ def test_generate_with_adapter(tiny_model):
 
 
 def test_merge_unmerge(tiny_model):
-    snap = _snap(tiny_model, 0)
+    snap = random_snapshot(tiny_model, 0)
     ids = _ids()
     before = copy.deepcopy(tiny_model.state_dict())
     with use_adapter(tiny_model, snap):
@@ -116,7 +117,7 @@ def test_merge_unmerge(tiny_model):
 
 
 def test_deepcopy_gets_its_own_binding(tiny_llama):
-    snap = _snap(tiny_llama, 0)
+    snap = random_snapshot(tiny_llama, 0)
     other = copy.deepcopy(tiny_llama)
     ids = _ids()
     ref = other(ids).logits

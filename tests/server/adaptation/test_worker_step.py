@@ -1,8 +1,7 @@
-"""server/adaptation/workers.py: a taken step runs exactly once, whatever TimeoutError is raised.
+"""server/adaptation/workers.py: a taken step runs exactly once, in a training slice, whatever it raises.
 
-``ServingGate.training_slice`` raises TimeoutError when serving stays busy for ``MAX_YIELD_S``; the worker
-then runs the step anyway, outside a slice. A TimeoutError the step raises itself is its own failure: it is
-reported and the step is not run again. Fake steps count their calls; waits are on events.
+A TimeoutError the step raises itself is its own failure: it is reported and the step is not run again
+(the worker once ran a step a second time on it). Fake steps count their calls; waits are on events.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import types
 
 import pytest
 
-import server.adaptation.workers as workers_module
 from server.adaptation.workers import AdaptationWorkers
 from server.config import Settings
 from server.engines.gate import ServingGate
@@ -74,20 +72,6 @@ def test_a_step_that_raises_timeout_error_runs_once_and_is_reported(make_workers
     failures = [r for r in caplog.records if r.getMessage() == "adaptation step failed"]
     assert len(failures) == 1 and isinstance(failures[0].exc_info[1], TimeoutError)
     assert str(failures[0].exc_info[1]) == "the step's own timeout"
-
-
-def test_serving_busy_past_the_limit_runs_the_step_once_outside_a_slice(make_workers, monkeypatch):
-    monkeypatch.setattr(workers_module, "MAX_YIELD_S", 0.01)
-    workers, gate = make_workers()
-    step = Step(gate)
-    with gate.serving():  # a completion that outlasts MAX_YIELD_S
-        workers.run_step(step)
-    assert step.calls == 1 and step.in_slice == [False]
-
-    failing = Step(gate, TimeoutError("the step's own timeout"))
-    with gate.serving(), pytest.raises(TimeoutError, match="the step's own"):
-        workers.run_step(failing)
-    assert failing.calls == 1
 
 
 def test_with_serving_quiet_the_step_runs_once_in_a_slice(make_workers):
