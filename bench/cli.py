@@ -20,6 +20,7 @@ BENCHMARKS = {
     "infill": ("bench.infill", "fill-in-the-middle on real files: raw vs healed and shaped, and the confidence gate"),
     "soak": ("bench.soak", "a bounded load run: websocket sessions replay real edits and ask for completions"),
     "stall": ("bench.stall", "what one client can do to others: /health stalls from heavy messages, a completion flood"),
+    "engine-speed": ("bench.engine_speed", "decode/prefill tokens/s and quality per base-weight precision, vs llama.cpp"),
 }
 
 
