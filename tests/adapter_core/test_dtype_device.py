@@ -12,7 +12,6 @@ import torch
 from adapter_core import (
     AdapterConfig,
     RankBounds,
-    RankPolicy,
     evaluate_nll,
     inject_adapters,
     load_peft,
@@ -23,6 +22,7 @@ from adapter_core import (
     use_adapter,
 )
 from adapter_core.adapter import Adapter
+from tests.adapter_core.test_train import ProbePolicy
 from tests.conftest import build_tiny_model
 
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -50,24 +50,13 @@ def assert_float32_on(tensors, device):
         assert t.device.type == torch.device(device).type, t.device
 
 
-class RecordingPolicy(RankPolicy):
-    """Asks for every signal the train step can compute, records them, grows one module once."""
+class RecordingPolicy(ProbePolicy):
+    """``ProbePolicy`` that asks for the Hessian trace at every step and grows one module once."""
 
     name = "recording"
-    needs = frozenset({"grads", "token_importance", "hessian_trace"})
-
-    def __init__(self, modules, bounds):
-        super().__init__(modules, bounds)
-        self.seen = []
-
-    def initial_ranks(self, task=None):
-        return {n: 2 for n in self.modules}
 
     def hessian_due(self, step):
         return True
-
-    def observe(self, obs):
-        self.seen.append(obs)
 
     def propose(self, obs):
         first = next(iter(self.modules))
