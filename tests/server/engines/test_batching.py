@@ -16,6 +16,7 @@ from adapter_core import inject_adapters, use_adapter
 from server.engines.base import GenerationRequest
 from server.engines.batching import BatchCache
 from server.engines.hf import HFEngine
+from server.engines.prompt_lookup import propose_draft
 from tests.adapter_core.test_layer import random_snapshot
 
 WAIT = 60.0  # generous: the machine is shared; nothing waits this long when it works
@@ -288,32 +289,39 @@ def test_closing_the_engine_ends_the_rows_in_flight_and_a_later_request_still_ru
     assert len(tokens(alone(engine, GenerationRequest(prompt="x", max_tokens=4)))) == 4
 
 
-def test_prompt_lookup_keeps_greedy_output_in_fewer_steps(engine, adapters):
+def test_prompt_lookup_keeps_greedy_output_in_fewer_steps(engine, adapters, monkeypatch):
     """A greedy row alone feeds drafts looked up in its context; what it keeps is what greedy decoding
-    gives (checked against decoding without a cache), and accepted drafts save steps."""
-    # The tiny model loops, so drafts from its own output are mostly kept; on the first prompt, with
-    # adapters[0], one is rejected.
+    gives (checked against decoding without a cache), and accepted drafts save steps. A drafter that
+    spoils every draft's third token makes rejections certain: their columns must be masked."""
+    from server.engines import hf
+
+    def spoiled(ids, **kw):
+        draft = propose_draft(ids, **kw)
+        return draft[:2] + [(draft[2] + 1) % len(engine.tokenizer)] + draft[3:] if len(draft) > 2 else draft
+
     prompts = ["def parse_args(argv):\n    parser = ", "a b c d a b c d a b c d a b"]
-    steps = {False: 0, True: 0}
-    drafted, accepted = engine.batch.drafted_tokens, engine.batch.accepted_tokens
+    steps = {"off": 0, "on": 0, "spoiled": 0}
+    kept = {}
     try:
         for prompt, adapter in zip(prompts, (adapters[0], None)):
             request = GenerationRequest(prompt=prompt, max_tokens=24, logprobs=0)
-            outputs = {}
-            for lookup in (False, True):
-                engine.prompt_lookup = lookup
-                before = engine.batch.steps
-                outputs[lookup] = alone(engine, request, adapter)
-                steps[lookup] += engine.batch.steps - before
             want_tokens, want_logprobs = greedy_reference(engine, engine.encode(request).ids, adapter, 24)
-            for chunks in outputs.values():
-                assert tokens(chunks) == want_tokens
+            for mode in steps:
+                engine.prompt_lookup = mode != "off"
+                monkeypatch.setattr(hf, "propose_draft", spoiled if mode == "spoiled" else propose_draft)
+                before = engine.batch.steps, engine.batch.drafted_tokens, engine.batch.accepted_tokens
+                chunks = alone(engine, request, adapter)
+                steps[mode] += engine.batch.steps - before[0]
+                drafted, accepted = kept.get(mode, (0, 0))
+                kept[mode] = (drafted + engine.batch.drafted_tokens - before[1],
+                              accepted + engine.batch.accepted_tokens - before[2])
+                assert tokens(chunks) == want_tokens, mode
                 torch.testing.assert_close(logprobs(chunks), want_logprobs, atol=1e-4, rtol=1e-4)
     finally:
         engine.prompt_lookup = True
-    drafted, accepted = engine.batch.drafted_tokens - drafted, engine.batch.accepted_tokens - accepted
-    assert 0 < accepted < drafted  # drafts were kept, and some were rejected (their columns masked)
-    assert steps[True] < steps[False]
+    assert kept["off"] == (0, 0)
+    assert 0 < kept["on"][1] <= kept["on"][0] and steps["on"] < steps["off"]
+    assert 0 < kept["spoiled"][1] < kept["spoiled"][0]  # kept up to the spoiled token, the rest rejected
 
 
 def test_rows_in_a_batch_feed_no_drafts(engine, adapters):
