@@ -98,6 +98,18 @@ async def started(fakes, **kwargs) -> ReplicaSet:
     await rs.connect()
     return rs
 
+def run_on_replicas(body, n: int = 2, **kwargs) -> None:
+    """Run ``await body(fakes, rs)``: ``rs`` a ReplicaSet started over ``n`` fresh fake servers, closed after."""
+    async def main():
+        fakes = servers(n)
+        rs = await started(fakes, **kwargs)
+        try:
+            await body(fakes, rs)
+        finally:
+            await rs.aclose()
+
+    asyncio.run(main())
+
 
 async def complete(rs, version=None, max_tokens=6, prompt=(1, 2, 3), rid="r") -> list[int]:
     out = []
@@ -112,9 +124,7 @@ def expected(version, max_tokens=6, prompt=(1, 2, 3)) -> list[int]:
 
 
 def test_affinity_a_session_stays_on_the_replica_that_holds_its_version():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         a1, b1 = lora("a", 1, 1), lora("b", 1, 2)
         await rs.add_lora(a1)  # new lineages go to the least loaded replica
         await rs.add_lora(b1)
@@ -132,15 +142,12 @@ def test_affinity_a_session_stays_on_the_replica_that_holds_its_version():
         by_url = {f.url: f for f in fakes}
         assert by_url[home_a[0]].served.count(a2.lora_name) == 10
         assert by_url[home_b[0]].loads == [b1.lora_name]  # nothing of lineage a ever went there
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 def test_concurrent_requests_share_one_load_and_base_requests_balance():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         a1 = lora("a", 1, 1)
         rs._live[a1.lora_int_id] = a1  # published but loaded nowhere (as after its home went down)
         outs = await asyncio.gather(*(complete(rs, a1, rid=f"r{i}") for i in range(5)))
@@ -150,15 +157,12 @@ def test_concurrent_requests_share_one_load_and_base_requests_balance():
         assert await complete(rs, a1) == expected(a1) and rs.routed["hit"] == 1
         await asyncio.gather(*(complete(rs, None, rid=f"b{i}") for i in range(4)))
         assert rs.routed["base"] == 4 and all(BASE in f.served for f in fakes)  # least in flight first
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 def test_a_dead_replica_is_marked_down_and_the_request_retried_before_any_token():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         a1 = lora("a", 1, 1)
         await rs.add_lora(a1)
         home = next(f for f in fakes if a1.lora_name in f.loaded)
@@ -174,30 +178,24 @@ def test_a_dead_replica_is_marked_down_and_the_request_retried_before_any_token(
         a2 = lora("a", 2, 2)
         await rs.add_lora(a2)
         assert rs.holders(a2.lora_name) == [other.url]
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 def test_reset_mid_stream_goes_on_from_the_streamed_tokens():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         a1 = lora("a", 1, 1)
         await rs.add_lora(a1)
         home = next(f for f in fakes if a1.lora_name in f.loaded)
         home.reset_after = 3
         assert await complete(rs, a1, max_tokens=8) == expected(a1, max_tokens=8)
         assert rs.routed["resumed"] == 1 and rs.rows()[fakes.index(home)]["up"] is False
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 def test_losing_a_replica_moves_its_sessions_newest_versions_at_once():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         versions = [lora(name, 1, i + 1) for i, name in enumerate("abcd")]
         for v in versions:
             await rs.add_lora(v)
@@ -211,15 +209,12 @@ def test_losing_a_replica_moves_its_sessions_newest_versions_at_once():
         for v in lost:  # so their next requests are hits, not loads
             assert await complete(rs, v) == expected(v)
         assert rs.routed["hit"] == len(lost) and rs.routed["cold"] == 0
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 def test_health_checks_bring_a_replica_back_empty():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes, health_interval_s=0.02)
+    async def body(fakes, rs):
         a1 = lora("a", 1, 1)
         await rs.add_lora(a1)
         home = next(f for f in fakes if a1.lora_name in f.loaded)
@@ -230,23 +225,19 @@ def test_health_checks_bring_a_replica_back_empty():
         home.healthy = True  # it kept a1 listed (no restart): we unload our stale names on the way back
         await wait_for(lambda: rs.rows()[fakes.index(home)]["up"])
         assert home.loaded == set() and rs.rows()[fakes.index(home)]["loaded"] == 0
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body, health_interval_s=0.02)
 
 
 def test_a_restarted_replica_that_forgot_an_adapter_reloads_it():
-    async def main():
-        fakes = servers(1)
-        rs = await started(fakes)
+    async def body(fakes, rs):
         a1 = lora("a", 1, 1)
         await rs.add_lora(a1)
         fakes[0].loaded.clear()  # restarted between two health checks
         assert await complete(rs, a1) == expected(a1)
         assert fakes[0].loads == [a1.lora_name, a1.lora_name]
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body, 1)
 
 
 def test_request_errors_are_not_replica_failures():
@@ -267,9 +258,7 @@ def test_request_errors_are_not_replica_failures():
 
 
 def test_all_replicas_down_is_a_clear_error():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         for f in fakes:
             f.alive = False
         with pytest.raises(NoReplicaAvailable, match="replica-0.*replica-1"):
@@ -277,9 +266,8 @@ def test_all_replicas_down_is_a_clear_error():
         with pytest.raises(NoReplicaAvailable):
             await rs.add_lora(lora("a", 1, 1))
         assert rs._live == {}  # a version that could not be loaded is not published
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 def test_connect_needs_one_replica_serving_the_model():
@@ -300,18 +288,15 @@ def test_connect_needs_one_replica_serving_the_model():
 
 
 def test_remove_unloads_everywhere_and_list_reports_loaded_ids():
-    async def main():
-        fakes = servers()
-        rs = await started(fakes)
+    async def body(fakes, rs):
         a1, a2 = lora("a", 1, 1), lora("a", 2, 2)
         await rs.add_lora(a1)
         await rs.add_lora(a2)
         assert await rs.list_loras() == {1, 2}
         assert await rs.remove_lora(1) and not await rs.remove_lora(1)
         assert await rs.list_loras() == {2} and all(a1.lora_name not in f.loaded for f in fakes)
-        await rs.aclose()
 
-    asyncio.run(main())
+    run_on_replicas(body)
 
 
 async def wait_for(predicate, timeout: float = 10.0) -> None:
