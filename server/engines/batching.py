@@ -306,10 +306,11 @@ class BatchScheduler:
         batch, binding = self._cache, self._binding  # close() may replace them meanwhile
         ids, mask, positions = batch.step_inputs(feeds, [r.position for r in rows])
         logits = self._forward(ids, batch.cache, binding, mask, positions)
-        kept = [len(f) - r.drafted + accepted_draft(f, r.drafted, logits[i]) if f else 0
-                for i, (r, f) in enumerate(zip(rows, feeds))]
-        self.drafted_tokens += sum(r.drafted for r, f in zip(rows, feeds) if f)
-        self.accepted_tokens += sum(k - len(f) + r.drafted for r, f, k in zip(rows, feeds, kept) if f)
+        fed = [(i, r, f) for i, (r, f) in enumerate(zip(rows, feeds)) if f]  # rows that sat out keep nothing
+        accepted = {i: accepted_draft(f, r.drafted, logits[i]) for i, r, f in fed}
+        kept = [len(f) - r.drafted + accepted[i] if f else 0 for i, (r, f) in enumerate(zip(rows, feeds))]
+        self.drafted_tokens += sum(r.drafted for _, r, _ in fed)
+        self.accepted_tokens += sum(accepted.values())
         for i, (feed, keep) in enumerate(zip(feeds, kept)):
             if feed and keep < len(feed):  # the rejected draft's columns: never attended again
                 mask[i, mask.shape[1] - ids.shape[1] + keep:] = False
@@ -343,9 +344,9 @@ class BatchScheduler:
 def accepted_draft(feed: list[int], drafted: int, logits: torch.Tensor) -> int:
     """How many of the last ``drafted`` tokens of ``feed`` greedy decoding would have produced, in a row:
     each must be the argmax of the logits at the position before it (``logits``: one row per fed token)."""
-    start = len(feed) - drafted
     if drafted == 0:
         return 0
+    start = len(feed) - drafted
     predicted = logits[start - 1: len(feed) - 1].argmax(-1).tolist()
     accepted = 0
     for guess, token in zip(predicted, feed[start:]):
