@@ -75,7 +75,7 @@ class Session:
 
     def publish(self, engine, version: int):
         self.snapshot = random_snapshot(version, seed=100 * self.index + version, lineage=self.lineage)
-        engine.prefetch(self.snapshot)  # what the adaptation worker does after Session.publish
+        engine.prefetch(self.snapshot)  # as a caller after Session.publish would (the workers do not call it yet)
         assert engine.wait_loaded(self.snapshot, timeout=300), f"session {self.index} v{version} did not load"
 
     def complete(self, engine, max_tokens: int) -> list[int]:
