@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from adapter_core import attention
+from adapter_core.int8 import Int8Linear
 from adapter_core.layer import LoraLinear, ModelKey
 from adapter_core.policies.base import ModuleInfo
 
@@ -35,7 +36,7 @@ def inject_adapters(model: nn.Module, target_modules=None) -> dict[str, ModuleIn
     attention.install(model)
     for name, module in list(model.named_modules()):
         short = name.rsplit(".", 1)[-1]
-        if short not in targets or type(module) is not nn.Linear:
+        if short not in targets or type(module) not in (nn.Linear, Int8Linear):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

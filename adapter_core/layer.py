@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapter_core.int8 import base_linear
+
 # {model key: binding}. A binding is one adapter source for the whole batch or a
 # ``RowAdapters`` (one source, or None = base model, per batch row). A source is
 # anything with ``lora_factors(name) -> (A, B, scale) | None``: a snapshot or a live Adapter.
@@ -44,9 +46,10 @@ class LoraLinear(nn.Linear):
         self.bias = base.bias
         self.lora_name = name
         self.lora_key = key
+        self.int8 = getattr(base, "int8", None)  # the weight's int8 copy for decode steps (quantize_base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = base_linear(x, self.weight, self.bias, self.int8)
         binding = _BINDINGS.get().get(self.lora_key)
         if binding is None:
             return y

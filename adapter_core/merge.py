@@ -5,28 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adapter_core.int8 import Int8Weight
 from adapter_core.resize import resize_factors
 from adapter_core.snapshot import AdapterSnapshot
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
-    return model.get_submodule(name)
+def _add_delta(model: nn.Module, snap: AdapterSnapshot, sign: int) -> None:
+    for name in snap.modules:
+        linear = model.get_submodule(name)
+        w = linear.weight
+        w.add_(snap.delta(name).to(device=w.device, dtype=w.dtype), alpha=sign)
+        if getattr(linear, "int8", None) is not None:  # the decode steps' copy follows (adapter_core.int8)
+            linear.int8 = Int8Weight(w, int8_activations=linear.int8.int8_activations)
 
 
 @torch.no_grad()
 def merge_into(model: nn.Module, snap: AdapterSnapshot) -> None:
     """``W += scale * B @ A`` for every module of ``snap`` (in place; affects every user of ``model``)."""
-    for name in snap.modules:
-        w = _linear(model, name).weight
-        w.add_(snap.delta(name).to(device=w.device, dtype=w.dtype))
+    _add_delta(model, snap, 1)
 
 
 @torch.no_grad()
 def unmerge(model: nn.Module, snap: AdapterSnapshot) -> None:
     """Undo :func:`merge_into` (exact up to float rounding)."""
-    for name in snap.modules:
-        w = _linear(model, name).weight
-        w.sub_(snap.delta(name).to(device=w.device, dtype=w.dtype))
+    _add_delta(model, snap, -1)
 
 
 def combine(snap_a: AdapterSnapshot, snap_b: AdapterSnapshot, rank: int | None = None) -> AdapterSnapshot:

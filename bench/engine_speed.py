@@ -38,13 +38,14 @@ INT4_OUT_MULTIPLE = 16  # the CPU int4 packing kernel needs out_features divisib
 CONTEXT_CHARS = 1500  # characters before the cursor in a greedy-agreement prompt
 TRAIN_TOKENS = 128  # tokens of the train-step check
 LOOKUP = "+lookup"  # suffix of a speed row decoded with prompt-lookup drafts (the engine's default)
+INT8_COPIES = "int8-copies"  # Precision.weights of adapter_core.int8; the other formats are torchao's
 
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
     name: str
     dtype: str  # torch dtype of every weight not quantized, and of the activations
-    weights: str | None  # torchao weight-only format of the linear layers (None: plain ``dtype``)
+    weights: str | None  # torchao weight-only format of the linear layers, INT8_COPIES, or None: plain ``dtype``
     note: str
     groups: tuple[int, ...] = INT4_GROUP_SIZES  # int4: group sizes allowed, largest first
 
@@ -52,7 +53,13 @@ class Precision:
 PRECISIONS = {p.name: p for p in (
     Precision("float32", "float32", None, "the converted checkpoint as it is"),
     Precision("bfloat16", "bfloat16", None, "every weight and activation in bfloat16"),
-    Precision("int8", "bfloat16", "int8", "torchao `Int8WeightOnlyConfig` (per output row); bfloat16 activations"),
+    # Ours, `dynarank serve --dtype int8`: the float32 model plus int8 copies that decode steps read.
+    Precision("int8", "float32", INT8_COPIES, "`adapter_core.int8`: float32 weights plus int8 copies (per-row "
+              "scales) that calls of at most 16 rows without gradients read: `torch._weight_int8pack_mm` "
+              "(bfloat16 activations), the output head `torch._int_mm` (int8 activations per row); prefill "
+              "chunks and train steps keep float32"),
+    Precision("torchao-int8", "bfloat16", "int8", "torchao `Int8WeightOnlyConfig` (per output row); bfloat16 "
+              "activations"),
     # The CPU int4 kernel (tinygemm, `_weight_int4pack_mm_for_cpu`) is fast with bfloat16 activations
     # only: with float32 ones it decoded at a tenth of float32's speed.
     Precision("int4", "bfloat16", "int4", "torchao `PrototypeInt4WeightOnlyConfig` (`Int4OpaqueTensor`, the CPU "
@@ -74,6 +81,11 @@ def load_precision(model_dir: Path, precision: Precision):
     from server.models import load_model
 
     model, tokenizer = load_model(model_dir, dtype=getattr(torch, precision.dtype))
+    if precision.weights == INT8_COPIES:  # as `dynarank serve --dtype int8` loads it
+        from adapter_core.int8 import quantize_base
+
+        total = len(_linears(model))
+        return model, tokenizer, (quantize_base(model), total)
     counts = (quantize_linears(model, precision.weights, precision.groups) if precision.weights
               else (0, len(_linears(model))))
     return model, tokenizer, counts
@@ -129,7 +141,7 @@ def weight_bytes(model) -> int:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             total += _tensor_bytes(tensor)
-    return total
+    return total + sum(m.int8.nbytes() for m in model.modules() if getattr(m, "int8", None) is not None)
 
 
 def _tensor_bytes(tensor) -> int:
@@ -305,16 +317,25 @@ def measure_speed(engines: dict, prompt: str, *, threads: list[int], repeats: in
 
 
 def token_nll(model, windows: list[list[int]]) -> list[float]:
-    """Per-token NLL of every window (teacher-forced), in float32 from the model's logits."""
+    """Per-token NLL of every window (teacher-forced), in float32 from the model's logits.
+
+    The window goes through the KV cache in steps of ``DECODE_ROWS`` tokens, as decoding (and a
+    prompt-lookup draft) feeds it: int8 copies are read by such steps only, so this is the NLL that
+    decoding sees."""
     import torch
     import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    from adapter_core.int8 import DECODE_ROWS
 
     out = []
     with torch.inference_mode():
         for ids in windows:
-            x = torch.tensor([ids])
-            logits = model(input_ids=x).logits[0, :-1].float()
-            out += F.cross_entropy(logits, x[0, 1:], reduction="none").tolist()
+            x, cache, logits = torch.tensor([ids]), DynamicCache(), []
+            for start in range(0, x.shape[1] - 1, DECODE_ROWS):
+                step = x[:, start:min(start + DECODE_ROWS, x.shape[1] - 1)]
+                logits.append(model(input_ids=step, past_key_values=cache, use_cache=True).logits[0].float())
+            out += F.cross_entropy(torch.cat(logits), x[0, 1:], reduction="none").tolist()
     return out
 
 
@@ -605,11 +626,11 @@ def run(args) -> int:
     t_start = time.time()
     model_dir = resolve_model(args.model, progress=True)
     precisions = [PRECISIONS[name] for name in args.precisions]
-    if any(p.weights for p in precisions):  # fail before the long part, not after float32
+    if any(p.weights not in (None, INT8_COPIES) for p in precisions):  # fail before the long part, not after float32
         try:
             import torchao  # noqa: F401
         except ImportError:
-            print("error: int8 and int4 need torchao (pip install torchao)", file=sys.stderr)
+            print("error: torchao-int8 and int4 need torchao (pip install torchao)", file=sys.stderr)
             return 2
     peer, peer_note = (None, "left out (`--no-peer`)") if args.no_peer else resolve_peer(
         args.model, build=args.build_peer, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)

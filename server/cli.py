@@ -15,7 +15,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from server.config import Settings
-from server.devices import resolve_device, resolve_dtype
+from server.devices import DeviceError, load_dtype, resolve_device, resolve_dtype
 from server.models import (
     EMBEDDED_MODELS,
     ModelError,
@@ -233,10 +233,16 @@ def cmd_serve(args) -> int:
     t0 = time.time()
     path = resolve_model(settings.model, progress=True)
     device = resolve_device(settings.device)  # present: Settings checked it
-    dtype = resolve_dtype(settings.dtype, device)
-    model, tokenizer = load_model(path, dtype=dtype, device=device)
-    log.info("loaded %s from %s on %s as %s in %.1fs", settings.served_name, path, device,
-             str(dtype).removeprefix("torch."), time.time() - t0)
+    try:
+        precision = resolve_dtype(settings.dtype, device)
+    except DeviceError as exc:  # int8 on a GPU that --device auto found
+        raise ConfigError(f"argument --dtype: {exc}") from None
+    model, tokenizer = load_model(path, dtype=load_dtype(precision), device=device)
+    if precision == "int8":
+        from adapter_core.int8 import quantize_base
+
+        quantize_base(model)
+    log.info("loaded %s from %s on %s as %s in %.1fs", settings.served_name, path, device, precision, time.time() - t0)
     app = create_app(settings, model=model, tokenizer=tokenizer)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **transport_options(settings))
     return 0

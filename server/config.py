@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.devices import DEVICE_SYNTAX, DtypeName, check_device_text, resolve_device
@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description=f"where the model runs and adapters train: {DEVICE_SYNTAX} "
                                             "(auto: cuda when a CUDA device is visible, else cpu)")
     dtype: DtypeName = Field("auto", description="precision of the model's weights (LoRA factors stay float32); "
-                                                 "auto: bfloat16 on cuda, float32 on the CPU (measured faster there "
-                                                 "per whole request)")
+                                                 "int8 (CPU only): float32 weights plus int8 copies that decode steps "
+                                                 "read; auto: bfloat16 on cuda, int8 on the CPU (measured fastest there)")
     engine_options: StrTuple = Field(
         (), description="vLLM engine option KEY=VALUE (repeatable): max_loras, max_cpu_loras, max_lora_rank, "
                         "max_model_len, max_num_seqs, kv_cache_gib, dtype, gpu_memory_utilization; url=http://... "
@@ -192,6 +192,13 @@ class Settings(BaseSettings):
         value = check_device_text(value)
         if value.startswith("cuda"):
             resolve_device(value)
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _int8_on_the_cpu(cls, value: str, info: ValidationInfo) -> str:
+        if value == "int8" and str(info.data.get("device", "")).startswith("cuda"):
+            raise ValueError("int8 is for the CPU (torch's CPU int8 kernels); on cuda use bfloat16 or float16")
         return value
 
     @field_validator("engine", "log_level", "dtype", mode="before")

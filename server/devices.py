@@ -18,13 +18,15 @@ import threading
 from typing import Literal, get_args
 
 DEVICE_SYNTAX = "auto, cpu, cuda or cuda:N"
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
-# What --dtype auto means on the CPU: the CPU engine's choice, in one place. float32, measured
-# (docs/bench_engine_speed.md): on an AVX-512 BF16 CPU without AMX, bfloat16 decodes at most ~1.15x
-# faster but prefills at about half the speed, so whole requests were slower (0.80-0.95x). Were it
-# set to bfloat16, resolve_dtype still falls back to float32 where the CPU would emulate it.
-CPU_AUTO_DTYPE = "float32"
+# What --dtype auto means on the CPU: the CPU engine's choice, in one place. int8, measured
+# (docs/bench_engine_speed.md): float32 weights with int8 copies for decode steps
+# (adapter_core/int8.py) decoded ~1.5x faster than float32 at NLL within 0.1%, with prefill and
+# training unchanged. bfloat16, on an AVX-512 BF16 CPU without AMX, decoded at most ~1.15x faster
+# but prefilled at about half the speed. Were it set to bfloat16, resolve_dtype still falls back
+# to float32 where the CPU would emulate it.
+CPU_AUTO_DTYPE = "int8"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")
 
@@ -63,20 +65,32 @@ def resolve_device(text: str):
     return torch.device("cuda", index)
 
 
-def resolve_dtype(text: str, device):
-    """The ``torch.dtype`` that ``text`` names for a model on ``device``. ``auto``: bfloat16 on CUDA
-    (float16 on a GPU without native bfloat16, before compute capability 8.0); on the CPU
-    ``CPU_AUTO_DTYPE``, float32 instead of a bfloat16 the CPU would emulate."""
+def resolve_dtype(text: str, device) -> str:
+    """The precision ``text`` names for a model on ``device``: float32, bfloat16, float16 or int8.
+    ``auto``: bfloat16 on CUDA (float16 on a GPU without native bfloat16, before compute capability
+    8.0); on the CPU ``CPU_AUTO_DTYPE``, float32 instead of a bfloat16 the CPU would emulate. int8
+    (int8 copies of the weights for decode steps) is for the CPU only."""
     import torch
 
     value = str(text).strip().lower()
     if value not in DTYPE_NAMES:
         raise DeviceError(f"unknown dtype {text!r}: use {', '.join(DTYPE_NAMES)}")
-    if value == "auto" and torch.device(device).type == "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if value == "auto" and on_cuda:
         value = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     elif value == "auto":
         value = "float32" if CPU_AUTO_DTYPE == "bfloat16" and not cpu_has_native_bf16() else CPU_AUTO_DTYPE
-    return getattr(torch, value)
+    if value == "int8" and on_cuda:
+        raise DeviceError("int8 is for the CPU (torch's CPU int8 kernels); on cuda use bfloat16 or float16")
+    return value
+
+
+def load_dtype(precision: str):
+    """The ``torch.dtype`` the weights load in for ``precision``: int8 keeps the float32 weights
+    (prefill and training use them) beside the int8 copies that ``quantize_base`` adds."""
+    import torch
+
+    return torch.float32 if precision == "int8" else getattr(torch, precision)
 
 
 def cpu_has_native_bf16() -> bool:

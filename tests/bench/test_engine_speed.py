@@ -50,7 +50,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def engines(tiny_dir):
     out = {}
-    for name in ("float32", "int8", "int4"):
+    for name in ("float32", "int8", "torchao-int8", "int4"):
         model, tokenizer, counts = es.load_precision(tiny_dir, es.PRECISIONS[name])
         out[name] = (HFEngine(model, tokenizer, "tiny"), counts)
     return out
@@ -74,12 +74,25 @@ def test_every_linear_that_fits_is_quantized_and_the_weights_shrink(engines):
         return sum(es._tensor_bytes(m.weight) for m in es._linears(model))
 
     # of float32's bytes: 1/4 and 1/8, plus scales (many per byte of weight in rows only 64 wide)
-    for name, most in (("int8", 0.3), ("int4", 0.2)):
+    for name, most in (("torchao-int8", 0.3), ("int4", 0.2)):
         engine, (quantized, total) = engines[name]
         assert total == f32_counts[1] and quantized == total  # the tiny model's widths fit int4's groups
         assert all(es.is_quantized(m.weight) for m in es._linears(engine.model))
         assert linear_bytes(engine.model) < most * linear_bytes(f32.model), name
     assert f32_counts[0] == 0 and not any(es.is_quantized(m.weight) for m in es._linears(f32.model))
+
+
+def test_nll_is_measured_through_decode_steps(engines):
+    """The int8 copies are read by decode-sized calls only: a teacher-forced NLL over the whole window
+    at once would be float32's exactly; fed as decoding feeds it, it is int8's."""
+    windows = [list(range(100, 160))]
+    f32, int8 = (es.token_nll(engines[name][0].model, windows) for name in ("float32", "int8"))
+    with torch.inference_mode():
+        whole = engines["float32"][0].model(input_ids=torch.tensor(windows)).logits[0, :-1]
+    reference = torch.nn.functional.cross_entropy(whole.float(), torch.tensor(windows[0][1:]), reduction="none")
+    assert len(f32) == len(int8) == 59
+    assert torch.allclose(torch.tensor(f32), reference, atol=1e-4)  # steps through the cache: the same NLL
+    assert f32 != int8 and abs(sum(int8) / sum(f32) - 1) < 0.05
 
 
 def test_int4_leaves_a_layer_whose_width_fits_no_group():
@@ -156,7 +169,8 @@ def test_greedy_agreement_counts_positions_and_whole_completions():
 def test_lora_on_quantized_weights_adds_its_update_and_trains(tiny_dir):
     ids = torch.arange(100, 140).unsqueeze(0)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_weights": torch.ones(1, 40)}
-    for name, tolerance in (("float32", 1e-5), ("bfloat16", 3e-2), ("int8", 3e-2), ("int4", 3e-2)):
+    for name, tolerance in (("float32", 1e-5), ("bfloat16", 3e-2), ("int8", 3e-2), ("torchao-int8", 3e-2),
+                            ("int4", 3e-2)):
         model, _, _ = es.load_precision(tiny_dir, es.PRECISIONS[name])
         row, snapshot = es.train_step_check(model, batch)
         assert es.lora_forward_error(model) < tolerance, name
@@ -198,7 +212,7 @@ def test_a_run_without_a_llama_cpp_build_skips_the_peer(tmp_path, tiny_dir, monk
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--precisions", "int8"], "must include float32"),
+    (["--precisions", "torchao-int8"], "must include float32"),
     (["--precisions", "float32,fp8"], "must include float32"),
     (["--threads", "1,0"], "expected positive integers"),
     (["--repeats", "x"], "expected comma-separated integers"),

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from pydantic import ValidationError
 
 from server import cli
 from server.config import Settings
-from tests.helpers import free_port, start_server, stop_server, wait_for_http
+from tests.helpers import free_port, server_output, start_server, stop_server, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +63,7 @@ def test_serve_answers_health_and_models_without_network(smollm2_path):
         listed = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
         assert listed["object"] == "list"
         assert "smollm2-135m" in [m["id"] for m in listed["data"]]
+        assert " on cpu as int8 in " in server_output(proc)  # --dtype auto on the CPU: int8 copies for decoding
     finally:
         stop_server(proc)
 
@@ -215,7 +217,7 @@ def test_bad_value_in_a_real_process_exits_2():
 def test_non_local_bind_without_keys_falls_back_to_loopback(clean_env, monkeypatch, caplog):
     seen = {}
     monkeypatch.setattr(cli, "resolve_model", lambda model, progress: Path(model))
-    monkeypatch.setattr(cli, "load_model", lambda path, **placement: (None, None))
+    monkeypatch.setattr(cli, "load_model", lambda path, **placement: (torch.nn.Linear(2, 2), None))
     fake_main = types.ModuleType("server.app.main")
     fake_main.create_app = lambda settings, **kw: seen.setdefault("settings", settings)
     monkeypatch.setitem(sys.modules, "server.app.main", fake_main)
