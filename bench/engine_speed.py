@@ -39,6 +39,7 @@ CONTEXT_CHARS = 1500  # characters before the cursor in a greedy-agreement promp
 TRAIN_TOKENS = 128  # tokens of the train-step check
 LOOKUP = "+lookup"  # suffix of a speed row decoded with prompt-lookup drafts (the engine's default)
 INT8_COPIES = "int8-copies"  # Precision.weights of adapter_core.int8; the other formats are torchao's
+DECODE_STEP = 16  # tokens per forward of the NLL: adapter_core.int8.DECODE_ROWS, the most a decode step reads int8 with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,22 +320,22 @@ def measure_speed(engines: dict, prompt: str, *, threads: list[int], repeats: in
 def token_nll(model, windows: list[list[int]]) -> list[float]:
     """Per-token NLL of every window (teacher-forced), in float32 from the model's logits.
 
-    The window goes through the KV cache in steps of ``DECODE_ROWS`` tokens, as decoding (and a
+    The window goes through the KV cache in steps of ``DECODE_STEP`` tokens, as decoding (and a
     prompt-lookup draft) feeds it: int8 copies are read by such steps only, so this is the NLL that
     decoding sees."""
     import torch
     import torch.nn.functional as F
     from transformers import DynamicCache
 
-    from adapter_core.int8 import DECODE_ROWS
+    from server.models import cache_argument
 
-    out = []
+    out, cache_arg = [], cache_argument(model)
     with torch.inference_mode():
         for ids in windows:
             x, cache, logits = torch.tensor([ids]), DynamicCache(), []
-            for start in range(0, x.shape[1] - 1, DECODE_ROWS):
-                step = x[:, start:min(start + DECODE_ROWS, x.shape[1] - 1)]
-                logits.append(model(input_ids=step, past_key_values=cache, use_cache=True).logits[0].float())
+            for start in range(0, x.shape[1] - 1, DECODE_STEP):
+                step = x[:, start:min(start + DECODE_STEP, x.shape[1] - 1)]
+                logits.append(model(input_ids=step, use_cache=True, **{cache_arg: cache}).logits[0].float())
             out += F.cross_entropy(torch.cat(logits), x[0, 1:], reduction="none").tolist()
     return out
 
@@ -490,7 +491,8 @@ def write_report(results: dict, out: Path) -> str:
         if results["peer"] else ".")
     quality_how = (f"NLL: mean per-token NLL of {results['quality'][0]['nll_tokens']:,} held-out tokens "
                    f"({cfg['nll_files']} recently edited files per history of {', '.join(cfg['histories'])}, the "
-                   f"first {cfg['window']} tokens of each), relative to float32 (target: within 1%). Greedy agreement: "
+                   f"first {cfg['window']} tokens of each, fed through the KV cache {DECODE_STEP} tokens at a time as "
+                   "decoding feeds them), relative to float32 (target: within 1%). Greedy agreement: "
                    f"{cfg['completions']} completions of {cfg['completion_tokens']} tokens at line starts of those "
                    f"files ({CONTEXT_CHARS} characters before); the fraction of token positions where the precision "
                    "has float32's token, and of identical completions. LoRA update error: `LoraLinear`'s update on "

@@ -604,7 +604,9 @@ def write_report(results: dict, out: Path) -> str:
     lines = [
         f"# Soak: {cfg['sessions']} sessions for {cfg['duration']:g} s on {cfg['model']}", "",
         f"Command: `{cfg['command']}`", "",
-        (f"Server `python -m server serve --model {cfg['model']}` (server defaults, its own temporary data dir), "
+        (f"Server `python -m server serve --model {cfg['model']} {' '.join(cfg.get('server_options', []))}` "
+        "(server defaults otherwise, its own temporary data dir: one key for all sessions, so its websocket "
+        "connection cap is raised to the sessions), "
         f"ready in {fmt(server['start_s'])} s; after the run SIGTERM stopped it in {fmt(server['stop_s'])} s "
         f"({'clean' if server['clean'] else 'not clean'}: exit code {server['exit_code']}"
         f"{', killed after a thread dump to its log' if server['killed'] else ''}). Client: one asyncio "
@@ -689,6 +691,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def server_options(args) -> list[str]:
+    """Server options besides the defaults: the soak's sessions are as many users, but without API keys
+    the server counts every local client as one key, whose websocket connections it caps
+    (``--max-ws-connections-per-key``, 32): the cap is raised to the sessions."""
+    return ["--max-ws-connections-per-key", str(max(args.sessions, 32))]
+
+
 def run(args) -> int:
     for name in ("sessions", "duration", "edit_interval", "completion_interval", "max_tokens",
                  "completion_timeout", "bucket_s"):
@@ -698,7 +707,7 @@ def run(args) -> int:
     plans = plan_documents([_history_path(item) for item in args.data.split(",") if item.strip()], args.sessions)
     work = Path(tempfile.mkdtemp(prefix="dynarank-bench-soak-"))
     port = free_port()
-    proc = start_server(args.model, port, work / "data", work / "server.log")
+    proc = start_server(args.model, port, work / "data", work / "server.log", extra=server_options(args))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_exit) if main_thread else None
     try:
@@ -713,7 +722,7 @@ def run(args) -> int:
         shutil.rmtree(work / "data", ignore_errors=True)  # session adapters: large, and of no further use
     rows, totals = summarize(measured["record"], args.duration, args.bucket_s)
     config = {"command": command_line(args), "sessions": args.sessions, "duration": args.duration,
-              "model": Path(args.model).name, "edit_interval": args.edit_interval,
+              "model": Path(args.model).name, "server_options": server_options(args), "edit_interval": args.edit_interval,
               "completion_interval": args.completion_interval, "max_tokens": args.max_tokens,
               "prefix_chars": args.prefix_chars,
               "completion_timeout": args.completion_timeout, "bucket_s": args.bucket_s, "seed": args.seed,

@@ -21,11 +21,11 @@ DEVICE_SYNTAX = "auto, cpu, cuda or cuda:N"
 DtypeName = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 # What --dtype auto means on the CPU: the CPU engine's choice, in one place. int8, measured
-# (docs/bench_engine_speed.md): float32 weights with int8 copies for decode steps
-# (adapter_core/int8.py) decoded ~1.5x faster than float32 at NLL within 0.1%, with prefill and
-# training unchanged. bfloat16, on an AVX-512 BF16 CPU without AMX, decoded at most ~1.15x faster
-# but prefilled at about half the speed. Were it set to bfloat16, resolve_dtype still falls back
-# to float32 where the CPU would emulate it.
+# (docs/bench_engine_speed_int8.md): float32 weights with int8 copies for decode steps
+# (adapter_core/int8.py) decoded 2.3x (1 thread) and 1.9x (2 threads) faster than float32 at the
+# same NLL, with prefill and training unchanged. bfloat16, on an AVX-512 BF16 CPU without AMX,
+# decoded at most ~1.15x faster but prefilled at about half the speed (docs/bench_engine_speed.md).
+# Were it set to bfloat16, resolve_dtype still falls back to float32 where the CPU would emulate it.
 CPU_AUTO_DTYPE = "int8"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")

@@ -307,3 +307,11 @@ def load_model(path: str | os.PathLike, *, dtype=None, device=None):
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def cache_argument(model) -> str:
+    """The name of ``model.forward``'s KV-cache argument: transformers 5 renamed ``past_key_values``
+    to ``cache``; accept either."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -17,7 +17,6 @@ prefill, all rows' (``adapter_core.layer.RowAdapters``) for a step.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from typing import Iterator
@@ -38,6 +37,7 @@ from server.engines.decoding import (
 )
 from server.engines.gate import FairTurns, ServingGate
 from server.engines.prompt_lookup import MAX_DRAFT, propose_draft
+from server.models import cache_argument
 
 log = logging.getLogger("dynarank.engine")
 
@@ -63,9 +63,7 @@ class HFEngine(TokenizerEngine):
         self.prompt_lookup = prompt_lookup  # greedy rows alone verify drafts from their own context
         self.turns = FairTurns()  # one forward at a time: prefill chunks round robin between clients, and steps
         self.batch = BatchScheduler(self._forward_now, self.turns)
-        # transformers 5 renamed `past_key_values` to `cache`; accept either.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(model)
         check_mergeable(self._new_cache())
 
     def _eos_ids(self) -> set[int]:

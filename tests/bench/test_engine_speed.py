@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench import engine_speed as es
+from adapter_core.int8 import DECODE_ROWS
 from bench import peer
 from server.engines.hf import HFEngine
 from tests.session_server import save_tiny_model
@@ -93,6 +94,7 @@ def test_nll_is_measured_through_decode_steps(engines):
     assert len(f32) == len(int8) == 59
     assert torch.allclose(torch.tensor(f32), reference, atol=1e-4)  # steps through the cache: the same NLL
     assert f32 != int8 and abs(sum(int8) / sum(f32) - 1) < 0.05
+    assert es.DECODE_STEP <= DECODE_ROWS  # every step of the NLL reads the int8 copies
 
 
 def test_int4_leaves_a_layer_whose_width_fits_no_group():

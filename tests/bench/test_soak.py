@@ -20,6 +20,17 @@ AFTERS = [
 ]
 
 
+@pytest.mark.parametrize("sessions", [3, 64, 100])
+def test_the_server_takes_every_session_of_the_soak(sessions):
+    """All sessions come from one client without a key; a server capping that key's websocket
+    connections below them refuses the rest over and over (a whole run of `connect` errors)."""
+    from server.cli import build_parser, settings_from_args
+
+    args = soak.build_parser().parse_args(["--sessions", str(sessions)])
+    serve = build_parser().parse_args(["serve", *soak.server_options(args)])
+    assert settings_from_args(serve).max_ws_connections_per_key >= sessions
+
+
 @pytest.mark.parametrize("text", ["ab\r\ncd\r\nef", "é😀x\ny😀z\rw", "one line", "x\n\n\n"])
 def test_every_edit_point_is_a_position_the_server_reads_back(text):
     for i in range(len(text) + 1):
