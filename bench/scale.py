@@ -101,12 +101,14 @@ def run(args) -> int:
     import torch
 
     from adapter_core import inject_adapters
+    from server.devices import resolve_dtype
     from server.engines.hf import HFEngine
-    from server.models import load_model, resolve_model
+    from server.models import load_serving_model, resolve_model
 
     torch.set_num_threads(args.threads)
     levels = sorted(int(x) for x in args.sessions.split(","))
-    model, tokenizer = load_model(resolve_model(args.model, progress=False))
+    precision = resolve_dtype(args.dtype, torch.device("cpu"))
+    model, tokenizer = load_serving_model(resolve_model(args.model, progress=False), precision)
     inject_adapters(model)
     engine = HFEngine(model, tokenizer, args.model, prompt_lookup=args.prompt_lookup)
     work = Path(tempfile.mkdtemp(prefix="dynarank-bench-scale-"))
@@ -152,7 +154,7 @@ def run(args) -> int:
         restore_s = time.perf_counter() - t0
         same = all(torch.equal(restored.current().B[k], victim.current().B[k]) for k in victim.current().B)
         restore.append({"persist_s": persist_s, "restore_s": restore_s, "identical": same})
-    result = {"config": {"model": args.model, "policy": args.policy, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    result = {"config": {"model": args.model, "precision": precision, "policy": args.policy, "new_tokens": args.new_tokens, "repeats": args.repeats,
                          "max_batch": args.max_batch, "threads": args.threads,
                          "prompt_lookup": args.prompt_lookup, "prompt_tokens":
                          int(tokenizer(PROMPT, return_tensors="pt").input_ids.shape[1])},
@@ -180,7 +182,7 @@ def write_report(result: dict, out: Path) -> str:
                     f"{all(x['identical'] for x in r)}.") if r else ""
     text = "\n".join([
         "# Scale: many sessions", "",
-        (f"In process, model `{cfg['model']}`, session adapters from `SessionManager` (policy `{cfg['policy']}`, "
+        (f"In process, model `{cfg['model']}` (`--dtype {cfg.get('precision', 'float32')}`), session adapters from `SessionManager` (policy `{cfg['policy']}`, "
          f"fresh, initial ranks). Throughput: concurrent greedy requests through `HFEngine.generate` (one thread "
          f"each, continuous batching), {cfg['prompt_tokens']}-token prompt, up to {cfg['new_tokens']} new tokens "
          f"per request, aggregate completion tokens/s from their start to the last one's end (prefill included), "
@@ -211,6 +213,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--repeats", type=int, default=3, help="best of N per mode")
     p.add_argument("--restores", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="precision of the model, as `dynarank serve --dtype` (default: "
+                                                   "auto, the server's CPU choice)")
     p.add_argument("--prompt-lookup", action="store_true",
                    help="let a request alone draft (off: the ratios measure batching, not drafts; engine-speed "
                         "measures those)")

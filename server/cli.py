@@ -15,13 +15,13 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from server.config import Settings
-from server.devices import DeviceError, load_dtype, resolve_device, resolve_dtype
+from server.devices import DeviceError, resolve_device, resolve_dtype
 from server.models import (
     EMBEDDED_MODELS,
     ModelError,
     ensure_model,
     list_models,
-    load_model,
+    load_serving_model,
     resolve_model,
 )
 
@@ -237,11 +237,7 @@ def cmd_serve(args) -> int:
         precision = resolve_dtype(settings.dtype, device)
     except DeviceError as exc:  # int8 on a GPU that --device auto found
         raise ConfigError(f"argument --dtype: {exc}") from None
-    model, tokenizer = load_model(path, dtype=load_dtype(precision), device=device)
-    if precision == "int8":
-        from adapter_core.int8 import quantize_base
-
-        quantize_base(model)
+    model, tokenizer = load_serving_model(path, precision, device)
     log.info("loaded %s from %s on %s as %s in %.1fs", settings.served_name, path, device, precision, time.time() - t0)
     app = create_app(settings, model=model, tokenizer=tokenizer)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **transport_options(settings))

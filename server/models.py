@@ -309,6 +309,19 @@ def load_model(path: str | os.PathLike, *, dtype=None, device=None):
     return model, tokenizer
 
 
+def load_serving_model(path: str | os.PathLike, precision: str, device=None):
+    """``load_model`` in a resolved ``--dtype`` (``server.devices.resolve_dtype``): int8 is the float32
+    model with int8 copies of its linear weights for decode steps (``adapter_core.int8``)."""
+    from server.devices import load_dtype
+
+    model, tokenizer = load_model(path, dtype=load_dtype(precision), device=device)
+    if precision == "int8":
+        from adapter_core.int8 import quantize_base
+
+        quantize_base(model)
+    return model, tokenizer
+
+
 def cache_argument(model) -> str:
     """The name of ``model.forward``'s KV-cache argument: transformers 5 renamed ``past_key_values``
     to ``cache``; accept either."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import engine_speed as es
 from adapter_core.int8 import DECODE_ROWS
+from bench import engine_speed as es
 from bench import peer
 from server.engines.hf import HFEngine
 from tests.session_server import save_tiny_model

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from pydantic import ValidationError
 
 from server import cli
@@ -217,7 +216,7 @@ def test_bad_value_in_a_real_process_exits_2():
 def test_non_local_bind_without_keys_falls_back_to_loopback(clean_env, monkeypatch, caplog):
     seen = {}
     monkeypatch.setattr(cli, "resolve_model", lambda model, progress: Path(model))
-    monkeypatch.setattr(cli, "load_model", lambda path, **placement: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(cli, "load_serving_model", lambda path, precision, device: (None, None))
     fake_main = types.ModuleType("server.app.main")
     fake_main.create_app = lambda settings, **kw: seen.setdefault("settings", settings)
     monkeypatch.setitem(sys.modules, "server.app.main", fake_main)
