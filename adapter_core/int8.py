@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 DECODE_ROWS = 16  # calls with at most this many rows read the int8 copy
+# The packed kernel reads the input in blocks of 16: other widths crashed it or gave NaN (torch 2.13, CPU).
+# Layers of other widths (none in the embedded models) keep float32 only.
+INPUT_MULTIPLE = 16
+
+
+def fits(linear: nn.Module) -> bool:
+    """Whether the int8 kernels take ``linear``'s width."""
+    return linear.in_features % INPUT_MULTIPLE == 0
 
 
 class Int8Weight:
@@ -33,6 +41,9 @@ class Int8Weight:
     """
 
     def __init__(self, weight: torch.Tensor, *, int8_activations: bool = False):
+        if weight.shape[1] % INPUT_MULTIPLE:
+            raise ValueError(f"int8 copies need an input width that is a multiple of {INPUT_MULTIPLE}, "
+                             f"not {weight.shape[1]}")
         w = weight.detach().float()
         self.scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.q = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -83,13 +94,16 @@ class Int8Linear(nn.Linear):
 
 def quantize_base(model: nn.Module) -> int:
     """Give every linear layer of ``model`` an int8 copy, in place, before or after
-    ``inject_adapters`` (LoRA layers get theirs as an attribute; plain ones become ``Int8Linear``).
-    The output head multiplies with int8 activations. Idempotent; returns how many linears have a copy."""
+    ``inject_adapters`` (LoRA layers get theirs as an attribute; plain ones become ``Int8Linear``);
+    a layer whose width the kernels do not take keeps float32 only. The output head multiplies with
+    int8 activations. Idempotent; returns how many linears have a copy."""
     from adapter_core.layer import LoraLinear  # layer imports this module
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or not fits(child):
+                continue
             if isinstance(child, LoraLinear) and child.int8 is None:
                 child.int8 = Int8Weight(child.weight)
             elif type(child) is nn.Linear:

@@ -30,6 +30,16 @@ def test_int8_matmul_is_close_to_float32(rows, int8_activations):
     assert rel_err(y, F.linear(x, w)) < 0.02
 
 
+def test_a_width_the_kernels_do_not_take_keeps_float32_only():
+    model = nn.Sequential(nn.Linear(64, 40), nn.Linear(40, 100), nn.Linear(100, 8))  # 40 and 100: not multiples of 16
+    assert quantize_base(model) == 1
+    assert isinstance(model[0], Int8Linear) and type(model[1]) is type(model[2]) is nn.Linear
+    with pytest.raises(ValueError, match="multiple of 16, not 100"):
+        Int8Weight(torch.randn(8, 100))
+    with torch.no_grad():
+        assert model(torch.randn(1, 64)).isfinite().all()
+
+
 def test_only_small_calls_without_gradients_read_the_int8_copy():
     torch.manual_seed(0)
     w, bias = torch.randn(96, 64), torch.randn(96)
