@@ -154,7 +154,8 @@ def run(args) -> int:
         restore_s = time.perf_counter() - t0
         same = all(torch.equal(restored.current().B[k], victim.current().B[k]) for k in victim.current().B)
         restore.append({"persist_s": persist_s, "restore_s": restore_s, "identical": same})
-    result = {"config": {"model": args.model, "precision": precision, "policy": args.policy, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    result = {"config": {"model": args.model, "precision": precision, "policy": args.policy,
+                         "new_tokens": args.new_tokens, "repeats": args.repeats,
                          "max_batch": args.max_batch, "threads": args.threads,
                          "prompt_lookup": args.prompt_lookup, "prompt_tokens":
                          int(tokenizer(PROMPT, return_tensors="pt").input_ids.shape[1])},
@@ -182,8 +183,8 @@ def write_report(result: dict, out: Path) -> str:
                     f"{all(x['identical'] for x in r)}.") if r else ""
     text = "\n".join([
         "# Scale: many sessions", "",
-        (f"In process, model `{cfg['model']}` (`--dtype {cfg.get('precision', 'float32')}`), session adapters from `SessionManager` (policy `{cfg['policy']}`, "
-         f"fresh, initial ranks). Throughput: concurrent greedy requests through `HFEngine.generate` (one thread "
+        (f"In process, model `{cfg['model']}` (`--dtype {cfg.get('precision', 'float32')}`), session adapters "
+         f"from `SessionManager` (policy `{cfg['policy']}`, fresh, initial ranks). Throughput: concurrent greedy requests through `HFEngine.generate` (one thread "
          f"each, continuous batching), {cfg['prompt_tokens']}-token prompt, up to {cfg['new_tokens']} new tokens "
          f"per request, aggregate completion tokens/s from their start to the last one's end (prefill included), "
          f"best of {cfg.get('repeats', '?')} (modes interleaved); prompt-lookup drafts "

@@ -722,7 +722,8 @@ def run(args) -> int:
         shutil.rmtree(work / "data", ignore_errors=True)  # session adapters: large, and of no further use
     rows, totals = summarize(measured["record"], args.duration, args.bucket_s)
     config = {"command": command_line(args), "sessions": args.sessions, "duration": args.duration,
-              "model": Path(args.model).name, "server_options": server_options(args), "edit_interval": args.edit_interval,
+              "model": Path(args.model).name, "server_options": server_options(args),
+              "edit_interval": args.edit_interval,
               "completion_interval": args.completion_interval, "max_tokens": args.max_tokens,
               "prefix_chars": args.prefix_chars,
               "completion_timeout": args.completion_timeout, "bucket_s": args.bucket_s, "seed": args.seed,
