@@ -97,15 +97,13 @@ def quantize_base(model: nn.Module) -> int:
     ``inject_adapters`` (LoRA layers get theirs as an attribute; plain ones become ``Int8Linear``);
     a layer whose width the kernels do not take keeps float32 only. The output head multiplies with
     int8 activations. Idempotent; returns how many linears have a copy."""
-    from adapter_core.layer import LoraLinear  # layer imports this module
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or not fits(child):
                 continue
-            if isinstance(child, LoraLinear) and child.int8 is None:
-                child.int8 = Int8Weight(child.weight)
-            elif type(child) is nn.Linear:
+            if type(child) is nn.Linear:
                 setattr(module, child_name, Int8Linear(child, int8_activations=child is head))
+            elif getattr(child, "int8", False) is None:  # a LoraLinear: it holds its copy as an attribute
+                child.int8 = Int8Weight(child.weight)
     return sum(getattr(m, "int8", None) is not None for m in model.modules())
