@@ -112,14 +112,19 @@ async def _thread_chunks(engine: Engine, request: GenerationRequest, adapter, ca
 
     def work():
         serving_client.set(client)
+        failure = None
         try:
             for chunk in engine.generate(request, adapter, cancel):
                 put(chunk)
         except BaseException as exc:  # surfaced to the awaiting handler
-            put(exc)
+            failure = exc
         finally:
+            # The slot is given back before the handler hears of the end, so a client that retries at
+            # once after an error (a 400, say) is not refused as busy by its own finished request.
             if on_exit is not None:
                 on_exit()
+            if failure is not None:
+                put(failure)
             put(_DONE)
 
     if on_start is not None:

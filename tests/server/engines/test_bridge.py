@@ -95,3 +95,40 @@ def test_http_and_websocket_report_the_same_errors(app):
         # Refused requests never reached the engine, so they add no completion metrics.
         assert _metric(app, "dynarank_completion_duration_seconds_count", {"endpoint": "/v1/ws"}) == 1
         assert _metric(app, "dynarank_completion_duration_seconds_count", {"endpoint": "/v1/completions"}) == 1
+
+
+def test_a_failed_generation_gives_its_slot_back_before_the_handler_hears_of_it(monkeypatch):
+    """A client that retries at once after an error must not be refused as busy by its own ended
+    request: the generation thread releases the slot before its error reaches the handler."""
+    import asyncio
+    import threading
+    import time
+
+    from server.engines.bridge import Generation, GenerationBridge
+    from server.errors import ClientError
+
+    class FailingEngine:
+        def generate(self, request, adapter=None, cancel=None):
+            raise ValueError("the prompt is empty after tokenization")
+            yield  # a generator, as engines are
+
+    unhold = Generation._unhold
+
+    def slow_unhold(self):  # the generation thread (not the handler's close()), descheduled on a loaded machine
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)
+        unhold(self)
+
+    monkeypatch.setattr(Generation, "_unhold", slow_unhold)
+    bridge = GenerationBridge(FailingEngine(), max_inflight=1)
+
+    async def fail_then_retry():
+        gen = bridge.start("test", [GenerationRequest(prompt="x")], None, model_name="tiny")
+        with pytest.raises(ClientError):
+            await gen.run()
+        gen.close()
+        return bridge.start("test", [GenerationRequest(prompt="x")], None, model_name="tiny")
+
+    retry = asyncio.run(fail_then_retry())
+    retry.close()
+    assert bridge.wait_idle(timeout=5)
