@@ -15,7 +15,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.devices import DEVICE_SYNTAX, DtypeName, check_device_text, resolve_device
+from server.devices import DEVICE_SYNTAX, DtypeName, check_device_text, check_int8_device, resolve_device
 from server.models import DEFAULT_MODEL, EMBEDDED_MODELS, dynarank_home
 
 # The names in server.engines.ENGINES (a higher layer, so not imported here;
@@ -197,8 +197,7 @@ class Settings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _int8_on_the_cpu(cls, value: str, info: ValidationInfo) -> str:
-        if value == "int8" and str(info.data.get("device", "")).startswith("cuda"):
-            raise ValueError("int8 is for the CPU (torch's CPU int8 kernels); on cuda use bfloat16 or float16")
+        check_int8_device(value, str(info.data.get("device", "")))
         return value
 
     @field_validator("engine", "log_level", "dtype", mode="before")

@@ -80,9 +80,14 @@ def resolve_dtype(text: str, device) -> str:
         value = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     elif value == "auto":
         value = "float32" if CPU_AUTO_DTYPE == "bfloat16" and not cpu_has_native_bf16() else CPU_AUTO_DTYPE
-    if value == "int8" and on_cuda:
-        raise DeviceError("int8 is for the CPU (torch's CPU int8 kernels); on cuda use bfloat16 or float16")
+    check_int8_device(value, torch.device(device).type)
     return value
+
+
+def check_int8_device(dtype: str, device_text: str) -> None:
+    """DeviceError for int8 on a CUDA device: its copies run torch's CPU int8 kernels."""
+    if dtype == "int8" and device_text.startswith("cuda"):
+        raise DeviceError("int8 is for the CPU (torch's CPU int8 kernels); on cuda use bfloat16 or float16")
 
 
 def load_dtype(precision: str):
