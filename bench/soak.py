@@ -694,8 +694,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def server_options(args) -> list[str]:
     """Server options besides the defaults: the soak's sessions are as many users, but without API keys
     the server counts every local client as one key, whose websocket connections it caps
-    (``--max-ws-connections-per-key``, 32): the cap is raised to the sessions."""
-    return ["--max-ws-connections-per-key", str(max(args.sessions, 32))]
+    (``--max-ws-connections-per-key``): the cap is raised to the sessions."""
+    from server.config import Settings
+
+    default = Settings.model_fields["max_ws_connections_per_key"].default
+    return ["--max-ws-connections-per-key", str(max(args.sessions, default))]
 
 
 def run(args) -> int:

@@ -98,6 +98,7 @@ async def started(fakes, **kwargs) -> ReplicaSet:
     await rs.connect()
     return rs
 
+
 def run_on_replicas(body, n: int = 2, **kwargs) -> None:
     """Run ``await body(fakes, rs)``: ``rs`` a ReplicaSet started over ``n`` fresh fake servers, closed after."""
     async def main():
