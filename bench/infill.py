@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import random
 import statistics
 import sys
@@ -141,6 +142,15 @@ def _gate_counts(candidates: list[dict], shown: list[dict]) -> dict:
             "fewer_shown": 1 - _ratio(len(shown), len(candidates)) if candidates else None}
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, in percent: fair at a few tens of points and near 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, z2 = hits / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
 def _percent(share):
     return None if share is None else 100 * share
 
@@ -164,12 +174,15 @@ def summarize(rows: list[dict]) -> list[dict]:
             row[f"{variant}_s"] = statistics.median(r[variant]["seconds"] for r in sel)
         row["ref_chars"] = statistics.median(r["shaped"]["ref_chars"] for r in sel)
         row["em_gain"] = row["shaped_em"] - row["raw_em"]
+        lo, hi = wilson_interval(sum(r["shaped"]["exact"] for r in sel), len(sel))
+        row["shaped_em_ci"] = f"{lo:.1f}-{hi:.1f}"
         table.append(row)
     return table
 
 
 COLUMNS = [("language", "language"), ("kind", "kind"), ("points", "points"),
-           ("raw_em", "raw EM %"), ("shaped_em", "shaped EM %"), ("em_gain", "EM gain"),
+           ("raw_em", "raw EM %"), ("shaped_em", "shaped EM %"),
+           ("shaped_em_ci", "shaped EM 95% CI"), ("em_gain", "EM gain"),
            ("raw_chrf", "raw chrF"), ("shaped_chrf", "shaped chrF"),
            ("ref_chars", "ref chars (median)"), ("raw_chars", "raw chars"), ("shaped_chars", "shaped chars"),
            ("raw_s", "raw s"), ("shaped_s", "shaped s")]
@@ -192,7 +205,8 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], g
         "",
         f"Command: `{config['command']}`",
         "",
-        f"Model `{config['model']}`, greedy, through `/v1/completions` in process. {config['per_kind']} line and "
+        f"Model `{config['model']}` (`--dtype {config.get('precision', 'float32')}`), greedy, through "
+        f"`/v1/completions` in process. {config['per_kind']} line and "
         f"{config['per_kind']} block points per history ({', '.join(HISTORIES)}), seed {config['seed']}; "
         f"prefix {CONTEXT_BEFORE} and suffix {CONTEXT_AFTER} characters; at most {MAX_TOKENS['line']} tokens "
         f"(line) and {MAX_TOKENS['block']} (block). Machine: {machine()}. Wall time {fmt(config['wall_s'])} s.",
@@ -200,7 +214,8 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], g
         "raw: `trim: false` (the model's text as generated, what the server returned before). shaped: "
         "`trim: true` with `mode` line or block (token healing, special-token and suffix-aware stops, "
         "fences, shaping). EM: exact match with the masked text, ends' whitespace ignored; chrF: "
-        "sacrebleu sentence chrF; chars: median completion length; s: median seconds per completion.",
+        "sacrebleu sentence chrF; chars: median completion length; s: median seconds per completion. "
+        "CI: 95% Wilson interval of the shaped exact-match rate over the points.",
         "",
         text,
         "",
@@ -233,6 +248,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--per-kind", type=int, default=25, help="line points and block points per history")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--dtype", default="auto", help="precision of the model, as `dynarank serve --dtype` (default: "
+                                                   "auto, what the server serves on this machine)")
     p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_infill.md/.json")
     p.add_argument("--progress", type=Path, default=None, help="append one line per point to this file")
     p.add_argument("--gate-only", type=Path, default=None, metavar="JSON",
@@ -244,8 +261,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def command_line(args) -> str:
     """The options that shape the results (not where progress or output went, paths of this machine)."""
-    return (f"dynarank bench infill --model {args.model} --per-kind {args.per_kind} --seed {args.seed} "
-            f"--threads {args.threads}")
+    return (f"dynarank bench infill --model {args.model} --dtype {args.dtype} --per-kind {args.per_kind} "
+            f"--seed {args.seed} --threads {args.threads}")
 
 
 def replay_gate_only(args) -> int:
@@ -265,12 +282,14 @@ def run(args) -> int:
 
     from server.app import create_app
     from server.config import Settings
-    from server.models import load_model, resolve_model
+    from server.devices import resolve_dtype
+    from server.models import load_serving_model, resolve_model
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
     points = sample_points(args.data, args.per_kind, args.seed)
-    model, tokenizer = load_model(resolve_model(args.model, progress=True))
+    precision = resolve_dtype(args.dtype, torch.device("cpu"))
+    model, tokenizer = load_serving_model(resolve_model(args.model, progress=True), precision)
     settings = Settings(model=args.model, data_dir=Path(tempfile.mkdtemp(prefix="dynarank-infill-")),
                         max_tokens_limit=max(MAX_TOKENS.values()))
     rows = []
@@ -286,8 +305,8 @@ def run(args) -> int:
                     f.write(f"{i + 1}/{len(points)} {row['history']} {row['kind']} raw={row['raw']['exact']} "
                             f"shaped={row['shaped']['exact']} {time.time() - t0:.0f}s\n")
     table, gate = summarize(rows), gate_replay(rows)
-    config = {"command": command_line(args), "model": args.model, "per_kind": args.per_kind, "seed": args.seed,
-              "wall_s": time.time() - t0}
+    config = {"command": command_line(args), "model": args.model, "precision": precision,
+              "per_kind": args.per_kind, "seed": args.seed, "wall_s": time.time() - t0}
     print(write_report(args.out, config, rows, table, gate))
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.infill import block_points, gate_replay, line_points, score, summarize
+from bench.infill import block_points, gate_replay, line_points, score, summarize, wilson_interval
 
 SOURCE = (
     "import os\n"
@@ -54,3 +54,11 @@ def test_summary_has_a_row_per_language_and_kind_and_overall():
     table = {(r["language"], r["kind"]): r for r in summarize(rows)}
     assert table[("python", "line")]["shaped_em"] == 100 and table[("go", "block")]["shaped_em"] == 0
     assert table[("all", "line")]["em_gain"] == 100
+
+
+def test_the_exact_match_interval_holds_the_rate_and_narrows_with_more_points():
+    lo, hi = wilson_interval(6, 40)
+    assert 0 < lo < 15 < hi < 35
+    narrower = wilson_interval(60, 400)
+    assert lo < narrower[0] and narrower[1] < hi
+    assert wilson_interval(0, 40)[0] == 0 and wilson_interval(0, 40)[1] > 0
