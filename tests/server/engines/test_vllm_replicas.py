@@ -7,13 +7,15 @@ not speed: short prompts, few tokens, small ``max_model_len``, generous event-ba
 1. Steady state: four sessions publish versions (random adapters, ranks 1-16) and complete; at least 95%
    of their requests must land on a replica that already holds the version they ask for.
 2. One replica is killed with SIGKILL while both are streaming; every session must complete with its
-   latest version (the tokens that version gave before the kill) within 10 s, and no request may fail.
+   latest version (the tokens that version gave before the kill) within 8 times the median time of one
+   completion measured just before (about 14 s on an idle machine), and no request may fail.
 
 The router's unit tests (fake servers, no vLLM) are in ``test_vllm_replicas_router.py``.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +40,9 @@ VERSIONS = 3
 REQUESTS_PER_VERSION = 6
 PROMPTS = ["def fibonacci(n):", "import os\n\ndef read(path):", "class Stack:\n    def push(self",
            "for i in range(10):"]
-FAILOVER_S = 10.0
+# Failover may take this many completions' time: the survivor loads the moved sessions' adapters, then serves
+# all four sessions. A bound in seconds failed on a loaded machine (30 s for a failover of 7 s unloaded).
+FAILOVER_PACES = 8
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +128,12 @@ def test_steady_state_affinity_then_failover(engine, servers):
     assert all(n > 0 for n in homes.values()), f"the sessions did not spread over both replicas: {homes}"
 
     # -- 2. kill the replica most sessions live on, mid-load ----------------------------------
-    latest = {}
+    latest, durations = {}, []
     for s in sessions:  # the tokens each session's latest version gives (on its home replica)
+        started = time.monotonic()
         latest[s.index] = s.complete(engine, max_tokens=12)
+        durations.append(time.monotonic() - started)
+    pace = statistics.median(durations)  # seconds per completion on this machine now, for the failover bound
     victim_url = max(homes, key=homes.get)
     victim = next(s for s in servers if s.url == victim_url)
     moved = [s for s in sessions
@@ -169,8 +176,8 @@ def test_steady_state_affinity_then_failover(engine, servers):
               - killed_at[0] for s in sessions}
     final = figures(engine)
     print(f"failover: sessions moved {[s.index for s in moved]}, seconds to a completion with the latest "
-          f"version {delays}, routed {final['routed']}")
-    assert max(delays.values()) <= FAILOVER_S, delays
+          f"version {delays} (pace {pace:.2f} s per completion), routed {final['routed']}")
+    assert max(delays.values()) <= FAILOVER_PACES * pace, (delays, pace)
     # Every completion, before the kill, across it (continued on the survivor) and after it, gave the
     # tokens of the session's latest version.
     wrong = [(s.index, tokens) for s in sessions for _, tokens in finished[s.index] if tokens != latest[s.index]]
