@@ -76,20 +76,26 @@ def block_points(text: str) -> list[dict]:
     return out
 
 
-def sample_points(data: Path, per_kind: int, seed: int) -> list[dict]:
-    """``per_kind`` line and block points per history, from file versions spread over the history."""
+POINT_FINDERS = {"line": line_points, "block": block_points}
+
+
+def sample_points(data: Path, per_kind: int, seed: int, kinds: tuple[str, ...] = ("line", "block"),
+                  context: tuple[int, int] | None = (CONTEXT_BEFORE, CONTEXT_AFTER)) -> list[dict]:
+    """``per_kind`` points of each kind per history, from file versions spread over the history, with
+    ``context`` characters of prefix and suffix (None: the whole file around the point)."""
     rng = random.Random(seed)
+    before, after = context or (None, None)
     points = []
     for name, language in HISTORIES.items():
         with gzip.open(data / f"{name}_edits.jsonl.gz", "rt") as f:
             texts = [json.loads(line)["after"] for line in f]
         files = texts[::10]
-        for kind, finder in (("line", line_points), ("block", block_points)):
-            found = [p for text in files for p in finder(text)]
+        for kind in kinds:
+            found = [p for text in files for p in POINT_FINDERS[kind](text)]
             for point in rng.sample(found, min(per_kind, len(found))):
                 points.append({**point, "history": name, "language": language, "kind": kind,
-                               "prefix": point["prefix"][-CONTEXT_BEFORE:],
-                               "suffix": point["suffix"][:CONTEXT_AFTER]})
+                               "prefix": point["prefix"][-before:] if before else point["prefix"],
+                               "suffix": point["suffix"][:after] if after else point["suffix"]})
     return points
 
 

@@ -32,6 +32,9 @@ class GenerationRequest:
     # Cut a prompt too long for the model's context to fit (decoding.fit_to_context): code completion at a
     # cursor, where the text nearest it matters most. Off: such a prompt is refused (context_length_exceeded).
     fit_context: bool = False
+    # With fit_context: cut the prompt to this many tokens even where the model's context holds more (an
+    # editor's budget; on a CPU the prompt's prefill is most of a completion's time). None: the context decides.
+    max_prompt_tokens: int | None = None
 
 
 @dataclasses.dataclass

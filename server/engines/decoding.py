@@ -130,9 +130,9 @@ HEAD_CHARS_PER_TOKEN = 16
 def encode_prompt(tokenizer, request: GenerationRequest, max_context: int | None = None) -> Prompt:
     """Prompt token ids of a request (FIM layout when it has a suffix); shared by every engine.
 
-    With ``request.fit_context`` and a ``max_context``, a prompt too long for the model is cut to fit
-    (``fit_to_context``); any other is encoded whole, and the engine refuses it if it does not fit
-    (one far too long is refused from its head: ``HEAD_CHARS_PER_TOKEN``).
+    With ``request.fit_context``, a prompt longer than ``prompt_room`` is cut to fit (``fit_to_context``);
+    any other is encoded whole, and the engine refuses it if it does not fit (one far too long is refused
+    from its head: ``HEAD_CHARS_PER_TOKEN``).
     """
     if max_context and not request.fit_context and len(request.prompt) > max_context * HEAD_CHARS_PER_TOKEN:
         head = tokenizer(request.prompt[: max_context * HEAD_CHARS_PER_TOKEN], add_special_tokens=False)
@@ -142,28 +142,31 @@ def encode_prompt(tokenizer, request: GenerationRequest, max_context: int | None
     ids, healed = completion_prompt_ids(
         tokenizer, request.prompt, request.suffix, heal=request.heal, add_special_tokens=request.add_special_tokens
     )
-    if request.fit_context and max_context and len(ids) > prompt_room(request, max_context):
-        return fit_to_context(tokenizer, request, max_context, len(ids))
+    room = prompt_room(request, max_context) if request.fit_context else None
+    if room is not None and len(ids) > room:
+        return fit_to_context(tokenizer, request, room, len(ids))
     return Prompt(ids, healed)
 
 
-def prompt_room(request: GenerationRequest, max_context: int) -> int:
-    """Tokens a cut prompt may take: the context less room for the completion (at most a quarter of it)."""
-    return max_context - min(request.max_tokens, max_context // 4)
+def prompt_room(request: GenerationRequest, max_context: int | None) -> int | None:
+    """Tokens a cut prompt may take: the context less room for the completion (at most a quarter of it),
+    and at most ``request.max_prompt_tokens``; None when neither limits it."""
+    rooms = [max_context - min(request.max_tokens, max_context // 4)] if max_context else []
+    rooms += [request.max_prompt_tokens] if request.max_prompt_tokens else []
+    return min(rooms, default=None)
 
 
 _FIT_TRIES = 4
 
 
-def fit_to_context(tokenizer, request: GenerationRequest, max_context: int, n_ids: int) -> Prompt:
-    """The prompt of a code completion cut to ``prompt_room`` tokens: the prefix loses its start and the
+def fit_to_context(tokenizer, request: GenerationRequest, room: int, n_ids: int) -> Prompt:
+    """The prompt of a code completion cut to ``room`` tokens: the prefix loses its start and the
     suffix its end (the text nearest the cursor matters most), each at a line break when one is in reach.
 
     The suffix's share is a quarter of the room, the prefix's the rest; what one side does not need goes to
     the other. The pieces are measured apart, so the cut prompt is encoded again and cut further while it is
     still too long; ContextLengthError if it cannot fit at all.
     """
-    room = prompt_room(request, max_context)
     prefix = request.prompt
     suffix = (request.suffix or "") if has_fim(tokenizer) else ""  # without FIM tokens the prompt has no suffix
     n_prefix, n_suffix = _count(tokenizer, prefix), _count(tokenizer, suffix)
@@ -180,7 +183,8 @@ def fit_to_context(tokenizer, request: GenerationRequest, max_context: int, n_id
         if len(ids) <= room:
             return Prompt(ids, healed)
         overhead += len(ids) - room  # the pieces came out longer together than apart: cut that much more
-    raise ContextLengthError(f"the prompt does not fit this model's context of {max_context} tokens")
+    raise ContextLengthError(f"the prompt does not fit in {room} tokens (the model's context less room for "
+                             "the completion, or the editor's prompt budget)")
 
 
 def _count(tokenizer, text: str) -> int:

@@ -28,10 +28,9 @@ from server.app.params import valid_text
 from server.app.state import ServerState
 from server.app.ws.protocol import (
     CLOSE_UNAUTHORIZED,
-    MAX_PREFIX_CHARS,
-    MAX_SUFFIX_CHARS,
     PROTOCOL,
     complete_params,
+    completion_request,
     validate,
 )
 from server.engines.base import GenerationRequest
@@ -384,20 +383,13 @@ class Connection:
         # An empty prefix is fine at the start of a document (a suffix, or a cursor at 1:1 of an open one).
         if not prefix and not (suffix or ("path" in msg and "cursor" in msg)):
             raise ClientError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
-        prefix = prefix or ""
-        prompt, suffix = prefix[-MAX_PREFIX_CHARS:], (suffix[:MAX_SUFFIX_CHARS] if suffix else None)
+        mode = msg.get("mode", "block")  # an editor shows one block at the cursor
+        request = completion_request(prefix or "", suffix, params, mode, self.settings.editor_prompt_tokens or None)
         if "path" in msg and params.prefix is None:  # the document's text: checked here, as a prefix would be
             try:
-                valid_text([prompt, suffix])
+                valid_text([request.prompt, request.suffix])
             except ValueError as exc:
                 raise ClientError("invalid_field", f"complete: the text of {msg['path']} at the cursor {exc}") from None
-        mode = msg.get("mode", "block")  # an editor shows one block at the cursor
-        request = GenerationRequest(
-            prompt=prompt, suffix=suffix, max_tokens=params.max_tokens, temperature=params.temperature,
-            top_p=params.top_p, stop=params.stops(), seed=params.seed, heal=mode != "raw", trim=mode != "raw",
-            mode=None if mode == "raw" else mode,
-            fit_context=True,  # an editor's document may outgrow the model's context: keep the text near the cursor
-        )
         cancel = threading.Event()
         model = f"{self.settings.served_name}:{SESSION_PREFIX}{self.session.id}"
         # Admission before anything runs, shared with HTTP: at most max_inflight_requests generations in all,

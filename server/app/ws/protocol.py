@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import ValidationError, field_validator
 
 from server.app.params import GenerationParams, MaxTokens, Temperature, check_max_tokens, refusal, valid_text
+from server.engines.base import GenerationRequest
 from server.errors import ClientError
 
 PROTOCOL = 1
@@ -64,6 +65,20 @@ class CompleteParams(GenerationParams):
     @classmethod
     def _text(cls, value):
         return valid_text(value)
+
+
+def completion_request(prefix: str, suffix: str | None, params: CompleteParams, mode: str,
+                       max_prompt_tokens: int | None) -> GenerationRequest:
+    """What a ``complete`` at a cursor asks of the engine: the document's text around the cursor (at most
+    MAX_PREFIX_CHARS before it and MAX_SUFFIX_CHARS after, then ``max_prompt_tokens`` tokens of them, the
+    text nearest the cursor kept), healed and shaped for ``mode`` (``raw``: as generated)."""
+    return GenerationRequest(
+        prompt=prefix[-MAX_PREFIX_CHARS:], suffix=suffix[:MAX_SUFFIX_CHARS] if suffix else None,
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, stop=params.stops(),
+        seed=params.seed, heal=mode != "raw", trim=mode != "raw", mode=None if mode == "raw" else mode,
+        fit_context=True,  # an editor's document may outgrow the model's context: keep the text near the cursor
+        max_prompt_tokens=max_prompt_tokens,
+    )
 
 
 # HTTP's codes for a refused field (server/app/params.py) and this protocol's own for the same faults.
