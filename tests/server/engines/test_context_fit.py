@@ -57,6 +57,23 @@ def test_a_prompt_that_fits_is_not_cut(qwen_tokenizer):
     assert fitted == encode_prompt(qwen_tokenizer, request, CONTEXT)
 
 
+@pytest.mark.parametrize("max_context", [32768, None])  # the default model's context, or one the engine does not know
+def test_the_editor_budget_cuts_a_prompt_the_model_could_take(qwen_tokenizer, max_context):
+    request = GenerationRequest(prompt=CODE + CURSOR_LINE, suffix="\n\n" + CODE, max_tokens=32, heal=True,
+                                fit_context=True, max_prompt_tokens=300)
+    assert prompt_room(request, max_context) == 300
+    prompt = encode_prompt(qwen_tokenizer, request, max_context)
+    assert 300 - 40 <= len(prompt.ids) <= 300
+    prefix, _, rest = qwen_tokenizer.decode(prompt.ids).removeprefix("<|fim_prefix|>").partition("<|fim_suffix|>")
+    assert (prefix + prompt.healed).endswith(CURSOR_LINE) and rest.startswith("\n\ndef f0(x):")
+
+
+def test_the_smaller_of_the_budget_and_the_context_decides():
+    request = GenerationRequest(prompt="x", max_tokens=32, fit_context=True, max_prompt_tokens=1024)
+    assert prompt_room(request, CONTEXT) == CONTEXT - 32
+    assert prompt_room(GenerationRequest(prompt="x", max_tokens=32), None) is None
+
+
 def test_without_fit_context_the_prompt_is_whole(qwen_tokenizer):
     from server.engines.decoding import HEAD_CHARS_PER_TOKEN
 
@@ -96,6 +113,28 @@ def test_the_websocket_cuts_a_long_document_and_http_refuses_it(client):
         assert reply["type"] == "completion.done" and reply["id"] == "c1", reply
     r = client.post("/v1/completions", json={"prompt": prefix, "max_tokens": 4})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_the_websocket_keeps_editor_prompt_tokens_of_the_document(tokenizer, tmp_path):
+    """--editor-prompt-tokens cuts a websocket completion's prompt below the model's context; HTTP's is whole."""
+    app = create_app(Settings(model="tiny", data_dir=tmp_path, editor_prompt_tokens=100),
+                     model=build_tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        engine = client.app.state.dynarank.engine
+        encoded, encode = [], engine.encode
+        engine.encode = lambda request: encoded.append(encode(request)) or encoded[-1]
+        with client.websocket_connect("ws://127.0.0.1/v1/ws") as ws:
+            ws.send_json({"type": "hello"})
+            assert ws.receive_json()["type"] == "ready"
+            ws.send_json({"type": "complete", "id": "c1", "prefix": CODE[-700:] + CURSOR_LINE, "max_tokens": 4})
+            while (reply := ws.receive_json())["type"] != "completion.done":
+                assert reply["type"] in ("completion.delta", "status", "adapted"), reply
+        r = client.post("/v1/completions", json={"prompt": CODE[-700:] + CURSOR_LINE, "max_tokens": 4})
+        assert r.status_code == 200, r.text
+    ws_prompt, http_prompt = encoded
+    assert 100 - 20 <= len(ws_prompt.ids) <= 100
+    assert tokenizer.decode(ws_prompt.ids).endswith(CURSOR_LINE.removesuffix(ws_prompt.healed))
+    assert len(http_prompt.ids) > 300  # the same text over HTTP: as sent
 
 
 def test_without_fim_tokens_the_prefix_has_all_the_room(tokenizer):
