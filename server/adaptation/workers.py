@@ -189,6 +189,7 @@ class AdaptationWorkers:
             if snap is None:
                 return None  # skipped step: nothing new to publish
             summary = session.publish(snap, stats.loss)
+        self.sessions.published(snap)
         # The version is live: tell the tabs before writing it (the write is not what they wait for).
         self._metric_step(session, stats, snap)
         session.notify({"type": "adapted", "version": snap.version, "loss": round(stats.loss, 6),

@@ -65,6 +65,18 @@ class SessionManager:
         # Writes what changed within persist_interval_s and applies the retention policy; the app's
         # lifespan starts and stops it (start_background / stop_background).
         self.persister = SessionPersister(self, settings.persist_interval_s)
+        # Told each version a session starts serving (a training step's or a rollback's); an engine that loads
+        # adapters ahead of requests (vLLM's prefetch) sets it in Engine.attach.
+        self.on_publish = None
+
+    def published(self, snap) -> None:
+        """A session serves ``snap`` from now on: tell ``on_publish``. Never fails the step that published it."""
+        if self.on_publish is None:
+            return
+        try:
+            self.on_publish(snap)
+        except Exception:
+            log.exception("announcing adapter version %s failed", getattr(snap, "version", "?"))
 
     def start_background(self) -> None:
         self.persister.start()
@@ -510,6 +522,7 @@ class SessionManager:
             adapter.version = max(session.current().version, stored[-1])
             new = adapter.snapshot(rolled_back_to=version)
             summary = session.replace_adapter(adapter, policy, new)
+        self.published(new)
         log.info("session %s rolled back to version %d, served as version %d", sid, version, new.version)
         message = {"type": "rolled_back", "version": new.version, "restored_version": version,
                    "ranks": summary["ranks"], "mean_rank": summary["mean_rank"]}

@@ -334,6 +334,11 @@ class VLLMEngine(TokenizerEngine):
     def release(self, v: AdapterVersion) -> None:
         self.versions.release(v)
 
+    def attach(self, adapters) -> None:
+        """Load each version a session publishes as soon as it is published (the session manager's
+        ``on_publish``), so the next completion finds it loaded instead of running on the one before."""
+        adapters.on_publish = self.prefetch
+
     def prefetch(self, snapshot) -> None:
         """A version was just published: write and load it now, so the requests for it find it loaded
         (with replicas: on its lineage's home). Does not wait."""

@@ -190,6 +190,24 @@ def test_train_session_publishes_the_next_version(make_stack):
     assert s.store.versions(None, session.adapter_name) == []  # persist_every not reached
 
 
+def test_each_published_version_is_announced_and_a_failing_listener_does_not_fail_the_step(make_stack):
+    """The session manager's ``on_publish`` hears every version a step publishes (vLLM prefetches it)."""
+    s = make_stack(persist_every=1000)
+    session, _ = s.sessions.attach(None, "s1")
+    example = edit_examples(s.workers)[0]
+    heard = []
+    s.sessions.on_publish = heard.append
+    s.workers.train_session(session, example)
+    assert heard == [session.current()]
+
+    def broken(snap):
+        raise RuntimeError("the engine could not take it")
+
+    s.sessions.on_publish = broken
+    assert s.workers.train_session(session, example) == {"session": "s1", "version": 2}
+    assert session.current().version == 2
+
+
 def test_train_session_persists_every_n_versions(make_stack):
     s = make_stack(persist_every=2)
     session, _ = s.sessions.attach(None, "s1")

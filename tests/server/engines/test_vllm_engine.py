@@ -293,3 +293,9 @@ def test_session_new_version_visible_through_app(engines, hf_model, tmp_path):
     stored, _ = state.adapters.resolve(f"{settings.served_name}:published", None)
     assert vllm.wait_loaded(stored)
     assert record(vllm, stored).lineage == adapter_lineage(None, "published") != lineage
+    # A version a training step publishes is loaded before any request asks for it (VLLMEngine.attach
+    # made the engine the manager's on_publish; the workers announce each step's version).
+    snap3 = publish()
+    assert record(vllm, snap3) is None
+    manager.published(snap3)
+    assert record(vllm, snap3) is not None and vllm.wait_loaded(snap3)

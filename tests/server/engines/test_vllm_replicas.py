@@ -79,7 +79,7 @@ class Session:
 
     def publish(self, engine, version: int):
         self.snapshot = random_snapshot(version, seed=100 * self.index + version, lineage=self.lineage)
-        engine.prefetch(self.snapshot)  # as a caller after Session.publish would (the workers do not call it yet)
+        engine.prefetch(self.snapshot)  # as the session manager's on_publish does after a step (VLLMEngine.attach)
         assert engine.wait_loaded(self.snapshot, timeout=300), f"session {self.index} v{version} did not load"
 
     def complete(self, engine, max_tokens: int) -> list[int]:

@@ -323,7 +323,7 @@ def test_engine_publishes_once_routes_to_the_home_and_reports_replicas(smollm2_p
         request = GenerationRequest(prompt="def area(w, h):", max_tokens=4)
         snaps = [random_snapshot(1, seed, lineage=f"owner/session-{seed}") for seed in range(2)]
         for snap in snaps:
-            engine.prefetch(snap)  # as a caller right after publishing would (the workers do not call it yet)
+            engine.prefetch(snap)  # as the session manager's on_publish does right after a step
             assert engine.wait_loaded(snap, timeout=60)
         records = [engine.versions.version_of(snap) for snap in snaps]
         assert all((r.path / "adapter_config.json").exists() for r in records)  # written once, shared

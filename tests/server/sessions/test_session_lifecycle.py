@@ -167,9 +167,12 @@ def test_rollback_serves_a_stored_version_again_as_the_next_version(make_manager
     manager.persist(session)
     assert manager.store.versions("k", "session-rb") == [1, 2]
 
+    announced = []
+    manager.on_publish = announced.append
     same, message = manager.rollback("k", "rb", 1)
     assert same is session
     now = session.current()
+    assert announced == [now]  # the engine hears of the version served now (vLLM loads it ahead)
     assert now.version == 3 and same_factors(now, saved_v1)
     assert message == {"type": "rolled_back", "version": 3, "restored_version": 1, "ranks": now.ranks,
                        "mean_rank": pytest.approx(sum(now.ranks.values()) / len(now.ranks), abs=1e-3)}
