@@ -115,7 +115,7 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "repo_roots": ("--repo-root",),
 }
 METAVARS = {"model": "NAME_OR_DIR", "engine_options": "KEY=VALUE", "api_keys": "KEY", "cors_origins": "ORIGIN",
-            "repo_roots": "DIR", "data_dir": "DIR", "rank_policy": "NAME"}
+            "repo_roots": "DIR", "data_dir": "DIR", "rank_policy": "NAME", "editor_prompt_tokens": "N"}
 ENV_PREFIX = Settings.model_config["env_prefix"]
 
 

@@ -70,11 +70,13 @@ class Settings(BaseSettings):
                                                     "127.0.0.1, [::1] and --host (repeatable)")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1, description="413 above this request body size")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a completion request may ask for")
-    editor_prompt_tokens: int = Field(1024, ge=0, description="tokens of document text around the cursor that a "
-                                                             "websocket completion's prompt keeps (about 3/4 before "
-                                                             "the cursor, 1/4 after); on a CPU the prompt's prefill "
-                                                             "is most of a completion's time (docs/bench_context.md)"
-                                                             "; 0: as much as the model's context holds")
+    editor_prompt_tokens: int | None = Field(None, ge=0, description="tokens of document text around the cursor "
+                                                                    "that a websocket completion's prompt keeps "
+                                                                    "(about 3/4 before the cursor, 1/4 after); "
+                                                                    "default: 1024 when the model runs on the CPU, "
+                                                                    "where prefill is most of a completion's time "
+                                                                    "(docs/bench_context.md), none on cuda; 0: none "
+                                                                    "(the model's context still bounds it)")
     max_inflight_requests: int = Field(32, ge=1, description="completion requests in flight before 429")
     max_ws_inflight_per_connection: int = Field(4, ge=1, description="websocket completions one connection may "
                                                                      "have in flight (beyond it: too_many_requests)")

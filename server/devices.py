@@ -28,6 +28,11 @@ DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 # Were it set to bfloat16, resolve_dtype still falls back to float32 where the CPU would emulate it.
 CPU_AUTO_DTYPE = "int8"
 
+# What --editor-prompt-tokens means by default on the CPU (docs/bench_context.md): on two cores a line
+# completion took 6.3 s at 1024 prompt tokens against 13.5 s with the websocket's whole 8,000/2,000-character
+# window, for 9 exact lines of 60 against 12. On CUDA prefill is cheap, so there is no budget by default.
+CPU_EDITOR_PROMPT_TOKENS = 1024
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(?::(\d+))?)$")
 
 
@@ -82,6 +87,17 @@ def resolve_dtype(text: str, device) -> str:
         value = "float32" if CPU_AUTO_DTYPE == "bfloat16" and not cpu_has_native_bf16() else CPU_AUTO_DTYPE
     check_int8_device(value, torch.device(device).type)
     return value
+
+
+def editor_prompt_budget(setting: int | None, device) -> int | None:
+    """Tokens of document text a websocket completion's prompt keeps, None for no budget (the model's
+    context still bounds it): ``setting`` (0: none), or by default CPU_EDITOR_PROMPT_TOKENS on the CPU,
+    where the prompt's prefill is most of a completion's time, and none on CUDA."""
+    import torch
+
+    if setting is None:
+        return CPU_EDITOR_PROMPT_TOKENS if torch.device(device).type == "cpu" else None
+    return setting or None
 
 
 def check_int8_device(dtype: str, device_text: str) -> None:

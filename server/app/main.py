@@ -14,6 +14,7 @@ from server.app.routers import ROUTERS
 from server.app.state import ServerState, Services
 from server.app.ws.connection import router as ws_router
 from server.config import Settings
+from server.devices import editor_prompt_budget
 from server.engines import build_engine
 from server.engines.base import Engine
 from server.engines.bridge import GenerationBridge
@@ -50,6 +51,8 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine: Engine | 
     state = ServerState(settings=settings, metrics=metrics, started=time.time(), model=model,
                         tokenizer=tokenizer if tokenizer is not None else (engine.tokenizer if engine else None),
                         engine=engine)
+    device = next(model.parameters()).device if model is not None else "cpu"
+    state.editor_prompt_tokens = editor_prompt_budget(settings.editor_prompt_tokens, device)
     if engine is not None:
         state.bridge = GenerationBridge(engine, metrics, settings.max_inflight_requests)
         metrics.watch_replicas(engine)  # vllm-remote: each replica's health on /metrics

@@ -85,5 +85,6 @@ class ServerState:
     bridge: GenerationBridge | None = None
     services: Services | None = None
     adapters: AdapterResolver | None = None  # the session manager when services exist
+    editor_prompt_tokens: int | None = None  # a websocket completion's prompt budget (devices.editor_prompt_budget)
     # Open websocket sessions per owner (None: no API keys); changed only on the event loop.
     ws_open: collections.Counter = dataclasses.field(default_factory=collections.Counter)

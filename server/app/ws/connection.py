@@ -384,7 +384,7 @@ class Connection:
         if not prefix and not (suffix or ("path" in msg and "cursor" in msg)):
             raise ClientError("missing_field", "complete: give prefix, or path (+ cursor) of an open document")
         mode = msg.get("mode", "block")  # an editor shows one block at the cursor
-        request = completion_request(prefix or "", suffix, params, mode, self.settings.editor_prompt_tokens or None)
+        request = completion_request(prefix or "", suffix, params, mode, self.state.editor_prompt_tokens)
         if "path" in msg and params.prefix is None:  # the document's text: checked here, as a prefix would be
             try:
                 valid_text([request.prompt, request.suffix])

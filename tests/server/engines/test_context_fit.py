@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from server.app.main import create_app
@@ -135,6 +136,19 @@ def test_the_websocket_keeps_editor_prompt_tokens_of_the_document(tokenizer, tmp
     assert 100 - 20 <= len(ws_prompt.ids) <= 100
     assert tokenizer.decode(ws_prompt.ids).endswith(CURSOR_LINE.removesuffix(ws_prompt.healed))
     assert len(http_prompt.ids) > 300  # the same text over HTTP: as sent
+
+
+def test_the_editor_budget_defaults_by_device_and_reads_from_the_command_line(client):
+    from server.cli import build_parser, settings_from_args
+    from server.devices import CPU_EDITOR_PROMPT_TOKENS, editor_prompt_budget
+
+    assert client.app.state.dynarank.editor_prompt_tokens == CPU_EDITOR_PROMPT_TOKENS == 1024  # a CPU model
+    assert editor_prompt_budget(None, "cpu") == 1024 and editor_prompt_budget(None, "cuda:0") is None
+    assert editor_prompt_budget(0, "cpu") is None and editor_prompt_budget(300, "cuda") == 300
+    args = build_parser().parse_args(["serve", "--editor-prompt-tokens", "2048"])
+    assert settings_from_args(args).editor_prompt_tokens == 2048
+    with pytest.raises(ValidationError):
+        Settings(editor_prompt_tokens=-1)
 
 
 def test_without_fim_tokens_the_prefix_has_all_the_room(tokenizer):
