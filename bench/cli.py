@@ -19,6 +19,7 @@ BENCHMARKS = {
     "scale": ("bench.scale", "memory and throughput of many concurrent session adapters"),
     "infill": ("bench.infill", "fill-in-the-middle on real files: raw vs healed and shaped, and the confidence gate"),
     "context": ("bench.context", "the editor's prompt budget: seconds and quality of line completions per budget"),
+    "keystrokes": ("bench.keystrokes", "the prefix cache while a user types: seconds per completion with and without"),
     "soak": ("bench.soak", "a bounded load run: websocket sessions replay real edits and ask for completions"),
     "stall": ("bench.stall", "what one client can do to others: /health stalls from heavy messages, a completion flood"),
     "engine-speed": ("bench.engine_speed", "decode/prefill tokens/s and quality per base-weight precision, vs llama.cpp"),

@@ -199,14 +199,22 @@ def _token_starts(tokenizer, text: str, n_tokens: int) -> list[int]:
     return [len(text) * i // n_tokens for i in range(n_tokens)]
 
 
+# Tokens: a cut prefix's start moves in steps of this many as the text before the cursor grows, so the prompts
+# of successive keystrokes start alike and share their cached prefill (engines/prefix_cache.py).
+TAIL_STRIDE = 128
+
+
 def _tail(tokenizer, text: str, n: int, n_tokens: int) -> str:
-    """The end of ``text`` holding its last ``n`` tokens, from the first line start in it when there is one."""
+    """The end of ``text`` holding at most its last ``n`` tokens, from the first line start in it when there is
+    one; its start moves in steps of TAIL_STRIDE tokens when ``n`` is at least two strides."""
     if n >= n_tokens:
         return text
     if n <= 0:
         return ""
-    starts = _token_starts(tokenizer, text, n_tokens)
-    start = starts[len(starts) - n]
+    drop = n_tokens - n
+    if n >= 2 * TAIL_STRIDE:  # a stable start costs at most a stride of the room
+        drop = -(-drop // TAIL_STRIDE) * TAIL_STRIDE
+    start = _token_starts(tokenizer, text, n_tokens)[drop]
     line = text.find("\n", start)
     return text[line + 1:] if 0 <= line < len(text) - 1 else text[start:]
 

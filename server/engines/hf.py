@@ -36,6 +36,7 @@ from server.engines.decoding import (
     stop_token_ids,
 )
 from server.engines.gate import FairTurns, ServingGate
+from server.engines.prefix_cache import PrefixCache
 from server.engines.prompt_lookup import MAX_DRAFT, propose_draft
 from server.models import cache_argument
 
@@ -49,7 +50,7 @@ class HFEngine(TokenizerEngine):
     """``server.engines.base.Engine`` on a transformers causal LM."""
 
     def __init__(self, model, tokenizer, model_name: str, gate: ServingGate | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, prompt_lookup: bool = True):
+                 prefill_chunk: int = PREFILL_CHUNK, prompt_lookup: bool = True, prefix_cache: bool = True):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, not {prefill_chunk}")
         self.model = model
@@ -61,6 +62,8 @@ class HFEngine(TokenizerEngine):
         self.stop_ids = stop_token_ids(tokenizer, self._eos_ids())
         self.prefill_chunk = prefill_chunk
         self.prompt_lookup = prompt_lookup  # greedy rows alone verify drafts from their own context
+        # Recent prompts' caches: a prompt that starts like one of them is prefilled only from where they differ.
+        self.prefix_cache = PrefixCache() if prefix_cache else None
         self.turns = FairTurns()  # one forward at a time: prefill chunks round robin between clients, and steps
         self.batch = BatchScheduler(self._forward_now, self.turns)
         self._cache_arg = cache_argument(model)
@@ -88,15 +91,21 @@ class HFEngine(TokenizerEngine):
 
     def _prefill(self, ids: list[int], adapter, cancel: threading.Event | None):
         """The prompt alone, in chunks of ``prefill_chunk``, one turn each: ``(last logits, cache)``, or
-        None when ``cancel`` was set first (a chunk waiting for its turn is never computed)."""
-        cache = self._new_cache()
+        None when ``cancel`` was set first (a chunk waiting for its turn is never computed). The chunks a
+        recent prompt shares with it come from the prefix cache."""
+        if self.prefix_cache is not None:
+            reused, cache = self.prefix_cache.lookup(adapter, ids, self.prefill_chunk, self._new_cache)
+        else:
+            reused, cache = 0, self._new_cache()
         logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
+        for start in range(reused, len(ids), self.prefill_chunk):
             with self.turns.turn(cancel) as granted:
                 if not granted or (cancel is not None and cancel.is_set()):
                     return None
                 chunk = torch.tensor([ids[start:start + self.prefill_chunk]], device=self.device)
                 logits = self._forward_now(chunk, cache, adapter)[0, -1]
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(adapter, ids, cache, reused, self.prefill_chunk)
         return logits, cache
 
     def _forward_now(self, input_ids: torch.Tensor, cache, adapter, attention_mask=None,

@@ -16,6 +16,9 @@ PROTOCOL = 1
 CLOSE_UNAUTHORIZED = 4401
 MAX_PREFIX_CHARS = 8000
 MAX_SUFFIX_CHARS = 2000
+# The kept text's start moves in steps of this many characters as the document grows, so the prompts of
+# successive keystrokes start alike and share their cached prefill (server/engines/prefix_cache.py).
+PREFIX_STRIDE_CHARS = 1000
 MAX_PATH_CHARS = 1024
 COMPLETION_MODES = ("block", "line", "raw")  # raw: the model's text as generated (no healing, no shaping)
 
@@ -72,8 +75,10 @@ def completion_request(prefix: str, suffix: str | None, params: CompleteParams, 
     """What a ``complete`` at a cursor asks of the engine: the document's text around the cursor (at most
     MAX_PREFIX_CHARS before it and MAX_SUFFIX_CHARS after, then ``max_prompt_tokens`` tokens of them, the
     text nearest the cursor kept), healed and shaped for ``mode`` (``raw``: as generated)."""
+    cut = max(0, len(prefix) - MAX_PREFIX_CHARS)
+    start = -(-cut // PREFIX_STRIDE_CHARS) * PREFIX_STRIDE_CHARS  # rounded up to a stride: a stable start
     return GenerationRequest(
-        prompt=prefix[-MAX_PREFIX_CHARS:], suffix=suffix[:MAX_SUFFIX_CHARS] if suffix else None,
+        prompt=prefix[start:], suffix=suffix[:MAX_SUFFIX_CHARS] if suffix else None,
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, stop=params.stops(),
         seed=params.seed, heal=mode != "raw", trim=mode != "raw", mode=None if mode == "raw" else mode,
         fit_context=True,  # an editor's document may outgrow the model's context: keep the text near the cursor
