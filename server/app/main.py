@@ -56,6 +56,7 @@ def create_app(settings: Settings, model=None, tokenizer=None, engine: Engine | 
     if engine is not None:
         state.bridge = GenerationBridge(engine, metrics, settings.max_inflight_requests)
         metrics.watch_replicas(engine)  # vllm-remote: each replica's health on /metrics
+        metrics.watch_prefix_cache(engine)  # hf: prompt tokens reused and prefilled
     if model is not None and engine is not None:
         state.services = Services.build(settings, model, state.tokenizer, engine, metrics)
         state.adapters = state.services.sessions

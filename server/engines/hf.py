@@ -92,7 +92,8 @@ class HFEngine(TokenizerEngine):
     def _prefill(self, ids: list[int], adapter, cancel: threading.Event | None):
         """The prompt alone, in chunks of ``prefill_chunk``, one turn each: ``(last logits, cache)``, or
         None when ``cancel`` was set first (a chunk waiting for its turn is never computed). The chunks a
-        recent prompt shares with it come from the prefix cache."""
+        recent prompt shares with it come from the prefix cache, which keeps this one's, even cancelled:
+        the next keystroke's prompt starts the same."""
         if self.prefix_cache is not None:
             reused, cache = self.prefix_cache.lookup(adapter, ids, self.prefill_chunk, self._new_cache)
         else:
@@ -101,12 +102,16 @@ class HFEngine(TokenizerEngine):
         for start in range(reused, len(ids), self.prefill_chunk):
             with self.turns.turn(cancel) as granted:
                 if not granted or (cancel is not None and cancel.is_set()):
+                    self._keep_prefix(adapter, ids[:start], cache, reused)
                     return None
                 chunk = torch.tensor([ids[start:start + self.prefill_chunk]], device=self.device)
                 logits = self._forward_now(chunk, cache, adapter)[0, -1]
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(adapter, ids, cache, reused, self.prefill_chunk)
+        self._keep_prefix(adapter, ids, cache, reused)
         return logits, cache
+
+    def _keep_prefix(self, adapter, ids: list[int], cache, reused: int) -> None:
+        if self.prefix_cache is not None and len(ids) > reused:
+            self.prefix_cache.store(adapter, ids, cache, reused, self.prefill_chunk)
 
     def _forward_now(self, input_ids: torch.Tensor, cache, adapter, attention_mask=None,
                      position_ids=None) -> torch.Tensor:

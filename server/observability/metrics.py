@@ -125,6 +125,12 @@ class Metrics:
         self._replica_engines.append(engine)
         self.registry.register(_ReplicaCollector(engine))
 
+    def watch_prefix_cache(self, engine) -> None:
+        """Expose the figures of ``engine.prefix_cache`` on every scrape (engines without one: nothing)."""
+        cache = getattr(engine, "prefix_cache", None)
+        if cache is not None:
+            self.registry.register(_PrefixCacheCollector(cache))
+
     def watch_services(self, sessions, jobs) -> None:
         """Expose session and job counts of a SessionManager and a JobManager on every scrape."""
         self.registry.register(_ServicesCollector(sessions, jobs))
@@ -288,6 +294,26 @@ class _ReplicaCollector:
         yield routed
         yield CounterMetricFamily(p + "stale_requests", "Requests run on an older adapter version than asked",
                                   value=figures["stale"])
+
+    def describe(self):
+        return []
+
+
+class _PrefixCacheCollector:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = self.cache.figures()
+        p = "dynarank_prefix_cache_"
+        yield CounterMetricFamily(p + "reused_tokens", "Prompt tokens whose prefill came from a recent prompt",
+                                  value=figures["reused_tokens"])
+        yield CounterMetricFamily(p + "prefilled_tokens", "Prompt tokens prefilled by the engine",
+                                  value=figures["prefilled_tokens"])
+        yield GaugeMetricFamily(p + "entries", "Recent prompts kept", value=figures["entries"])
+        yield GaugeMetricFamily(p + "bytes", "Bytes of keys and values kept", value=figures["bytes"])
 
     def describe(self):
         return []

@@ -163,6 +163,18 @@ def metric_value(server, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def test_a_prompt_like_the_last_one_reuses_its_prefill_on_metrics(server):
+    prompt = "".join(f"x{i} = {i}\n" for i in range(50))  # past one prefill chunk (256 tokens)
+    before = metric_value(server, "dynarank_prefix_cache_reused_tokens_total")
+    first = complete(server, prompt=prompt + "y", max_tokens=4, temperature=0)
+    assert metric_value(server, "dynarank_prefix_cache_reused_tokens_total") == before  # nothing like it before
+    again = complete(server, prompt=prompt + "y", max_tokens=4, temperature=0)
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert metric_value(server, "dynarank_prefix_cache_reused_tokens_total") - before >= 256
+    assert metric_value(server, "dynarank_prefix_cache_entries") >= 1
+    assert metric_value(server, "dynarank_prefix_cache_bytes") > 0
+
+
 def test_client_disconnect_stops_generation(server):
     before = metric_value(server, "dynarank_generated_tokens_total")
     # trim off: shaped text streams a line at a time, and this test needs the first event at once

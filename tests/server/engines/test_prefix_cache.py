@@ -79,6 +79,27 @@ def test_the_same_prompt_again_prefills_only_its_last_chunk(cached):
     assert cached.prefix_cache.reused_tokens == (n_ids(cached, prompt) - 1) // CHUNK * CHUNK
 
 
+def test_a_cancelled_prefill_keeps_the_chunks_it_computed(cached, fresh, monkeypatch):
+    """The editor cancels a request at the next keystroke: what its prefill did serves the next prompt."""
+    import threading
+
+    cancel, calls, forward = threading.Event(), [], cached._forward_now
+
+    def forward_then_cancel(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after its third chunk
+            cancel.set()
+        return forward(*args, **kwargs)
+
+    prompt = DOCUMENT + "def g("
+    monkeypatch.setattr(cached, "_forward_now", forward_then_cancel)
+    chunks = list(cached.generate(GenerationRequest(prompt=prompt, max_tokens=12), None, cancel))
+    assert chunks[-1].finish_reason == "cancelled" and len(calls) == 3
+    monkeypatch.setattr(cached, "_forward_now", forward)
+    assert run(cached, prompt + "x") == run(fresh, prompt + "x")
+    assert cached.prefix_cache.reused_tokens == 3 * CHUNK
+
+
 def test_another_adapter_or_a_live_one_does_not_reuse(cached, fresh, model):
     one, other = random_snapshot(model, 1), random_snapshot(model, 2)
     prompt = DOCUMENT + "def g("
@@ -109,9 +130,25 @@ def test_kept_prompts_are_bounded_and_a_newer_state_of_a_document_replaces_the_o
     assert cache.reused_tokens == before
 
 
+def test_kept_bytes_are_bounded(cached, model):
+    cache = cached.prefix_cache
+    adapters = [random_snapshot(model, seed) for seed in (7, 8, 9)]
+    run(cached, DOCUMENT + "def g(", adapters[0])
+    one = cache._entries[0].nbytes
+    cache.max_bytes = 2 * one + one // 2  # two prompts of this length fit, not three
+    for adapter in adapters[1:]:
+        run(cached, DOCUMENT + "def g(", adapter)
+    assert [e.adapter for e in cache._entries] == adapters[1:]
+    cache.max_bytes = one - 1  # a prompt larger than the bound is not kept at all
+    run(cached, DOCUMENT + "def h(", adapters[0])
+    assert [e.adapter for e in cache._entries] == adapters[1:]
+
+
 def test_prefix_cache_rejects_an_empty_bound():
     with pytest.raises(ValueError, match="max_entries"):
         PrefixCache(max_entries=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixCache(max_bytes=0)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +171,23 @@ def test_the_editor_window_keeps_its_start_while_the_user_types(qwen_tokenizer):
     for ids in prompts[1:]:
         shared = next(i for i, (a, b) in enumerate(zip(first, ids)) if a != b)
         assert shared >= 1024 * 3 // 4 - TAIL_STRIDE - 40  # the whole prefix but the cursor's line
+
+
+def test_on_the_default_model_keystrokes_reuse_the_prefill_and_complete_alike(qwen_coder):
+    """End to end on Qwen2.5-Coder: the websocket's requests while the user types in a long file."""
+    model, tokenizer = qwen_coder
+    engines = {"cached": HFEngine(model, tokenizer, "qwen"), "fresh": HFEngine(model, tokenizer, "qwen",
+                                                                                prefix_cache=False)}
+    code = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(400))
+    try:
+        for typed in ("", "r", "re"):
+            request = completion_request(code + "def g(a):\n    " + typed, "\n\n" + code, CompleteParams(max_tokens=8),
+                                         "line", max_prompt_tokens=512)
+            texts = {name: "".join(c.text for c in engine.generate(request, None)) for name, engine in engines.items()}
+            assert texts["cached"] == texts["fresh"] and texts["cached"].strip(), texts
+        # The two keystrokes after the first reuse the prefix's first chunk (of 256 tokens in about 380); the
+        # rest of the prefix and the suffix are prefilled again.
+        assert engines["cached"].prefix_cache.reused_tokens == 2 * engines["cached"].prefill_chunk
+    finally:
+        for engine in engines.values():
+            engine.close()
