@@ -70,12 +70,10 @@ COLUMNS = [("language", "language"), ("budget", "prompt budget (tokens)"), ("poi
 
 
 def plot(path: Path, table: list[dict]) -> bool:
-    try:
-        import matplotlib
+    from bench.report import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in table if r["language"] == "all"]
     labels = [str(r["budget"]) for r in rows]
@@ -87,10 +85,7 @@ def plot(path: Path, table: list[dict]) -> bool:
     for ax in (left, right):
         ax.set_xlabel("prompt budget (tokens)")
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def write_report(out: Path, config: dict, rows: list[dict], table: list[dict]) -> str:

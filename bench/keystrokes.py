@@ -67,12 +67,10 @@ COLUMNS = [("language", "language"), ("requests", "requests"), ("n", "n"),
 
 
 def plot(path: Path, table: list[dict]) -> bool:
-    try:
-        import matplotlib
+    from bench.report import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in table if r["language"] != "all"]
     labels = [f"{r['language']}\n{r['requests']}" for r in rows]
@@ -84,10 +82,7 @@ def plot(path: Path, table: list[dict]) -> bool:
     ax.set_ylabel("median seconds per line completion")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def write_report(out: Path, config: dict, rows: list[dict], table: list[dict]) -> str:

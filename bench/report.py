@@ -59,13 +59,28 @@ def running_mean(values: list[float]) -> list[float]:
     return out
 
 
-def _plot(path: Path, panels: list[tuple[str, dict[str, list[float]]]], xlabel: str) -> bool:
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files, or None without matplotlib (the tables are written anyway)."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot(path: Path, panels: list[tuple[str, dict[str, list[float]]]], xlabel: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
     axes = axes if len(panels) > 1 else [axes]
@@ -76,10 +91,7 @@ def _plot(path: Path, panels: list[tuple[str, dict[str, list[float]]]], xlabel: 
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def replay_curves(result: dict) -> list[tuple[str, dict[str, list[float]]]]:
