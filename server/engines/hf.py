@@ -4,7 +4,8 @@ Generation is our own decode loop over a KV cache rather than
 ``model.generate``, so that every token is yielded as it is produced and a
 cancel event is honoured between any two tokens. Concurrent generations share
 each decode forward (continuous batching, ``engines/batching.py``): a request's
-prompt is prefilled alone, in chunks, by the request's own thread, one
+prompt is prefilled alone (from the first chunk it does not share with a recent
+prompt on the same adapter, ``engines/prefix_cache.py``), in chunks, by the request's own thread, one
 ``gate.FairTurns`` turn per chunk (round robin between clients, so one client's
 burst of requests cannot starve another's), then the request joins the batch
 whose steps a scheduler thread runs, one turn each. Each request's thread keeps
