@@ -18,20 +18,25 @@ import sys
 import time
 from pathlib import Path
 
-from bench.infill import DATA, DOCS, HISTORIES, MAX_TOKENS, sample_points, score, wilson_interval
+from bench.infill import HISTORIES, MAX_TOKENS, add_point_options, sample_points, score, wilson_interval
 
 BUDGETS = (0, 2048, 1024, 512)
 
 
-def complete(engine, point: dict, budget: int) -> dict:
+def complete_line(engine, prefix: str, suffix: str, budget: int | None) -> dict:
+    """The completion a websocket ``complete`` in ``line`` mode gets at a cursor, on the base model, with
+    ``budget`` prompt tokens (None: the character window alone), timed."""
     from server.app.ws.protocol import CompleteParams, completion_request
 
-    params = CompleteParams(max_tokens=MAX_TOKENS["line"])
-    request = completion_request(point["prefix"], point["suffix"], params, "line", budget or None)
+    request = completion_request(prefix, suffix, CompleteParams(max_tokens=MAX_TOKENS["line"]), "line", budget)
     t0 = time.perf_counter()
     chunks = list(engine.generate(request, None))
-    return {"text": "".join(c.text for c in chunks), "prompt_tokens": chunks[-1].prompt_tokens,
-            "seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "text": "".join(c.text for c in chunks),
+            "tokens": [t for c in chunks for t in c.token_ids], "prompt_tokens": chunks[-1].prompt_tokens}
+
+
+def complete(engine, point: dict, budget: int) -> dict:
+    return complete_line(engine, point["prefix"], point["suffix"], budget or None)
 
 
 def summarize(rows: list[dict], budgets: tuple[int, ...]) -> list[dict]:
@@ -122,16 +127,10 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict]) -
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m bench.context", description=__doc__.split("\n\n")[0])
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--data", type=Path, default=DATA, help="folder of the edit histories (default: shared/data)")
-    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="embedded model name or model directory")
+    add_point_options(p, "bench_context.md/.json/.png")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                    help="prompt budgets in tokens, comma-separated (0: the websocket's character window alone)")
     p.add_argument("--per-history", type=int, default=12, help="line points per history")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--dtype", default="auto", help="precision of the model, as `dynarank serve --dtype`")
-    p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_context.md/.json/.png")
-    p.add_argument("--progress", type=Path, default=None, help="append one line per point to this file")
     p.set_defaults(func=run)
     return p
 
@@ -142,19 +141,14 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    import torch
-
+    from bench.served import load_served_model
     from server.config import Settings
-    from server.devices import resolve_dtype
     from server.engines import build_engine
-    from server.models import load_serving_model, resolve_model
 
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    torch.set_num_threads(args.threads)
     t0 = time.time()
     points = sample_points(args.data, args.per_history, args.seed, kinds=("line",), context=None)
-    precision = resolve_dtype(args.dtype, torch.device("cpu"))
-    model, tokenizer = load_serving_model(resolve_model(args.model, progress=True), precision)
+    model, tokenizer, precision = load_served_model(args.model, args.dtype, args.threads)
     engine = build_engine(Settings(model=args.model), model, tokenizer)
     engine.prefix_cache = None  # each budget's prompt prefilled whole: a point's budgets share their start
     complete(engine, points[0], min(budgets) or 512)  # warm-up: first calls build caches

@@ -246,18 +246,24 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict], g
     return text + "\n\n" + gate_table
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m bench.infill", description=__doc__.split("\n\n")[0])
-    p.description = __doc__.split("\n\n")[0]
+def add_point_options(p: argparse.ArgumentParser, outputs: str) -> None:
+    """The options of the benchmarks that complete points of the histories on the served model (infill,
+    context, keystrokes); ``outputs`` names the files they write."""
     p.add_argument("--data", type=Path, default=DATA, help="folder of the edit histories (default: shared/data)")
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="embedded model name or model directory")
-    p.add_argument("--per-kind", type=int, default=25, help="line points and block points per history")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--dtype", default="auto", help="precision of the model, as `dynarank serve --dtype` (default: "
                                                    "auto, what the server serves on this machine)")
-    p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_infill.md/.json")
+    p.add_argument("--out", type=Path, default=DOCS, help=f"folder for {outputs}")
     p.add_argument("--progress", type=Path, default=None, help="append one line per point to this file")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m bench.infill", description=__doc__.split("\n\n")[0])
+    p.description = __doc__.split("\n\n")[0]
+    add_point_options(p, "bench_infill.md/.json")
+    p.add_argument("--per-kind", type=int, default=25, help="line points and block points per history")
     p.add_argument("--gate-only", type=Path, default=None, metavar="JSON",
                    help="replay only the confidence gate on the completions of an earlier run's bench_infill.json "
                         "(the gate reads their confidences and exact matches; nothing is generated)")
@@ -283,19 +289,15 @@ def run(args) -> int:
         return replay_gate_only(args)
     import tempfile
 
-    import torch
     from fastapi.testclient import TestClient
 
+    from bench.served import load_served_model
     from server.app import create_app
     from server.config import Settings
-    from server.devices import resolve_dtype
-    from server.models import load_serving_model, resolve_model
 
-    torch.set_num_threads(args.threads)
     t0 = time.time()
     points = sample_points(args.data, args.per_kind, args.seed)
-    precision = resolve_dtype(args.dtype, torch.device("cpu"))
-    model, tokenizer = load_serving_model(resolve_model(args.model, progress=True), precision)
+    model, tokenizer, precision = load_served_model(args.model, args.dtype, args.threads)
     settings = Settings(model=args.model, data_dir=Path(tempfile.mkdtemp(prefix="dynarank-infill-")),
                         max_tokens_limit=max(MAX_TOKENS.values()))
     rows = []

@@ -18,22 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench.infill import DATA, DOCS, HISTORIES, MAX_TOKENS, sample_points
+from bench.context import complete_line
+from bench.infill import HISTORIES, MAX_TOKENS, add_point_options, sample_points
 
 KEYSTROKES = 4  # requests per point: at the line's start, then after each of the next three characters
 
 
 def complete(engine, prefix: str, suffix: str, budget: int) -> dict:
-    from server.app.ws.protocol import CompleteParams, completion_request
-
-    request = completion_request(prefix, suffix, CompleteParams(max_tokens=MAX_TOKENS["line"]), "line", budget)
+    """``bench context``'s line completion, with the prompt tokens the engine's prefix cache reused for it."""
     cache = engine.prefix_cache
     reused = cache.reused_tokens if cache else 0
-    t0 = time.perf_counter()
-    chunks = list(engine.generate(request, None))
-    return {"seconds": time.perf_counter() - t0, "text": "".join(c.text for c in chunks),
-            "tokens": [t for c in chunks for t in c.token_ids], "prompt_tokens": chunks[-1].prompt_tokens,
-            "reused_tokens": (cache.reused_tokens - reused) if cache else 0}
+    result = complete_line(engine, prefix, suffix, budget)
+    return {**result, "reused_tokens": (cache.reused_tokens - reused) if cache else 0}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -121,16 +117,10 @@ def write_report(out: Path, config: dict, rows: list[dict], table: list[dict]) -
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m bench.keystrokes", description=__doc__.split("\n\n")[0])
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--data", type=Path, default=DATA, help="folder of the edit histories (default: shared/data)")
-    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="embedded model name or model directory")
+    add_point_options(p, "bench_keystrokes.md/.json/.png")
     p.add_argument("--budget", type=int, default=1024, help="prompt budget in tokens (the CPU default)")
     p.add_argument("--per-history", type=int, default=8, help="line points per history")
     p.add_argument("--keystrokes", type=int, default=KEYSTROKES, help="requests per point")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--dtype", default="auto", help="precision of the model, as `dynarank serve --dtype`")
-    p.add_argument("--out", type=Path, default=DOCS, help="folder for bench_keystrokes.md/.json/.png")
-    p.add_argument("--progress", type=Path, default=None, help="append one line per point to this file")
     p.set_defaults(func=run)
     return p
 
@@ -142,17 +132,12 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    import torch
-
-    from server.devices import resolve_dtype
+    from bench.served import load_served_model
     from server.engines.hf import HFEngine
-    from server.models import load_serving_model, resolve_model
 
-    torch.set_num_threads(args.threads)
     t0 = time.time()
     points = sample_points(args.data, args.per_history, args.seed, kinds=("line",), context=None)
-    precision = resolve_dtype(args.dtype, torch.device("cpu"))
-    model, tokenizer = load_serving_model(resolve_model(args.model, progress=True), precision)
+    model, tokenizer, precision = load_served_model(args.model, args.dtype, args.threads)
     engines = {"cached": HFEngine(model, tokenizer, args.model),
                "fresh": HFEngine(model, tokenizer, args.model, prefix_cache=False)}
     for engine in engines.values():  # warm-up: first calls build caches

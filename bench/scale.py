@@ -101,14 +101,11 @@ def run(args) -> int:
     import torch
 
     from adapter_core import inject_adapters
-    from server.devices import resolve_dtype
+    from bench.served import load_served_model
     from server.engines.hf import HFEngine
-    from server.models import load_serving_model, resolve_model
 
-    torch.set_num_threads(args.threads)
     levels = sorted(int(x) for x in args.sessions.split(","))
-    precision = resolve_dtype(args.dtype, torch.device("cpu"))
-    model, tokenizer = load_serving_model(resolve_model(args.model, progress=False), precision)
+    model, tokenizer, precision = load_served_model(args.model, args.dtype, args.threads, progress=False)
     inject_adapters(model)
     engine = HFEngine(model, tokenizer, args.model, prompt_lookup=args.prompt_lookup)
     work = Path(tempfile.mkdtemp(prefix="dynarank-bench-scale-"))
