@@ -6,11 +6,13 @@ prompts share their prefix."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapter_core import inject_adapters
+from adapter_core import Adapter, inject_adapters
 from server.app.ws.protocol import CompleteParams, completion_request
 from server.engines.base import GenerationRequest
 from server.engines.decoding import TAIL_STRIDE, encode_prompt
@@ -81,8 +83,6 @@ def test_the_same_prompt_again_prefills_only_its_last_chunk(cached):
 
 def test_a_cancelled_prefill_keeps_the_chunks_it_computed(cached, fresh, monkeypatch):
     """The editor cancels a request at the next keystroke: what its prefill did serves the next prompt."""
-    import threading
-
     cancel, calls, forward = threading.Event(), [], cached._forward_now
 
     def forward_then_cancel(*args, **kwargs):
@@ -108,8 +108,6 @@ def test_another_adapter_or_a_live_one_does_not_reuse(cached, fresh, model):
     assert run(cached, prompt) == run(fresh, prompt)  # the base model
     assert cached.prefix_cache.reused_tokens == 0
     live = inject_adapters(model)  # modules with no snapshot: what a live adapter binds is not cacheable
-    from adapter_core import Adapter
-
     adapter = Adapter.new(live, dict.fromkeys(live, 2), seed=3)
     run(cached, prompt, adapter)
     run(cached, prompt, adapter)
